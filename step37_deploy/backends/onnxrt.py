@@ -1,0 +1,111 @@
+"""ONNX Runtime runner (the embedded default backend): CPU or CUDA execution provider."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailable, InputError
+from .base import Runner, TensorSpec
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def session_from_onnx(
+    path: str | Path, provider: str = "cpu", threads: int | None = None, device_id: int = 0
+) -> Callable[[], Any]:
+    """Loader: an ``InferenceSession`` for ``path`` on the CPU or CUDA provider."""
+
+    def load():
+        import onnxruntime as ort
+
+        if not Path(path).is_file():
+            raise InputError(f"ONNX file {path} does not exist")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        if provider == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailable(
+                    "ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu on a CUDA machine)"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        elif provider == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise InputError(f"ONNX Runtime provider must be 'cpu' or 'cuda', got {provider!r}")
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        if provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+            raise BackendUnavailable("ONNX Runtime could not start its CUDA provider on this machine")
+        return sess
+
+    return load
+
+
+class OnnxrtRunner(Runner):
+    """Runs an exported ONNX file.  On CUDA, torch CUDA tensors are bound directly (IO binding)."""
+
+    def __init__(self, session: Any, name: str | None = None, provider: str = "cpu") -> None:
+        super().__init__()
+        self._loader = session
+        self.session = None if callable(session) else session
+        self.provider = provider
+        self.name = name or f"onnxrt-{provider}"
+
+    def _activate(self) -> None:
+        if self.session is None:
+            self.session = self._loader()
+        self._in = self.session.get_inputs()[0]
+        self._out = self.session.get_outputs()[0]
+
+    def _deactivate(self) -> None:
+        if callable(self._loader):
+            self.session = None
+
+    @staticmethod
+    def _spec(arg) -> TensorSpec:
+        shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
+        return TensorSpec(arg.name, np.dtype(_ORT_TYPES.get(arg.type, np.float32)), shape)
+
+    def input_spec(self) -> TensorSpec:
+        return self._spec(self._in)
+
+    def output_spec(self) -> TensorSpec:
+        return self._spec(self._out)
+
+    def metadata(self) -> dict[str, str]:
+        meta = self.session.get_modelmeta().custom_metadata_map
+        return {k.removeprefix("step37."): v for k, v in meta.items()}
+
+    def infer(self, pixel_values: Any) -> Any:
+        self.validate(pixel_values)
+        want = self.input_spec().dtype
+        if isinstance(pixel_values, np.ndarray):
+            x = np.ascontiguousarray(pixel_values, dtype=want)
+            return self.session.run([self._out.name], {self._in.name: x})[0]
+        return self._infer_torch(pixel_values, want)
+
+    def _infer_torch(self, x, want: np.dtype):
+        import torch
+
+        tdtype = torch.float16 if want == np.float16 else torch.float32
+        if x.device.type != "cuda" or self.provider != "cuda":
+            out = self.session.run([self._out.name], {self._in.name: x.detach().cpu().to(tdtype).numpy()})[0]
+            return torch.from_numpy(out).to(x.device)
+        # IO binding: no host round trip for CUDA tensors.
+        x = x.detach().to(tdtype).contiguous()
+        b = x.shape[0]
+        out_shape = (b, *self.output_spec().shape[1:])
+        y = torch.empty(out_shape, dtype=tdtype, device=x.device)
+        binding = self.session.io_binding()
+        dev = x.device.index or 0
+        binding.bind_input(self._in.name, "cuda", dev, want, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self._out.name, "cuda", dev, want, tuple(y.shape), y.data_ptr())
+        torch.cuda.current_stream().synchronize()
+        self.session.run_with_iobinding(binding)
+        return y

@@ -1,0 +1,213 @@
+"""Accuracy report: every backend against the PyTorch FP32 reference, before and after the projector.
+
+For each resolution and batch size asked for, the same inputs go through the reference and each
+runner; the report gives per-token cosine similarity (min and mean), max abs error and relative L2
+error of the image features, and the same numbers after ``vit_large_projector`` (applied in FP32 to
+both sides, so the projector itself adds no error).  A threshold per precision decides pass/fail.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends.base import Runner
+from .errors import InputError, ThresholdError
+from .files import write_json
+from .fusion import project
+from .preprocess import PreprocessConfig, normalise, preprocess, to_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass criteria for one precision (features and projected features alike)."""
+
+    cos_min: float
+    rel_l2: float
+
+
+#: Defaults per precision.  FP32 graphs differ from eager PyTorch only by kernel order; FP16 ones
+#: by FP16 rounding through 47 blocks (see docs/fp16.md for the measured numbers).
+DEFAULT_THRESHOLDS = {
+    "fp32": Thresholds(cos_min=0.99999, rel_l2=1e-4),
+    "fp16": Thresholds(cos_min=0.9995, rel_l2=3e-2),
+    "bf16": Thresholds(cos_min=0.995, rel_l2=1e-1),
+}
+
+
+def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Per-token cosine (min/mean), max abs error and relative L2 error, computed in FP64."""
+    if ref.shape != got.shape:
+        raise InputError(f"output shapes differ: reference {ref.shape} vs backend {got.shape}")
+    r = ref.astype(np.float64).reshape(-1, ref.shape[-1])
+    g = got.astype(np.float64).reshape(-1, got.shape[-1])
+    denom = np.linalg.norm(r, axis=-1) * np.linalg.norm(g, axis=-1)
+    cos = np.where(denom > 0, (r * g).sum(-1) / np.maximum(denom, 1e-300), 1.0)
+    finite = bool(np.isfinite(g).all())
+    return {
+        "cos_min": float(cos.min()) if finite else float("nan"),
+        "cos_mean": float(cos.mean()) if finite else float("nan"),
+        "max_abs": float(np.abs(r - g).max()) if finite else float("inf"),
+        "rel_l2": float(np.linalg.norm(r - g) / max(np.linalg.norm(r), 1e-300)) if finite else float("inf"),
+    }
+
+
+def random_pixel_values(batch: int, resolution: int, seed: int) -> np.ndarray:
+    """Random uint8 images normalised with CLIP mean/std, [B, 3, R, R] FP32 (realistic range)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, size=(batch, resolution, resolution, 3), dtype=np.uint8)
+    return normalise(img)
+
+
+def image_files_pixel_values(paths: list[str], resolution: int, batch: int) -> np.ndarray:
+    """Real model inputs from image files, as the runtime makes them: the 728x728 global views for
+    a 728 runner, the 504x504 crops for a 504 runner (an image with no crops contributes its
+    global view resized to 504); repeated to fill ``batch``."""
+    from PIL import Image
+
+    pcfg = PreprocessConfig()
+    views = []
+    for p in paths:
+        im = to_rgb(p)  # read once, converted like the reference
+        pre = preprocess(im, pcfg)
+        if resolution == pcfg.image_size:
+            views.append(pre.global_view[None])
+        elif resolution == pcfg.patch_size and pre.num_crops:
+            views.append(pre.crops)
+        else:
+            views.append(normalise(im.resize((resolution, resolution), Image.BILINEAR))[None])
+    x = np.concatenate(views)
+    return np.ascontiguousarray(np.concatenate([x] * -(-batch // len(x)))[:batch])
+
+
+@dataclass
+class Row:
+    backend: str
+    precision: str
+    resolution: int
+    batch: int
+    features: dict[str, float]
+    projected: dict[str, float]
+    thresholds: Thresholds
+    passed: bool
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "rows": [asdict(r) for r in self.rows]}
+
+    def table(self) -> str:
+        head = (
+            "backend",
+            "res",
+            "batch",
+            "cos min",
+            "cos mean",
+            "max abs",
+            "rel L2",
+            "proj cos min",
+            "proj rel L2",
+            "status",
+        )
+        lines = [head]
+        for r in self.rows:
+            f, p = r.features, r.projected
+            lines.append(
+                (
+                    r.backend,
+                    str(r.resolution),
+                    str(r.batch),
+                    f"{f['cos_min']:.7f}",
+                    f"{f['cos_mean']:.7f}",
+                    f"{f['max_abs']:.3e}",
+                    f"{f['rel_l2']:.3e}",
+                    f"{p['cos_min']:.7f}",
+                    f"{p['rel_l2']:.3e}",
+                    "PASS" if r.passed else "FAIL",
+                )
+            )
+        widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+        out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines]
+        out.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(out)
+
+    def write_json(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+
+def compare(
+    reference: Runner,
+    runners: list[Runner],
+    projector_weight: np.ndarray,
+    projector_bias: np.ndarray | None,
+    batches: list[int],
+    resolutions: list[int] | None = None,
+    seed: int = 0,
+    images: list[str] | None = None,
+    thresholds: dict[str, Thresholds] | None = None,
+    progress: bool = False,
+) -> Report:
+    """Compare ``runners`` with ``reference`` at each resolution a runner supports and each batch."""
+    thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    report = Report()
+    reference.activate()
+    jobs = []
+    for runner in runners:
+        runner.activate()
+        res_list = [runner.resolution] if runner.resolution else (resolutions or [728, 504])
+        if resolutions:
+            res_list = [r for r in res_list if r in resolutions]
+        for res in res_list:
+            for b in batches:
+                jobs.append((runner, res, b))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="comparing", unit="case")
+    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for runner, res, b in jobs:
+        key = (res, b)
+        if key not in cache:
+            x = (
+                image_files_pixel_values(images, res, b)
+                if images
+                else random_pixel_values(b, res, seed + b * 7919 + res)
+            )
+            ref = reference.infer(x).astype(np.float32)
+            cache[key] = (x, ref, _project(ref, projector_weight, projector_bias))
+        x, ref, ref_proj = cache[key]
+        got = np.asarray(runner.infer(x)).astype(np.float32)
+        feat = metrics(ref, got)
+        proj = metrics(ref_proj, _project(got, projector_weight, projector_bias))
+        prec = runner.precision
+        th = thresholds[prec]
+        ok = all(m["cos_min"] >= th.cos_min and m["rel_l2"] <= th.rel_l2 for m in (feat, proj))
+        report.rows.append(Row(runner.name, prec, res, b, feat, proj, th, ok))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return report
+
+
+def _project(features: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    return project(features, weight, bias, out_dtype=np.float32)
+
+
+def check(report: Report) -> None:
+    if not report.passed:
+        failed = [f"{r.backend}@{r.resolution}x{r.batch}" for r in report.rows if not r.passed]
+        raise ThresholdError(f"accuracy thresholds missed by: {', '.join(failed)}")

@@ -1,0 +1,308 @@
+"""Stage 1 of the pipeline: what the checkpoint says the vision tower looks like.
+
+The vision config is read from the ``vision_config`` block of a ``step3p7`` ``config.json`` using the
+checkpoint's own (Perception-Encoder) field names: ``width``, ``layers``, ``heads``, ``mlp_ratio``,
+``ls_init_value``, ``use_ln_pre`` ... including the upstream misspelling ``ues_cls_token``, which
+released configs carry instead of ``use_cls_token``.  Keeping the original names means a config we
+write is byte-compatible with what the release ships and what ``transformers`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .files import read_json
+
+log = logging.getLogger(__name__)
+
+#: The special tokens of the Step-3.7 image layout, in a stable order.
+SPECIAL_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<patch_start>", "<patch_end>", "<patch_newline>")
+
+#: Fallback token ids, used only when a checkpoint ships no tokenizer files.  ``<im_patch>`` is
+#: ``transformers``' ``Step3p7Config.image_token_id`` default; the others follow it contiguously.
+#: Real deployments always read the ids from the checkpoint's tokenizer files.
+DEFAULT_TOKEN_IDS = {
+    "<im_patch>": 151679,
+    "<im_start>": 151680,
+    "<im_end>": 151681,
+    "<patch_start>": 151682,
+    "<patch_end>": 151683,
+    "<patch_newline>": 151684,
+}
+
+#: Total spatial stride of the two 3x3/s2 downsampler convolutions.
+DOWNSAMPLE_STRIDE = 4
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The Perception-Encoder trunk + downsamplers, in the checkpoint's field names."""
+
+    width: int = 1536
+    layers: int = 47
+    heads: int = 16
+    num_channels: int = 3
+    image_size: int = 728
+    patch_size: int = 14
+    mlp_ratio: float = 8960 / 1536
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    use_cls_token: bool = False
+    use_ln_pre: bool = True
+    use_ln_post: bool = False
+    use_abs_posemb: bool = True
+    use_rope2d: bool = True
+    ls_init_value: float | None = 0.1
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def mlp_dim(self) -> int:
+        """Hidden width of the MLP (8960 for the release; ``int(width * mlp_ratio)`` like upstream)."""
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def posemb_grid(self) -> int:
+        """Side of the trained absolute position-embedding grid (52 for 728/14)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def output_dim(self) -> int:
+        """Channels after both downsamplers (6144 for the release)."""
+        return self.width * DOWNSAMPLE_STRIDE
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid of an input of ``height x width`` pixels (raises for non-multiples)."""
+        if height % self.patch_size or width % self.patch_size:
+            raise ConfigError(f"spatial size {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        return height // self.patch_size, width // self.patch_size
+
+    def num_output_tokens(self, height: int, width: int) -> int:
+        """Rows per image after both stride-2 convolutions: ceil(Gh/4) * ceil(Gw/4)."""
+        gh, gw = self.grid(height, width)
+        return _down(_down(gh)) * _down(_down(gw))
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        problems = []
+        for name in ("width", "layers", "heads", "num_channels", "image_size", "patch_size"):
+            if int(getattr(self, name)) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.heads > 0 and self.width % self.heads:
+            problems.append(f"width {self.width} is not divisible by heads {self.heads}")
+        elif self.use_rope2d and self.heads > 0 and self.head_dim % 4:
+            problems.append(f"2-D RoPE needs head_dim divisible by 4, got {self.head_dim}")
+        if self.patch_size > 0 and self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported (quick_gelu or gelu)")
+        if not (self.mlp_ratio > 0 and math.isfinite(self.mlp_ratio)):
+            problems.append(f"mlp_ratio must be a positive number, got {self.mlp_ratio}")
+        if not self.use_abs_posemb and not self.use_rope2d:
+            problems.append("use_abs_posemb and use_rope2d are both off: the tower would have no position signal")
+        if problems:
+            raise ConfigError("unsupported vision config: " + "; ".join(problems))
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
+        """Read a ``vision_config`` block (release field names; ``transformers`` names accepted too)."""
+        data = dict(raw)
+        aliases = {
+            "hidden_size": "width",
+            "num_hidden_layers": "layers",
+            "num_attention_heads": "heads",
+            "layer_scale_init_value": "ls_init_value",
+        }
+        for alias, name in aliases.items():
+            if alias in data and name not in data:
+                data[name] = data.pop(alias)
+        # The release spells it ``ues_cls_token``; an explicit ``use_cls_token`` wins when both exist.
+        misspelt = data.pop("ues_cls_token", None)
+        if data.get("use_cls_token") is None:
+            data["use_cls_token"] = bool(misspelt) if misspelt is not None else False
+        rope = data.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in data:
+            data["rope_theta"] = rope["rope_theta"]
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # pragma: no cover - dataclass signature errors
+            raise ConfigError(f"bad vision config: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """Release-style dict (``ues_cls_token`` spelled as the release spells it)."""
+        out = asdict(self)
+        out["ues_cls_token"] = out.pop("use_cls_token")
+        out["model_type"] = "perception_encoder"
+        return out
+
+
+def _down(n: int) -> int:
+    """Output length of a 3x3, stride-2, padding-1 convolution."""
+    return (n - 1) // 2 + 1
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """``vit_large_projector``: Linear(4*width -> text hidden size), no bias in the release."""
+
+    in_features: int = 6144
+    out_features: int = 4096
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Ids of the six image-layout special tokens."""
+
+    im_start: int = DEFAULT_TOKEN_IDS["<im_start>"]
+    im_end: int = DEFAULT_TOKEN_IDS["<im_end>"]
+    im_patch: int = DEFAULT_TOKEN_IDS["<im_patch>"]
+    patch_start: int = DEFAULT_TOKEN_IDS["<patch_start>"]
+    patch_end: int = DEFAULT_TOKEN_IDS["<patch_end>"]
+    patch_newline: int = DEFAULT_TOKEN_IDS["<patch_newline>"]
+    source: str = "defaults"
+
+    def by_token(self) -> dict[str, int]:
+        return {tok: getattr(self, _attr(tok)) for tok in SPECIAL_TOKENS}
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, int], source: str) -> TokenIds:
+        kwargs = {_attr(tok): int(mapping[tok]) for tok in SPECIAL_TOKENS if tok in mapping}
+        return cls(**kwargs, source=source)
+
+
+def _attr(token: str) -> str:
+    return token.strip("<>")
+
+
+@dataclass(frozen=True)
+class Step37Config:
+    """Everything downstream stages need: vision tower, projector and token ids."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    tokens: TokenIds = field(default_factory=TokenIds)
+    text_hidden_size: int = 4096
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Step37Config:
+        if "vision_config" not in raw:
+            raise ConfigError("config.json has no 'vision_config' block; is this a step3p7 checkpoint?")
+        vision = VisionConfig.from_dict(raw["vision_config"])
+        text = raw.get("text_config") or {}
+        hidden = int(text.get("hidden_size", raw.get("hidden_size", 4096)))
+        projector = ProjectorConfig(vision.output_dim, hidden, bool(raw.get("projector_bias", False)))
+        return cls(vision=vision, projector=projector, text_hidden_size=hidden)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> Step37Config:
+        """Read ``config.json`` and the tokenizer's special-token ids from a checkpoint folder."""
+        root = Path(checkpoint_dir)
+        path = root / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist")
+        cfg = cls.from_dict(read_json(path))
+        return replace(cfg, tokens=read_token_ids(root))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A release-layout ``config.json`` (vision block + the fields the projector needs)."""
+        return {
+            "model_type": "step3p7",
+            "architectures": ["Step3p7ForConditionalGeneration"],
+            "vision_config": self.vision.to_dict(),
+            "text_config": synthetic_text_config(self.text_hidden_size),
+            "projector_bias": self.projector.bias,
+            "image_token_id": self.tokens.im_patch,
+        }
+
+
+def synthetic_text_config(hidden: int) -> dict[str, Any]:
+    """A one-layer stand-in language-model config: only ``hidden_size`` matters to this toolkit (the
+    projector's output width); the rest keeps ``transformers`` able to instantiate the full
+    ``Step3p7Model`` from a synthetic checkpoint cheaply, for reference checks."""
+    return {
+        "model_type": "step3p5",
+        "hidden_size": hidden,
+        "num_hidden_layers": 1,
+        "vocab_size": max(1024, 8 * hidden),
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": max(2, hidden // 2),
+        "intermediate_size": max(hidden, int(2.75 * hidden)),
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 2,
+        "num_experts_per_tok": 1,
+        "share_expert_dim": 32,
+        "mlp_layer_types": ["dense"],
+    }
+
+
+def read_token_ids(checkpoint_dir: str | Path) -> TokenIds:
+    """Special-token ids from ``tokenizer_config.json`` (``added_tokens_decoder``) or
+    ``tokenizer.json`` (``added_tokens``); documented defaults when neither file exists."""
+    root = Path(checkpoint_dir)
+    found: dict[str, int] = {}
+    source = None
+    tc = root / "tokenizer_config.json"
+    if tc.is_file():
+        decoder = read_json(tc).get("added_tokens_decoder", {}) or {}
+        for idx, entry in decoder.items():
+            content = entry.get("content") if isinstance(entry, dict) else None
+            if content in SPECIAL_TOKENS:
+                found[content] = int(idx)
+        source = str(tc)
+    tj = root / "tokenizer.json"
+    if tj.is_file() and len(found) < len(SPECIAL_TOKENS):
+        for entry in read_json(tj).get("added_tokens", []) or []:
+            if entry.get("content") in SPECIAL_TOKENS:
+                found.setdefault(entry["content"], int(entry["id"]))
+        source = str(tj)
+    if not found:
+        log.info("no tokenizer files with image tokens in %s; using default token ids", root)
+        return TokenIds()
+    missing = [t for t in SPECIAL_TOKENS if t not in found]
+    if missing:
+        raise ConfigError(f"{source} defines some image tokens but not {missing}")
+    if len(set(found.values())) != len(found):
+        raise ConfigError(f"{source} maps two image tokens to the same id: {found}")
+    return TokenIds.from_mapping(found, source=source or "defaults")
+
+
+#: Presets.  ``full`` is the release; ``small`` keeps the release's head_dim and the 52x52 grid with
+#: fewer, narrower layers; ``tiny`` runs in seconds on a CPU (still 14-px patches and 52x52 grid so
+#: the 728 and 504 code paths are the release's).
+PRESETS: dict[str, Step37Config] = {
+    "full": Step37Config(),
+    "small": Step37Config(
+        vision=VisionConfig(width=384, layers=4, heads=4, mlp_ratio=8960 / 1536),
+        projector=ProjectorConfig(1536, 512, False),
+        text_hidden_size=512,
+    ),
+    "tiny": Step37Config(
+        vision=VisionConfig(width=64, layers=2, heads=4, mlp_ratio=8960 / 1536),
+        projector=ProjectorConfig(256, 96, False),
+        text_hidden_size=96,
+    ),
+}
+
+
+def preset(name: str) -> Step37Config:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

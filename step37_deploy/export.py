@@ -1,0 +1,349 @@
+"""Stage 4: trace the vision tower to ONNX (FP32 or FP16-typed), in bounded memory.
+
+How the full 1.95 B-parameter tower fits a 24 GiB machine: the graph is traced with
+``torch.export`` on a model whose parameters live on the *meta* device (no bytes at all), turned
+into an ONNX IR model by ``torch.onnx.export(..., dynamo=True)``, and every initializer is then
+replaced by an ``onnx_ir.LazyTensor`` that reads its one tensor from the safetensors shard,
+converts it and hands it to ``onnx_ir.save``, which streams them into the external-data file one
+at a time.  Peak RSS is the traced graph plus a few tensors, whatever the model size
+(``scripts/bench_export_full.py`` measures it).
+
+The graph is what TensorRT wants: input ``pixel_values`` [batch, 3, H, W], output
+``image_features`` [batch, P', 4*width], batch dynamic and the spatial size fixed per file; the
+resampled position embedding and the RoPE cos/sin tables are constants of the file; attention is
+spelled MatMul -> Softmax -> MatMul over all heads at once (no masks, nothing unrolled per head),
+the pattern TensorRT's MHA fusion matches.  The FP16 graph is FP16-typed (weights, activations,
+matmuls) with FP32 islands chosen by measurement (``docs/fp16.md``), so strongly typed TensorRT 11
+and TensorRT-RTX build it as-is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import TensorRef, _open, vision_refs, weights_digest
+from .config import Step37Config
+from .errors import CheckpointError, ExportError
+from .model import PrecisionPolicy, Step37VisionModel, resample_posemb, rope_tables
+
+log = logging.getLogger(__name__)
+
+#: Opsets we export and test.  18 is the first the dynamo exporter emits; 17 lacks nothing we need
+#: but the exporter refuses it.  TensorRT 10.x/11.x and ORT >= 1.17 parse all of these.
+SUPPORTED_OPSETS = (18, 19, 20, 21)
+DEFAULT_OPSET = 18
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "image_features"
+#: Models over this many bytes of weights keep them in external data (protobuf's limit is 2 GB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+META_PREFIX = "step37."
+
+
+@dataclass
+class ExportResult:
+    """What one export wrote."""
+
+    onnx_path: Path
+    data_path: Path | None
+    precision: str
+    resolution: int
+    num_tokens: int
+    output_dim: int
+    weight_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["onnx_path"] = str(self.onnx_path)
+        d["data_path"] = str(self.data_path) if self.data_path else None
+        return d
+
+
+def onnx_filename(precision: str, resolution: int) -> str:
+    return f"step37_vision_{precision}_{resolution}.onnx"
+
+
+def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: int) -> None:
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; use one of {list(SUPPORTED_OPSETS)}")
+    p = cfg.vision.patch_size
+    if resolution % p or resolution < 2 * p or resolution > 4 * cfg.vision.image_size:
+        raise ExportError(
+            f"resolution {resolution} is not supported: it must be a multiple of the patch size {p} "
+            f"between {2 * p} and {4 * cfg.vision.image_size} (728 global views, 504 crops)"
+        )
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ExportError(f"output folder {out_dir} is not writable: {exc}") from exc
+
+
+def header_shapes(refs: dict[str, TensorRef]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the shards' headers (no tensor data read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    by_shard: dict[Path, list[tuple[str, TensorRef]]] = {}
+    for name, ref in refs.items():
+        by_shard.setdefault(ref.shard, []).append((name, ref))
+    for shard, items in by_shard.items():
+        with _open(shard) as f:
+            for name, ref in items:
+                try:
+                    shapes[name] = tuple(f.get_slice(ref.key).get_shape())
+                except Exception as exc:  # safetensors raises its own error type for missing keys
+                    raise CheckpointError(f"shard {shard} does not hold {ref.key}: {exc}") from exc
+    return shapes
+
+
+def check_config_matches(model: torch.nn.Module, refs: dict[str, TensorRef]) -> None:
+    """Fail before tracing when config.json and the tensors disagree (names or shapes)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    actual = header_shapes(refs)
+    problems = []
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    if missing:
+        problems.append(f"missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    wrong = [
+        f"{k}: checkpoint {actual[k]} vs config {expected[k]}"
+        for k in expected
+        if k in actual and actual[k] != expected[k]
+    ]
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:10]))
+    if problems:
+        raise CheckpointError("the checkpoint's config.json disagrees with its vision tensors: " + " | ".join(problems))
+
+
+class WeightSource:
+    """Produces each initializer's real value on demand, one tensor at a time."""
+
+    def __init__(
+        self,
+        refs: dict[str, TensorRef],
+        cfg: Step37Config,
+        grid: tuple[int, int],
+        dtype: torch.dtype,
+        policy: PrecisionPolicy,
+    ) -> None:
+        self.refs, self.cfg, self.grid, self.dtype, self.policy = refs, cfg, grid, dtype, policy
+
+    def _read(self, name: str) -> torch.Tensor:
+        ref = self.refs[name]
+        with _open(ref.shard) as f:
+            return f.get_tensor(ref.key).float()
+
+    def value(self, name: str) -> torch.Tensor:
+        gh, gw = self.grid
+        if name in self.refs:
+            return self._read(name).to(self.dtype)
+        if name == "grid_posemb":
+            pos = self._read("positional_embedding")
+            return resample_posemb(pos, self.cfg.vision, gh, gw).to(self.dtype)
+        if name in ("grid_rope_cos", "grid_rope_sin"):
+            cos, sin = rope_tables(self.cfg.vision, gh, gw)
+            t = cos if name.endswith("cos") else sin
+            return t if self.policy.rope_fp32 else t.to(self.dtype)
+        raise ExportError(f"the traced graph has an initializer {name!r} that no checkpoint tensor provides")
+
+
+def _trace(model: Step37VisionModel, resolution: int, dtype: torch.dtype, opset: int):
+    """torch.export on the meta model, then the dynamo ONNX exporter (no constant folding: there
+    is no data to fold on the meta device; ORT and TensorRT fold at load/build time)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = torch.empty(2, model.config.num_channels, resolution, resolution, device="meta", dtype=dtype)
+    try:
+        ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=False, verbose=False)
+    except Exception as exc:
+        raise ExportError(f"tracing the vision tower failed: {exc}") from exc
+    return program.model
+
+
+def _finalise_graph(
+    model, source: WeightSource, num_tokens: int, out_dim: int, on_read: Callable[[int], None] | None
+) -> int:
+    """Name the I/O, make batch symbolic, swap every initializer for a lazy checkpoint read,
+    drop unused ones; returns the bytes of weights the file will hold."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    (inp,) = graph.inputs
+    (out,) = graph.outputs
+    inp.name = INPUT_NAME
+    out.name = OUTPUT_NAME
+    inp.shape = ir.Shape(["batch", *inp.shape[1:]])
+    out.shape = ir.Shape(["batch", num_tokens, out_dim])
+
+    used = {v.name for node in ir.traversal.RecursiveGraphIterator(graph) for v in node.inputs if v is not None}
+    total = 0
+    for name in list(graph.initializers):
+        value = graph.initializers[name]
+        if name not in used and value not in graph.outputs:
+            graph.initializers.pop(name)
+            continue
+        shape = ir.Shape(list(value.shape))
+        dtype = value.dtype
+
+        def load(name: str = name, dtype=dtype) -> ir.Tensor:
+            t = source.value(name)
+            arr = t.numpy()
+            expected = dtype.numpy()
+            if arr.dtype != expected:
+                raise ExportError(f"initializer {name}: produced {arr.dtype}, graph expects {expected}")
+            if on_read is not None:
+                on_read(arr.nbytes)
+            return ir.Tensor(np.ascontiguousarray(arr), name=name)
+
+        value.const_value = ir.LazyTensor(load, dtype=dtype, shape=shape, name=name)
+        total += int(math.prod(shape.numpy()) * dtype.itemsize)
+    return total
+
+
+def export_onnx(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    resolution: int = 728,
+    opset: int = DEFAULT_OPSET,
+    policy: PrecisionPolicy | None = None,
+    progress: bool = False,
+    external_data: bool | None = None,
+) -> ExportResult:
+    """Export one ONNX file for one precision and resolution; nothing partial is left on failure."""
+    import onnx
+    import onnx_ir as ir
+
+    started = time.perf_counter()
+    cfg = Step37Config.from_checkpoint(checkpoint_dir)
+    validate_request(cfg, precision, resolution, opset)
+    out_dir = Path(out_dir)
+    _check_writable(out_dir)
+    policy = policy or PrecisionPolicy()
+    dtype = PRECISIONS[precision]
+    grid = cfg.vision.grid(resolution, resolution)
+    num_tokens = cfg.vision.num_output_tokens(resolution, resolution)
+    refs = vision_refs(checkpoint_dir)
+
+    with torch.device("meta"):
+        model = Step37VisionModel(cfg.vision)
+    check_config_matches(model, refs)
+    model = model.to(dtype).eval().requires_grad_(False)
+    model.set_precision_policy(policy).set_attention_impl("explicit").freeze_grid(*grid)
+
+    log.info("tracing %s graph for %dx%d (grid %dx%d)", precision, resolution, resolution, *grid)
+    ir_model = _trace(model, resolution, dtype, opset)
+    digest = weights_digest(checkpoint_dir)
+    source = WeightSource(refs, cfg, grid, dtype, policy)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, desc=f"writing {onnx_filename(precision, resolution)}")
+    weight_bytes = _finalise_graph(
+        ir_model, source, num_tokens, cfg.vision.output_dim, bar.update if bar is not None else None
+    )
+    if bar is not None:
+        bar.total = weight_bytes
+    ir_model.producer_name = "step37-deploy"
+    ir_model.producer_version = __version__
+    ir_model.metadata_props.update(
+        {
+            META_PREFIX + "toolkit_version": __version__,
+            META_PREFIX + "vision_config": json.dumps(cfg.vision.to_dict(), sort_keys=True),
+            META_PREFIX + "precision": precision,
+            META_PREFIX + "resolution": str(resolution),
+            META_PREFIX + "num_tokens": str(num_tokens),
+            META_PREFIX + "output_dim": str(cfg.vision.output_dim),
+            META_PREFIX + "source_checkpoint": str(Path(checkpoint_dir).resolve()),
+            META_PREFIX + "vision_weights_sha256": digest,
+            META_PREFIX + "precision_policy": json.dumps(asdict(policy), sort_keys=True),
+            META_PREFIX + "opset": str(opset),
+            META_PREFIX + "torch_version": torch.__version__,
+        }
+    )
+
+    name = onnx_filename(precision, resolution)
+    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    data_name = name + ".data" if use_external else None
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=out_dir))
+    try:
+        tmp_onnx = tmp_dir / name
+        if use_external:
+            ir.save(ir_model, tmp_onnx, external_data=data_name)
+        else:
+            ir.save(ir_model, tmp_onnx)
+        if bar is not None:
+            bar.close()
+        # Validate by path (works past protobuf's 2 GB limit), then infer shapes.
+        onnx.checker.check_model(str(tmp_onnx))
+        inferred = tmp_dir / ("inferred-" + name)
+        onnx.shape_inference.infer_shapes_path(str(tmp_onnx), str(inferred))
+        _check_inferred_output(inferred, num_tokens, cfg.vision.output_dim)
+        inferred.unlink()
+        final = out_dir / name
+        if data_name:
+            os.replace(tmp_dir / data_name, out_dir / data_name)
+        os.replace(tmp_onnx, final)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"writing {name} failed: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    log.info("wrote %s (%.1f MB of weights) in %.1fs", final, weight_bytes / 1e6, seconds)
+    return ExportResult(
+        final,
+        out_dir / data_name if data_name else None,
+        precision,
+        resolution,
+        num_tokens,
+        cfg.vision.output_dim,
+        weight_bytes,
+        seconds,
+    )
+
+
+def _check_inferred_output(path: Path, num_tokens: int, out_dim: int) -> None:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    (out,) = m.graph.output
+    dims = out.type.tensor_type.shape.dim
+    got = [d.dim_param or d.dim_value for d in dims]
+    if len(got) != 3 or got[1:] != [num_tokens, out_dim]:
+        raise ExportError(f"shape inference gives {OUTPUT_NAME} {got}, expected [batch, {num_tokens}, {out_dim}]")
+
+
+def read_metadata(onnx_path: str | Path) -> dict[str, str]:
+    """The ``step37.*`` metadata of an exported file (without loading its weights)."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return {p.key[len(META_PREFIX) :]: p.value for p in m.metadata_props if p.key.startswith(META_PREFIX)}

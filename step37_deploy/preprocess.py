@@ -1,0 +1,231 @@
+"""Preprocessing: an image -> the 728x728 global view, the 504x504 local crops, and the token layout.
+
+Plans crops exactly as ``transformers``' ``Step3p7ImageProcessor`` does (``tests`` check it on 30+
+sizes through recorded fixtures) with numpy and Pillow only, so a serving process needs no
+torchvision:
+
+1. *Normalise*: near-degenerate images (min side < 32 px and aspect > 4:1) are zero-padded to a
+   square (original top-left); images whose long side exceeds ``max_image_size`` (3024) are scaled
+   down uniformly (``int()`` truncation, like upstream).
+2. *Window*: an image that fits the global view (long side <= 728) gets crops only when elongated
+   (aspect > 1.5), with the short side as window; a very elongated large image (aspect > 4) uses
+   ``min(short side, 504)``; every other large image uses 504.
+3. *Snap*: each side snaps to a multiple of the window, up when the remainder exceeds 20 % of it.
+
+The global view is the (padded) image resized to the normalised size and then to 728x728; crops
+are tiles of the image resized to the snapped size, row-major, each resized to 504x504.  All
+resizes are bilinear with antialiasing (Pillow's BILINEAR, which torchvision's antialiased bilinear
+reproduces).  Pixels are scaled to [0, 1] and normalised with the CLIP mean/std.
+
+The token layout is ``Step3p7Processor``'s: per crop ``<patch_start>`` + 81 x ``<im_patch>`` +
+``<patch_end>``, plus ``<patch_newline>`` after the last crop of every row but the last; then
+``<im_start>`` + 169 x ``<im_patch>`` + ``<im_end>``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import DOWNSAMPLE_STRIDE, TokenIds
+from .errors import InputError
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """The crop layout of one image (``Step3p7ImageProcessor._plan_patches``'s result)."""
+
+    global_size: tuple[int, int]  # (width, height) the global view is resized to before 728x728
+    crop_size: tuple[int, int]  # (width, height) the image is resized to before tiling
+    window: int  # tile side; 0 = no crops
+    num_x: int
+    num_y: int
+    square_pad: bool
+
+    @property
+    def num_crops(self) -> int:
+        return self.num_x * self.num_y if self.window else 0
+
+    def newline_mask(self) -> list[bool]:
+        """True after the last crop of each row except the final row."""
+        if not self.window:
+            return []
+        return [c == self.num_x - 1 and r < self.num_y - 1 for r in range(self.num_y) for c in range(self.num_x)]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int = 728
+    patch_size: int = 504
+    max_image_size: int = 3024
+    vision_patch: int = 14
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // (self.vision_patch * DOWNSAMPLE_STRIDE)) ** 2
+
+    @property
+    def patch_tokens(self) -> int:
+        return (self.patch_size // (self.vision_patch * DOWNSAMPLE_STRIDE)) ** 2
+
+
+DEFAULT_PREPROCESS = PreprocessConfig()
+
+
+def plan_patches(width: int, height: int, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PatchPlan:
+    if width <= 0 or height <= 0:
+        raise InputError(f"image has zero size ({width}x{height})")
+    square_pad = min(width, height) < 32 and max(width / height, height / width) > 4
+    if square_pad:
+        width = height = max(width, height)
+    if max(width, height) > cfg.max_image_size:
+        scale = cfg.max_image_size / max(width, height)
+        width, height = int(width * scale), int(height * scale)
+    short, long = min(width, height), max(width, height)
+    if long <= cfg.image_size:
+        window = short if long / short > 1.5 else 0
+    elif long / short > 4:
+        window = min(short, cfg.patch_size)
+    else:
+        window = cfg.patch_size
+    if window == 0:
+        return PatchPlan((width, height), (width, height), 0, 0, 0, square_pad)
+
+    def snap(d: int) -> int:
+        return window * (d // window + (d % window > 0.2 * window)) if d >= window else d
+
+    cw, ch = snap(width), snap(height)
+    return PatchPlan((width, height), (cw, ch), window, max(1, cw // window), max(1, ch // window), square_pad)
+
+
+# -- image loading ------------------------------------------------------------------------------------
+
+
+def to_rgb(image: Any) -> Any:
+    """A PIL RGB image from a path, bytes, PIL image or uint8 array, converted like the reference:
+    transparency (alpha band, or a palette/LA/PA ``transparency`` entry) is composited onto white;
+    grayscale, palette, CMYK, 16-bit and the rest go through Pillow's ``convert("RGB")``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, Path, bytes)):
+        src = io.BytesIO(image) if isinstance(image, bytes) else image
+        try:
+            with Image.open(src) as im:
+                im.load()
+                image = im.copy()
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            name = "<bytes>" if isinstance(image, bytes) else str(image)
+            raise InputError(f"cannot read image {name}: {exc}") from exc
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, Image.Image):
+        raise InputError(f"image must be a path, bytes, PIL image or uint8 array, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise InputError(f"image has zero size ({image.width}x{image.height})")
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _array_to_pil(arr: np.ndarray) -> Any:
+    from PIL import Image
+
+    if arr.dtype != np.uint8:
+        raise InputError(f"image arrays must be uint8 (H, W[, C]), got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise InputError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"image has zero size ({arr.shape[1]}x{arr.shape[0]})")
+    if arr.shape[-1] == 4:  # same arithmetic as the reference's numpy path
+        alpha = arr[..., 3:4] / 255
+        arr = np.round(alpha * arr[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+
+
+# -- the views ----------------------------------------------------------------------------------------
+
+
+def _resize(im: Any, width: int, height: int) -> Any:
+    from PIL import Image
+
+    return im if im.size == (width, height) else im.resize((width, height), Image.BILINEAR)
+
+
+def normalise(images: Any) -> np.ndarray:
+    """RGB uint8, channels last ([H, W, 3], [B, H, W, 3] or a PIL image) -> channels first
+    ([3, H, W] / [B, 3, H, W]) float32, scaled to [0, 1] and CLIP-normalised."""
+    x = np.asarray(images, dtype=np.float32) * (1.0 / 255.0)
+    return np.ascontiguousarray(np.moveaxis((x - CLIP_MEAN) / CLIP_STD, -1, -3))
+
+
+@dataclass
+class PreprocessedImage:
+    """One image's model inputs and its place in the token sequence."""
+
+    global_view: np.ndarray  # [3, 728, 728] float32
+    crops: np.ndarray  # [N, 3, 504, 504] float32 (N may be 0)
+    plan: PatchPlan
+    newline_mask: list[bool] = field(default_factory=list)
+
+    @property
+    def num_crops(self) -> int:
+        return int(self.crops.shape[0])
+
+
+def preprocess(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
+    """Global view + crops (+ plan and newline mask) of one image."""
+    from PIL import Image
+
+    im = to_rgb(image)
+    plan = plan_patches(im.width, im.height, cfg)
+    if plan.square_pad:
+        side = max(im.width, im.height)
+        padded = Image.new("RGB", (side, side), (0, 0, 0))
+        padded.paste(im, (0, 0))
+        im = padded
+    global_view = normalise(_resize(_resize(im, *plan.global_size), cfg.image_size, cfg.image_size))
+    crops = []
+    if plan.window:
+        big = _resize(im, *plan.crop_size)
+        w = plan.window
+        for top in range(0, plan.crop_size[1], w):
+            for left in range(0, plan.crop_size[0], w):
+                tile = big.crop((left, top, min(left + w, big.width), min(top + w, big.height)))
+                crops.append(normalise(_resize(tile, cfg.patch_size, cfg.patch_size)))
+    arr = np.stack(crops) if crops else np.zeros((0, 3, cfg.patch_size, cfg.patch_size), np.float32)
+    return PreprocessedImage(global_view, arr, plan, plan.newline_mask())
+
+
+def image_layout(
+    num_crops: int, newline_mask: list[bool], tokens: TokenIds, cfg: PreprocessConfig = DEFAULT_PREPROCESS
+) -> tuple[str, list[int]]:
+    """The processor's replacement for one image, as a string and as token ids."""
+    if num_crops and len(newline_mask) < num_crops:
+        raise InputError(f"newline mask has {len(newline_mask)} entries for {num_crops} crops")
+    patch = "<im_patch>"
+    text: list[str] = []
+    ids: list[int] = []
+    for i in range(num_crops):
+        text.append("<patch_start>" + patch * cfg.patch_tokens + "<patch_end>")
+        ids += [tokens.patch_start, *[tokens.im_patch] * cfg.patch_tokens, tokens.patch_end]
+        if newline_mask[i]:
+            text.append("<patch_newline>")
+            ids.append(tokens.patch_newline)
+    text.append("<im_start>" + patch * cfg.image_tokens + "<im_end>")
+    ids += [tokens.im_start, *[tokens.im_patch] * cfg.image_tokens, tokens.im_end]
+    return "".join(text), ids

@@ -1,0 +1,254 @@
+"""Stage 8: the serving runtime.  Images in, projected features (and fused embeddings) out.
+
+:class:`VisionEmbedder` holds one runner per resolution (728 global views, 504 crops) on whichever
+backend is deployed (TensorRT engine, ONNX Runtime, or PyTorch from the checkpoint), the projector
+weights and the token ids.  It keeps no per-call state, so one instance serves many threads: ONNX
+Runtime sessions and eager torch modules are safe to run concurrently and the TensorRT runner
+serialises its execution context with its own lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Runner
+from .config import Step37Config, TokenIds
+from .errors import InputError
+from .files import atomic_path, write_json
+from .fusion import insert_features, insert_features_torch, project, project_torch
+from .preprocess import PreprocessConfig, image_layout, preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageEmbedding:
+    """One image's projected features in token order (crops first, then the global view)."""
+
+    features: Any  # [L, hidden]: numpy, or a torch tensor on the runner's device
+    token_ids: list[int]
+    text: str
+    num_crops: int
+    newline_mask: list[bool]
+
+
+class VisionEmbedder:
+    def __init__(
+        self,
+        global_runner: Runner,
+        crop_runner: Runner,
+        projector_weight: Any,
+        projector_bias: Any | None,
+        tokens: TokenIds,
+        batch_size: int = 8,
+        preprocess_cfg: PreprocessConfig | None = None,
+    ) -> None:
+        self.global_runner = global_runner.activate()
+        self.crop_runner = crop_runner.activate()
+        self.weight, self.bias = projector_weight, projector_bias
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.pcfg = preprocess_cfg = preprocess_cfg or PreprocessConfig()
+        #: Device of GPU runners (torch on CUDA, TensorRT): views go there as torch tensors.
+        self.device = None if isinstance(projector_weight, np.ndarray) else projector_weight.device
+        for runner, res in (
+            (self.global_runner, preprocess_cfg.image_size),
+            (self.crop_runner, preprocess_cfg.patch_size),
+        ):
+            if runner.resolution not in (None, res):
+                raise InputError(
+                    f"runner {runner.name} is built for {runner.resolution}x{runner.resolution}, "
+                    f"but it must serve {res}x{res} views"
+                )
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_artifacts(
+        cls,
+        checkpoint: str | Path,
+        backend: str = "onnx",
+        files: Sequence[str | Path] = (),
+        provider: str = "cpu",
+        device: str = "cpu",
+        dtype: str = "fp32",
+        batch_size: int = 8,
+    ) -> VisionEmbedder:
+        """``backend``: ``"torch"`` (tower from the checkpoint), ``"onnx"`` or ``"trt"`` (the 728 and
+        504 files in ``files``, told apart by their metadata/manifest).  The checkpoint always
+        provides the projector and the token ids."""
+        from .checkpoint import load_projector
+
+        cfg = Step37Config.from_checkpoint(checkpoint)
+        if backend == "torch":
+            from .backends import TorchRunner
+            from .checkpoint import load_vision_model
+
+            model = load_vision_model(checkpoint, dtype=dtype).to(device)
+            g = c = TorchRunner(model, name=f"torch-{dtype}")
+        elif backend in ("onnx", "trt"):
+            runners = {}
+            for f in files:
+                if backend == "onnx":
+                    from .backends import OnnxrtRunner, session_from_onnx
+
+                    r: Runner = OnnxrtRunner(session_from_onnx(f, provider), provider=provider).activate()
+                else:
+                    from .backends.tensorrt import TensorRTRunner
+
+                    r = TensorRTRunner(f).activate()
+                runners[r.resolution] = r
+            pc = PreprocessConfig()
+            missing = [res for res in (pc.image_size, pc.patch_size) if res not in runners]
+            if missing:
+                raise InputError(
+                    f"{backend} backend needs one file per resolution; none for {missing} among {list(files)}"
+                )
+            g, c = runners[pc.image_size], runners[pc.patch_size]
+        else:
+            raise InputError(f"backend must be torch, onnx or trt, got {backend!r}")
+        proj = load_projector(checkpoint, "fp32")
+        w = proj.weight.detach()
+        b = proj.bias.detach() if proj.bias is not None else None
+        if (backend == "torch" and device != "cpu") or backend == "trt":
+            import torch
+
+            dev = torch.device(device if backend == "torch" else "cuda")
+            half = dtype in ("fp16", "bf16") or backend == "trt"
+            w = w.to(dev, torch.float16 if half else torch.float32)
+            b = b.to(dev, w.dtype) if b is not None else None
+        else:
+            w, b = w.numpy(), (b.numpy() if b is not None else None)
+        return cls(g, c, w, b, cfg.tokens, batch_size)
+
+    # -- inference --------------------------------------------------------------------------------
+    def _project(self, feats: Any) -> Any:
+        if isinstance(self.weight, np.ndarray):
+            return project(np.asarray(feats), self.weight, self.bias, out_dtype=np.float32)
+        return project_torch(feats, self.weight, self.bias)
+
+    def _run(self, runner: Runner, views: Any) -> Any:
+        if self.device is not None and isinstance(views, np.ndarray):
+            import torch  # GPU runners: upload once, keep features on the device
+
+            views = torch.from_numpy(views).to(self.device, non_blocking=True)
+        outs = [runner.infer(views[i : i + self.batch_size]) for i in range(0, len(views), self.batch_size)]
+        if not outs:
+            return None
+        if isinstance(outs[0], np.ndarray):
+            return np.concatenate(outs)
+        import torch
+
+        return torch.cat(outs)
+
+    def encode(self, pixel_values: Any) -> Any:
+        """Tower features [B, P', 6144] for a batch of 728 or 504 views (projector not applied)."""
+        res = int(pixel_values.shape[-1])
+        runner = {self.pcfg.image_size: self.global_runner, self.pcfg.patch_size: self.crop_runner}.get(res)
+        if runner is None:
+            raise InputError(f"views must be {self.pcfg.image_size} or {self.pcfg.patch_size} square, got {res}")
+        return self._run(runner, pixel_values)
+
+    def embed_images(self, images: Sequence[Any]) -> list[ImageEmbedding]:
+        """Preprocess, run all global views and all crops in batches, project, and reassemble per
+        image in token order."""
+        pre = [preprocess(im, self.pcfg) for im in images]
+        globals_ = np.stack([p.global_view for p in pre]) if pre else None
+        crops = [p.crops for p in pre if p.num_crops]
+        gfeat = self._project(self.encode(globals_)) if pre else None
+        cfeat = self._project(self.encode(np.concatenate(crops))) if crops else None
+        out, k = [], 0
+        for i, p in enumerate(pre):
+            parts = []
+            if p.num_crops:
+                parts.append(cfeat[k : k + p.num_crops].reshape(-1, cfeat.shape[-1]))
+                k += p.num_crops
+            parts.append(gfeat[i])
+            feats = parts[0] if len(parts) == 1 else _cat(parts)
+            text, ids = image_layout(p.num_crops, p.newline_mask, self.tokens, self.pcfg)
+            out.append(ImageEmbedding(feats, ids, text, p.num_crops, p.newline_mask))
+        return out
+
+    def fuse(
+        self,
+        input_ids: Any,
+        text_embeddings: Any,
+        images: Sequence[Any] | Sequence[ImageEmbedding],
+        batch_first: bool = False,
+        inplace: bool = False,
+    ) -> Any:
+        """Insert each image's features after its ``<patch_start>``/``<im_start>`` flags, in order.
+
+        ``images`` may be raw images or the :class:`ImageEmbedding` s of :meth:`embed_images`; the
+        features are cast to the embeddings' dtype (and device)."""
+        embs = [im if isinstance(im, ImageEmbedding) else None for im in images]
+        if any(e is None for e in embs):
+            embs = self.embed_images(list(images))
+        groups = []
+        for e in embs:
+            rows_per = [self.pcfg.patch_tokens] * e.num_crops + [self.pcfg.image_tokens]
+            start = 0
+            for n in rows_per:
+                groups.append(e.features[start : start + n])
+                start += n
+        flags = [self.tokens.patch_start, self.tokens.im_start]
+        if isinstance(text_embeddings, np.ndarray):
+            groups = [np.asarray(g).astype(text_embeddings.dtype) for g in groups]
+            return insert_features(
+                text_embeddings,
+                groups,
+                input_ids,
+                flags,
+                self.tokens.im_patch,
+                batch_first=batch_first,
+                inplace=inplace,
+            )
+        import torch
+
+        groups = [torch.as_tensor(g).to(text_embeddings.device, text_embeddings.dtype) for g in groups]
+        return insert_features_torch(
+            text_embeddings, groups, input_ids, flags, self.tokens.im_patch, batch_first=batch_first, inplace=inplace
+        )
+
+
+def _cat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    return torch.cat(parts)
+
+
+def embed_command(args: Any, progress: bool) -> None:
+    """``step37-deploy embed``: features per image to FILE.npy, layout to FILE.json (both atomic)."""
+    checkpoint, *files = args.artifacts
+    emb = VisionEmbedder.from_artifacts(checkpoint, args.backend, files, provider=args.provider, batch_size=args.batch)
+    results = emb.embed_images(args.image)
+    feats = [
+        np.asarray(r.features.float().cpu() if hasattr(r.features, "cpu") else r.features, np.float32) for r in results
+    ]
+    all_feats = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    layout, start = [], 0
+    for path, r, f in zip(args.image, results, feats, strict=True):
+        layout.append(
+            {
+                "image": str(path),
+                "rows": [start, start + len(f)],
+                "num_crops": r.num_crops,
+                "newline_mask": r.newline_mask,
+                "token_ids": r.token_ids,
+                "text": r.text,
+            }
+        )
+        start += len(f)
+    out = Path(args.out)
+    with atomic_path(out, suffix=".npy") as tmp:
+        np.save(tmp, all_feats)
+    side = out.with_suffix(".json")
+    write_json(side, {"hidden_size": int(all_feats.shape[-1]), "images": layout})
+    log.info("wrote %s %s and %s", out, all_feats.shape, side)

@@ -1,0 +1,223 @@
+"""Synthetic checkpoints in the release layout, for tests and demos (no model hub here).
+
+``make_checkpoint`` writes ``config.json``, ``tokenizer_config.json`` with the image special tokens,
+sharded safetensors and ``model.safetensors.index.json``.  Vision tensors get realistic scales
+(LayerNorm weights near 1, LayerScale near 0.1, fan-in scaled matrices) and every shard also holds
+*decoy* language-model tensors, more bytes of them than the vision tower, so that a loader which
+reads anything but the vision weights shows up in RSS, in the page cache and in the read hook.
+The folder appears atomically: everything is written to a temporary sibling and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import INDEX_FILE, parse_dtype
+from .config import SPECIAL_TOKENS, Step37Config, preset
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+#: Decoy bytes relative to the vision tower's bytes.
+DECOY_RATIO = 1.25
+
+
+def vision_shapes(cfg: Step37Config) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape for the vision tower and projector (release names, with prefixes)."""
+    from .model import Step37Projector, Step37VisionModel
+
+    with torch.device("meta"):
+        vm = Step37VisionModel(cfg.vision)
+        pj = Step37Projector(cfg.projector)
+    shapes = {f"vision_model.{k}": tuple(v.shape) for k, v in vm.state_dict().items()}
+    shapes.update({f"vit_large_projector.{k}": tuple(v.shape) for k, v in pj.state_dict().items()})
+    return shapes
+
+
+def _init_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A realistic FP32 value for one vision/projector tensor."""
+    randn = torch.randn(shape, generator=gen)
+    name = key.split(".")[-1]
+    if ".ls_" in key and name == "gamma":
+        return 0.1 + 0.02 * randn
+    if ("ln_" in key or ".ln_" in key) and name == "weight":
+        return 1.0 + 0.05 * randn
+    if name == "bias" or key.endswith("in_proj_bias"):
+        return 0.02 * randn
+    if key.endswith("positional_embedding") or key.endswith("class_embedding"):
+        return shape[-1] ** -0.5 * randn
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    return fan_in**-0.5 * randn
+
+
+def _decoys(cfg: Step37Config, vision_bytes: int, itemsize: int, ratio: float) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Language-model-like tensor names and shapes totalling about ``ratio`` x the vision bytes."""
+    hidden = cfg.text_hidden_size
+    vocab = max(1024, 8 * hidden)
+    budget = int(ratio * vision_bytes) // itemsize
+    if budget <= 0:
+        return
+    yield "model.embed_tokens.weight", (vocab, hidden)
+    yield "lm_head.weight", (vocab, hidden)
+    budget -= 2 * vocab * hidden
+    layer = 0
+    inter = max(hidden, int(2.75 * hidden))
+    while budget > 0:
+        yield f"model.layers.{layer}.mlp.down_proj.weight", (hidden, inter)
+        yield f"model.layers.{layer}.self_attn.o_proj.weight", (hidden, hidden)
+        budget -= hidden * inter + hidden * hidden
+        layer += 1
+
+
+def _tokenizer_config(cfg: Step37Config) -> dict:
+    ids = cfg.tokens.by_token()
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {
+            str(ids[tok]): {"content": tok, "special": True, "lstrip": False, "rstrip": False, "normalized": False}
+            for tok in SPECIAL_TOKENS
+        },
+    }
+
+
+def make_checkpoint(
+    out: str | Path,
+    preset_name: str = "tiny",
+    dtype: str = "bf16",
+    shards: int = 2,
+    seed: int = 0,
+    cfg: Step37Config | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    decoy_ratio: float = DECOY_RATIO,
+) -> Path:
+    """Write a synthetic checkpoint for ``preset_name`` (or ``cfg``) to ``out``; returns ``out``.
+
+    ``decoy_ratio`` sets the decoy language-model bytes relative to the vision bytes (0 writes
+    none).  The free space next to ``out`` is checked before anything is written: a release-size
+    checkpoint is several GB, and running out of disk halfway would only waste minutes.
+    """
+    cfg = cfg or preset(preset_name)
+    tdtype = parse_dtype(dtype)
+    out = Path(out)
+    if shards < 1:
+        raise CheckpointError(f"--shards must be >= 1, got {shards}")
+    if not 0 <= decoy_ratio <= 100:
+        raise CheckpointError(f"decoy ratio must be in [0, 100], got {decoy_ratio}")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; remove it or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    itemsize = torch.empty((), dtype=tdtype).element_size()
+
+    real = vision_shapes(cfg)
+    vision_bytes = sum(_numel(s) for s in real.values()) * itemsize
+    decoys = dict(_decoys(cfg, vision_bytes, itemsize, decoy_ratio))
+    # Interleave decoys between real tensors so that every shard mixes both kinds.
+    entries: list[tuple[str, tuple[int, ...], bool]] = []
+    real_items, decoy_items = list(real.items()), list(decoys.items())
+    step = max(1, len(real_items) // max(1, len(decoy_items)))
+    for i, (k, s) in enumerate(real_items):
+        entries.append((k, s, True))
+        if i % step == 0 and decoy_items:
+            dk, ds = decoy_items.pop(0)
+            entries.append((dk, ds, False))
+    entries.extend((k, s, False) for k, s in decoy_items)
+
+    total = sum(_numel(s) for _, s, _ in entries) * itemsize
+    check_free_space(out.parent, total)
+    per_shard = total / shards
+    groups: list[list[tuple[str, tuple[int, ...], bool]]] = [[]]
+    acc = 0
+    for entry in entries:
+        if acc >= per_shard * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(entry)
+        acc += _numel(entry[1]) * itemsize
+    while len(groups) < shards:  # tiny configs: keep the requested shard count
+        groups.append([])
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        weight_map: dict[str, str] = {}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {preset_name} checkpoint")
+        for i, group in enumerate(groups):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            tensors = {}
+            for key, shape, is_real in group:
+                if is_real:
+                    t = _init_tensor(key, shape, gen).to(tdtype)
+                else:
+                    t = (0.02 * torch.randn(shape, generator=gen)).to(tdtype)
+                tensors[key] = t
+                weight_map[key] = fname
+            if not tensors:  # a shard must hold something: a tiny decoy
+                key = f"model.layers.pad{i}.weight"
+                tensors[key] = torch.zeros(8, dtype=tdtype)
+                weight_map[key] = fname
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            if bar is not None:
+                bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
+            del tensors
+        if bar is not None:
+            bar.close()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(cfg), indent=2))
+        (tmp / "synthetic.json").write_text(
+            json.dumps({"preset": preset_name, "dtype": dtype, "seed": seed, "shards": shards}, indent=2)
+        )
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is normally shared
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote synthetic %s checkpoint to %s (%d shards, %.1f MB)", preset_name, out, shards, total / 1e6)
+    return out
+
+
+def checkpoint_bytes(preset_name: str = "tiny", dtype: str = "bf16", decoy_ratio: float = DECOY_RATIO) -> int:
+    """Bytes of tensor data that ``make_checkpoint`` would write (vision + projector + decoys)."""
+    cfg = preset(preset_name)
+    itemsize = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    vision_bytes = sum(_numel(s) for s in vision_shapes(cfg).values()) * itemsize
+    decoy = sum(_numel(s) for _, s in _decoys(cfg, vision_bytes, itemsize, decoy_ratio)) * itemsize
+    return vision_bytes + decoy
+
+
+#: Head room kept free beside a new checkpoint (the JSON files, the file system's own needs).
+FREE_SPACE_MARGIN = 256 << 20
+
+
+def check_free_space(folder: Path, nbytes: int) -> None:
+    """Raise ``CheckpointError`` when ``folder`` lacks room for ``nbytes`` plus a margin."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + FREE_SPACE_MARGIN:
+        raise CheckpointError(
+            f"not enough disk space in {folder}: the checkpoint needs {nbytes / 1e9:.2f} GB "
+            f"(+{FREE_SPACE_MARGIN / 1e9:.2f} GB margin), {free / 1e9:.2f} GB free"
+        )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
