@@ -117,23 +117,31 @@ class _open:
         self._cm.__exit__(*exc)
 
 
+def read_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """A safetensors file's header: (offset of the data section, tensor name -> entry with
+    ``dtype``, ``shape``, ``data_offsets``).  ``ValueError``/``OSError`` for unreadable headers."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n <= 0 or n > size:
+            raise ValueError("bad header length")
+        header = json.loads(fh.read(n))
+    return 8 + n, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
 def _file_size_check(path: Path) -> None:
     """safetensors validates offsets against the header but a truncated data section still
     mmaps; compare the header's end offset with the file size to name truncation explicitly."""
     if not path.is_file():
         raise CheckpointError(f"shard {path} listed in the index does not exist")
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or n > size:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
+        start, header = read_header(path)
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"shard {path} is corrupt or truncated: {exc}") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"shard {path} is truncated: header needs {8 + n + end} bytes, file has {size}")
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    size = path.stat().st_size
+    if start + end > size:
+        raise CheckpointError(f"shard {path} is truncated: header needs {start + end} bytes, file has {size}")
 
 
 #: Hook for tests: called with every full key this module reads.  Lets a test prove that no
