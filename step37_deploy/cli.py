@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decoy-ratio",
         type=float,
-        default=1.25,
+        default=1.25,  # synthetic.DECOY_RATIO; not imported here so that --help stays torch-free
         help="decoy language-model bytes per vision byte (default 1.25; 0 for none)",
     )
     p.add_argument("--overwrite", action="store_true")

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -127,7 +128,7 @@ def make_checkpoint(
     itemsize = torch.empty((), dtype=tdtype).element_size()
 
     real = vision_shapes(cfg)
-    vision_bytes = sum(_numel(s) for s in real.values()) * itemsize
+    vision_bytes = sum(math.prod(s) for s in real.values()) * itemsize
     decoys = dict(_decoys(cfg, vision_bytes, itemsize, decoy_ratio))
     # Interleave decoys between real tensors so that every shard mixes both kinds.
     entries: list[tuple[str, tuple[int, ...], bool]] = []
@@ -140,7 +141,7 @@ def make_checkpoint(
             entries.append((dk, ds, False))
     entries.extend((k, s, False) for k, s in decoy_items)
 
-    total = sum(_numel(s) for _, s, _ in entries) * itemsize
+    total = sum(math.prod(s) for _, s, _ in entries) * itemsize
     per_shard = total / shards
     groups: list[list[tuple[str, tuple[int, ...], bool]]] = [[]]
     acc = 0
@@ -148,12 +149,12 @@ def make_checkpoint(
         if acc >= per_shard * len(groups) and len(groups) < shards:
             groups.append([])
         groups[-1].append(entry)
-        acc += _numel(entry[1]) * itemsize
+        acc += math.prod(entry[1]) * itemsize
     while len(groups) < shards:  # tiny configs: keep the requested shard count
         groups.append([])
 
     # With holes punched, the disk holds the vision bytes plus one shard's decoys at a time.
-    shard_decoys = [sum(_numel(sh) for _, sh, real in g if not real) * itemsize for g in groups]
+    shard_decoys = [sum(math.prod(sh) for _, sh, real in g if not real) * itemsize for g in groups]
     check_free_space(out.parent, total - sum(shard_decoys) + max(shard_decoys))
     sparse = True
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -177,9 +178,9 @@ def make_checkpoint(
                 tensors[key] = torch.zeros(8, dtype=tdtype)
                 weight_map[key] = fname
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            if sparse and not _punch_decoys(tmp / fname):
+            if sparse and not punch_holes(tmp / fname, [k for k, _, real in group if not real]):
                 sparse = False  # this file system keeps the zeros: the rest must fit in full
-                check_free_space(tmp, sum(_numel(sh) for g in groups[i + 1 :] for _, sh, _ in g) * itemsize)
+                check_free_space(tmp, sum(math.prod(sh) for g in groups[i + 1 :] for _, sh, _ in g) * itemsize)
             if bar is not None:
                 bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
             del tensors
@@ -220,12 +221,11 @@ def check_free_space(folder: Path, nbytes: int) -> None:
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
-def _punch_decoys(path: Path) -> bool:
-    """Turn the decoy tensors' byte ranges of a written shard into holes (they are zeros already,
-    so the file's content does not change).  False where the platform or file system cannot."""
+def punch_holes(path: Path, keys: list[str]) -> bool:
+    """Turn the byte ranges of tensors ``keys`` (zeros already, so the content does not change) of a
+    written safetensors file into holes.  False where the platform or file system cannot."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fallocate = libc.fallocate
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
     except (OSError, AttributeError):
         return False
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -233,25 +233,13 @@ def _punch_decoys(path: Path) -> bool:
     fd = os.open(path, os.O_RDWR)
     try:
         os.fsync(fd)
-        for key, entry in header.items():
-            if key.startswith(_DECOY_PREFIXES):
-                a, b = entry["data_offsets"]
-                if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start + a, b - a) != 0:
-                    err = ctypes.get_errno()
-                    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                        return False
-                    raise OSError(err, f"fallocate(PUNCH_HOLE) failed on {path}: {os.strerror(err)}")
+        for key in keys:
+            a, b = header[key]["data_offsets"]
+            if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start + a, b - a) != 0:
+                err = ctypes.get_errno()
+                if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return False
+                raise OSError(err, f"fallocate(PUNCH_HOLE) failed on {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
     return True
-
-
-#: Names the decoys use: the language model's own prefixes.
-_DECOY_PREFIXES = ("model.layers.", "model.embed_tokens.", "lm_head.")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
