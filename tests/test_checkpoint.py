@@ -255,10 +255,11 @@ def page_cache_report(shards: list[Path]) -> dict[str, int]:
     return out
 
 
-def _check_page_cache(shards: list[Path], evicted: bool) -> None:
+def _check_page_cache(shards: list[Path], evicted: bool, load: dict) -> None:
     if not evicted:
         pytest.skip("this filesystem keeps clean pages after POSIX_FADV_DONTNEED; page-cache check not possible")
     rep = page_cache_report(shards)
+    print(json.dumps({"load": load, "page_cache": rep}))  # the numbers behind the notes: pytest -s shows them
     # The check sees real reads (most vision pages are still resident: other work on the machine may
     # have evicted a few since), while the decoys far from any vision tensor stay out.
     assert rep["vision_in"] > 0.5 * rep["vision_total"], rep
@@ -303,7 +304,7 @@ def test_full_preset_fp16_load_rss_and_decoys_never_read(tmp_path):
         assert out["peak_rss_bytes"] < 1.5 * out["weight_bytes"], out
         index = json.loads((ck / "model.safetensors.index.json").read_text())
         assert index["metadata"]["total_size"] > 2 * out["weight_bytes"]  # decoys outweigh the tower
-        _check_page_cache(shards, evicted)
+        _check_page_cache(shards, evicted, out)
     finally:
         shutil.rmtree(ck, ignore_errors=True)  # several GB: give the disk back to the rest of the run
 
@@ -317,7 +318,7 @@ def test_small_preset_decoys_never_read_page_cache(tmp_path):
     evicted = _evict_all(shards)
     out = _measure_load(ck, "fp32")
     assert out["dtype"] == "torch.float32"
-    _check_page_cache(shards, evicted)
+    _check_page_cache(shards, evicted, out)
 
 
 def test_decoys_are_holes_on_disk(tmp_path):
