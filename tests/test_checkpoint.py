@@ -298,6 +298,11 @@ def test_full_preset_fp16_load_rss_and_decoys_never_read(tmp_path):
         pytest.skip(f"release-size check: {exc}; the small-preset page-cache test covers the same path")
     try:
         shards = sorted(ck.glob("*.safetensors"))
+        sizes = {
+            "apparent": sum(s.stat().st_size for s in shards),
+            "on_disk": sum(s.stat().st_blocks * 512 for s in shards),
+        }
+        print(json.dumps({"shard_bytes": sizes}))  # decoys as holes: pytest -s shows the saving
         evicted = _evict_all(shards)
         out = _measure_load(ck, "fp16")
         assert out["dtype"] == "torch.float16" and out["weight_bytes"] > 3.8e9
