@@ -1,0 +1,47 @@
+"""The served API, in one place: model names, tensor names, Triton data types and dims.
+
+Other tools are written against these exact names; the repository writer, the Triton model
+files, the server launcher, the client, the load test and the tests all read them from here, so
+nothing spells a tensor name twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Tower models, one per resolution (global views / crops).
+TOWER_MODELS = {728: "step37_vision_728", 504: "step37_vision_504"}
+#: The image -> embedding model (Python backend; BLS calls to the towers).
+EMBEDDER_MODEL = "step37_embedder"
+
+#: Tower model I/O.  ``pixel_values`` [3, R, R] per batch item (Triton adds the batch dim).
+TOWER_INPUT = "pixel_values"
+TOWER_OUTPUT = "image_features"
+
+#: Embedder model I/O (``max_batch_size: 0``: dims are the full request shape).
+EMBEDDER_INPUT = "image"
+EMBEDDER_OUTPUTS = ("features", "token_ids", "num_crops")
+
+
+@dataclass(frozen=True)
+class TensorContract:
+    """One served tensor: its name, the ``config.pbtxt`` data type and dims (-1 = variable)."""
+
+    name: str
+    data_type: str  # "TYPE_FP32", "TYPE_STRING", ...
+    dims: tuple[int, ...]
+
+
+EMBEDDER_IO = {
+    "inputs": (TensorContract(EMBEDDER_INPUT, "TYPE_STRING", (1,)),),
+    "outputs": (
+        TensorContract("features", "TYPE_FP32", (-1, -1)),  # [L, hidden], token order
+        TensorContract("token_ids", "TYPE_INT64", (-1,)),  # [T], Step3p7Processor's layout
+        TensorContract("num_crops", "TYPE_INT32", (1,)),
+    ),
+}
+
+
+def tower_data_type(precision: str) -> str:
+    """``config.pbtxt`` data type of a tower's float tensors: FP16 for FP16 artifacts, else FP32."""
+    return "TYPE_FP16" if precision == "fp16" else "TYPE_FP32"
