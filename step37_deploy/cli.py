@@ -153,7 +153,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch", type=int, default=8)
     _add_common(p)
+
+    _add_loadtest_parser(sub)
     return parser
+
+
+def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "loadtest",
+        help="drive a running service with concurrent requests and check every answer against the in-process embedder",
+    )
+    p.add_argument(
+        "--url", required=True, help="HOST:PORT of the service: its HTTP endpoint, or gRPC with --protocol grpc"
+    )
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http", help="protocol of --url (default http)")
+    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders of them (sent in order)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        action="append",
+        help="requests in flight; repeat for one run per level (default 1 and 8)",
+    )
+    p.add_argument("--requests", type=int, default=200, help="requests per run at most (default 200)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds per run at most (default 60)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take (default 60)")
+    p.add_argument(
+        "--metrics-url",
+        default=None,
+        help="HOST:PORT of Triton's metrics endpoint (default: the host of --url, port 8002)",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint the service was built from (the reference's projector, tokens)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["onnx", "torch", "trt"],
+        default="onnx",
+        help="backend of the in-process reference embedder (default onnx)",
+    )
+    p.add_argument(
+        "--artifacts",
+        nargs="*",
+        default=[],
+        help="for --backend onnx/trt: the 728 and 504 files the service serves (default none)",
+    )
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (default cpu)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also measure the in-process embedder on the same images in the same run (default off)",
+    )
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=0.0,
+        help="embedding cache of the --in-process embedder in MiB; match the server's (default 0 = off)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-2,
+        help="max relative L2 distance of an answer's features from the reference (default 0.01)",
+    )
+    p.add_argument("--warmup", type=int, default=2, help="warm-up requests with generated images (default 2)")
+    p.add_argument("--json", default=None, help="write the report here, atomically (default none)")
+    _add_common(p)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -347,6 +411,34 @@ def _cmd_embed(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
+    from .serving.loadtest import LoadtestOptions, run_loadtest
+
+    opts = LoadtestOptions(
+        url=args.url,
+        images=args.images,
+        checkpoint=args.checkpoint,
+        protocol=args.protocol,
+        backend=args.backend,
+        artifacts=args.artifacts,
+        provider=args.provider,
+        concurrency=args.concurrency or [1, 8],
+        requests=args.requests,
+        duration_s=args.duration,
+        timeout_s=args.timeout,
+        metrics_url=args.metrics_url,
+        in_process=args.in_process,
+        cache_mb=args.cache_mb,
+        tolerance=args.tolerance,
+        warmup=args.warmup,
+    )
+    report = run_loadtest(opts, progress)
+    print(report.table())
+    if args.json:
+        report.write_json(args.json)
+    return 0 if report.ok else 1
+
+
 COMMANDS = {
     "make-checkpoint": _cmd_make_checkpoint,
     "export": _cmd_export,
@@ -356,6 +448,7 @@ COMMANDS = {
     "inspect": _cmd_inspect,
     "bench": _cmd_bench,
     "embed": _cmd_embed,
+    "loadtest": _cmd_loadtest,
 }
 
 

@@ -42,3 +42,7 @@ class PlaceholderError(Step37Error, ValueError):
 
 class ThresholdError(Step37Error):
     """An accuracy report missed a threshold."""
+
+
+class ServerError(Step37Error):
+    """The embedding service answered a request with an error (or not at all); carries its message."""

@@ -5,11 +5,18 @@ backend is deployed (TensorRT engine, ONNX Runtime, or PyTorch from the checkpoi
 weights and the token ids.  It keeps no per-call state, so one instance serves many threads: ONNX
 Runtime sessions and eager torch modules are safe to run concurrently and the TensorRT runner
 serialises its execution context with its own lock.
+
+:class:`EmbeddingCache` is an optional LRU of finished embeddings keyed by the SHA-256 of the image
+bytes: chat traffic re-sends the same image every turn, and a hit skips decoding, both towers and
+the projector.  The Triton embedder model uses the same class.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +45,106 @@ class ImageEmbedding:
     newline_mask: list[bool]
 
 
+class EmbeddingCache:
+    """A thread-safe LRU of embeddings keyed by the SHA-256 of the image bytes, bounded in bytes.
+
+    ``max_mb`` is the budget in MiB (0 turns the cache off: every lookup is a miss that is not
+    counted).  Values are opaque to the cache; the caller states each one's size, and an entry larger
+    than the whole budget is not stored.  Hits, misses and evictions are counted for reports and
+    logged at DEBUG.
+    """
+
+    def __init__(self, max_mb: float = 0.0) -> None:
+        if not max_mb >= 0:  # also rejects NaN
+            raise InputError(f"cache size must be >= 0 MB, got {max_mb}")
+        self.max_bytes = int(max_mb * 2**20)
+        self.used_bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    @staticmethod
+    def key_of(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def get(self, key: str | None) -> Any | None:
+        """The value stored under ``key`` (now the most recently used), or None (a miss)."""
+        if not self.enabled or key is None:
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+            else:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        log.debug("embedding cache %s %s", "miss" if entry is None else "hit", key[:16])
+        return None if entry is None else entry[0]
+
+    def put(self, key: str | None, value: Any, nbytes: int) -> None:
+        """Store ``value``, evicting least recently used entries until it fits the budget."""
+        if not self.enabled or key is None or nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.used_bytes -= old[1]
+            while self._entries and self.used_bytes + nbytes > self.max_bytes:
+                _, (_, size) = self._entries.popitem(last=False)
+                self.used_bytes -= size
+                self.evictions += 1
+            self._entries[key] = (value, nbytes)
+            self.used_bytes += nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "entries": len(self._entries),
+                "bytes": self.used_bytes,
+                "max_bytes": self.max_bytes,
+            }
+
+
+def image_key(image: Any) -> str | None:
+    """Cache key of an image: SHA-256 of its file's bytes, of the bytes given, or of a uint8 array's
+    shape and pixels; None (not cached) for PIL images and unreadable paths, which ``preprocess``
+    then reports."""
+    if isinstance(image, bytes):
+        return EmbeddingCache.key_of(image)
+    if isinstance(image, (str, Path)):
+        try:
+            return EmbeddingCache.key_of(Path(image).read_bytes())
+        except OSError:
+            return None
+    if isinstance(image, np.ndarray):
+        header = f"ndarray:{image.dtype.str}:{image.shape}:".encode()
+        return EmbeddingCache.key_of(header + np.ascontiguousarray(image).tobytes())
+    return None
+
+
+def _embedding_nbytes(e: ImageEmbedding) -> int:
+    f = e.features
+    feats = f.nbytes if isinstance(f, np.ndarray) else f.element_size() * f.nelement()
+    return int(feats) + 8 * len(e.token_ids) + len(e.text) + len(e.newline_mask) + 256
+
+
+def _copy_embedding(e: ImageEmbedding) -> ImageEmbedding:
+    """A private copy, so that a caller editing its result cannot change what the cache returns."""
+    f = e.features
+    feats = f.copy() if isinstance(f, np.ndarray) else f.clone()
+    return ImageEmbedding(feats, list(e.token_ids), e.text, e.num_crops, list(e.newline_mask))
+
+
 class VisionEmbedder:
     def __init__(
         self,
@@ -48,7 +155,9 @@ class VisionEmbedder:
         tokens: TokenIds,
         batch_size: int = 8,
         preprocess_cfg: PreprocessConfig | None = None,
+        cache_mb: float = 0.0,
     ) -> None:
+        self.cache = EmbeddingCache(cache_mb)
         self.global_runner = global_runner.activate()
         self.crop_runner = crop_runner.activate()
         self.weight, self.bias = projector_weight, projector_bias
@@ -78,10 +187,11 @@ class VisionEmbedder:
         device: str = "cpu",
         dtype: str = "fp32",
         batch_size: int = 8,
+        cache_mb: float = 0.0,
     ) -> VisionEmbedder:
         """``backend``: ``"torch"`` (tower from the checkpoint), ``"onnx"`` or ``"trt"`` (the 728 and
         504 files in ``files``, told apart by their metadata/manifest).  The checkpoint always
-        provides the projector and the token ids."""
+        provides the projector and the token ids.  ``cache_mb``: embedding cache budget (0 = off)."""
         from .checkpoint import load_projector
 
         cfg = Step37Config.from_checkpoint(checkpoint)
@@ -124,7 +234,7 @@ class VisionEmbedder:
             b = b.to(dev, w.dtype) if b is not None else None
         else:
             w, b = w.numpy(), (b.numpy() if b is not None else None)
-        return cls(g, c, w, b, cfg.tokens, batch_size)
+        return cls(g, c, w, b, cfg.tokens, batch_size, cache_mb=cache_mb)
 
     # -- inference --------------------------------------------------------------------------------
     def _project(self, feats: Any) -> Any:
@@ -156,7 +266,25 @@ class VisionEmbedder:
 
     def embed_images(self, images: Sequence[Any]) -> list[ImageEmbedding]:
         """Preprocess, run all global views and all crops in batches, project, and reassemble per
-        image in token order."""
+        image in token order.  With the cache on, only images not in it are computed (each distinct
+        one once) and every result is a private copy."""
+        if not self.cache.enabled:
+            return self._embed_uncached(images)
+        keys = [image_key(im) for im in images]
+        out: list[ImageEmbedding | None] = [self.cache.get(k) for k in keys]
+        todo: dict[Any, list[int]] = {}  # one computation per distinct missing image
+        for i, (k, e) in enumerate(zip(keys, out, strict=True)):
+            if e is None:
+                todo.setdefault(k if k is not None else ("uncached", i), []).append(i)
+        fresh = self._embed_uncached([images[idx[0]] for idx in todo.values()])
+        for (k, idx), e in zip(todo.items(), fresh, strict=True):
+            if isinstance(k, str):
+                self.cache.put(k, e, _embedding_nbytes(e))
+            for i in idx:
+                out[i] = e
+        return [_copy_embedding(e) for e in out]  # type: ignore[arg-type]
+
+    def _embed_uncached(self, images: Sequence[Any]) -> list[ImageEmbedding]:
         pre = [preprocess(im, self.pcfg) for im in images]
         globals_ = np.stack([p.global_view for p in pre]) if pre else None
         crops = [p.crops for p in pre if p.num_crops]

@@ -1,0 +1,221 @@
+"""The client side of the service: image files in, the same :class:`ImageEmbedding` as in-process.
+
+:class:`EmbedClient` sends one encoded image per request to the ``step37_embedder`` model over
+Triton's gRPC or HTTP protocol (``tritonclient``) and rebuilds the :class:`ImageEmbedding` that
+:meth:`VisionEmbedder.embed_images` returns for the same image: the features as served, the token
+ids as served, and the newline mask and text read back from the token layout (and checked against
+it).  Every failure, from a refused connection to the server's own error response, is a
+:class:`~step37_deploy.errors.ServerError` carrying the server's message.
+
+Each thread gets its own ``tritonclient`` connection (the HTTP client is gevent-based and must not
+be shared across threads), so one :class:`EmbedClient` may be used from many threads;
+:meth:`EmbedClient.embed_many` does exactly that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import TokenIds
+from ..errors import InputError, ServerError
+from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig, image_layout, to_rgb
+from ..runtime import ImageEmbedding
+from .contract import EMBEDDER_INPUT, EMBEDDER_IO, EMBEDDER_MODEL, EMBEDDER_OUTPUTS
+
+PROTOCOLS = ("grpc", "http")
+_FEATURES, _TOKEN_IDS, _NUM_CROPS = EMBEDDER_OUTPUTS
+
+
+def image_bytes(image: Any) -> bytes:
+    """The encoded bytes the service receives: a file's bytes, bytes as given, or a PIL image /
+    uint8 array converted to RGB as :func:`~step37_deploy.preprocess.to_rgb` does and encoded
+    losslessly as PNG, so the server preprocesses exactly the pixels the in-process embedder would."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, Path)):
+        try:
+            return Path(image).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read image {image}: {exc}") from exc
+    buf = io.BytesIO()
+    to_rgb(image).save(buf, format="PNG")  # to_rgb: the same conversion the server applies
+    return buf.getvalue()
+
+
+def embedding_from_outputs(
+    features: np.ndarray, token_ids: np.ndarray, num_crops: int, cfg: PreprocessConfig = DEFAULT_PREPROCESS
+) -> ImageEmbedding:
+    """An :class:`ImageEmbedding` from the served tensors.  The newline mask is read off the token
+    layout (a crop block followed by neither ``<patch_start>`` nor ``<im_start>`` ends a row) and
+    the whole layout is rebuilt from it and compared, so a malformed answer is a ``ServerError``."""
+    ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
+    block = cfg.patch_tokens + 2
+    glob = cfg.image_tokens + 2
+    rows = num_crops * cfg.patch_tokens + cfg.image_tokens
+    if num_crops < 0 or len(ids) < num_crops * block + glob or features.ndim != 2 or features.shape[0] != rows:
+        raise ServerError(
+            f"malformed answer: {num_crops} crops, {len(ids)} token ids, features {tuple(features.shape)} "
+            f"(expected {rows} rows)"
+        )
+    im_start = ids[-glob]
+    patch_start = ids[0] if num_crops else -1
+    mask, pos, newline = [], 0, None
+    for _ in range(num_crops):
+        pos += block
+        nl = ids[pos] not in (patch_start, im_start)
+        if nl:
+            newline, pos = ids[pos], pos + 1
+        mask.append(nl)
+    tokens = TokenIds(
+        im_start=im_start,
+        im_end=ids[-1],
+        im_patch=ids[-2],
+        patch_start=patch_start,
+        patch_end=ids[block - 1] if num_crops else -1,
+        patch_newline=newline if newline is not None else -1,
+        source="server",
+    )
+    text, expected = image_layout(num_crops, mask, tokens, cfg)
+    if expected != ids:
+        raise ServerError(f"malformed answer: the token layout of {num_crops} crops is not Step3p7Processor's")
+    return ImageEmbedding(features, ids, text, num_crops, mask)
+
+
+class EmbedClient:
+    """A client of the ``step37_embedder`` model.
+
+    ``url`` is ``host:port`` of the chosen protocol's endpoint (gRPC 8001 / HTTP 8000 by Triton's
+    defaults); ``timeout`` bounds each request in seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "grpc",
+        timeout: float = 60.0,
+        model: str = EMBEDDER_MODEL,
+        preprocess_cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if "://" in url or ":" not in url:
+            raise InputError(f"url must be HOST:PORT (no scheme), got {url!r}")
+        self.url, self.protocol, self.timeout, self.model = url, protocol, timeout, model
+        self.pcfg = preprocess_cfg
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._lock = threading.Lock()
+
+    # -- connections ------------------------------------------------------------------------------
+    def _lib(self) -> Any:
+        if self.protocol == "grpc":
+            import tritonclient.grpc as lib
+        else:
+            import tritonclient.http as lib
+        return lib
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            lib = self._lib()
+            if self.protocol == "grpc":
+                client = lib.InferenceServerClient(self.url)
+            else:
+                client = lib.InferenceServerClient(
+                    self.url, connection_timeout=self.timeout, network_timeout=self.timeout
+                )
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for c in clients:
+            with contextlib.suppress(Exception):  # closing a dead connection is not an error
+                c.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> EmbedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one tritonclient call, turning every failure into a ServerError with its message."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return fn(*args, **kwargs)
+        except InferenceServerException as exc:
+            raise ServerError(f"{self.protocol}://{self.url} {what}: {exc.message()}") from exc
+        except (OSError, TimeoutError) as exc:  # refused / reset / timed out (HTTP)
+            raise ServerError(f"{self.protocol}://{self.url} {what}: {type(exc).__name__}: {exc}") from exc
+
+    # -- the API ------------------------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        """True when the server and the embedder model are ready."""
+        try:
+            c = self._client()
+            return bool(self._call("ready", c.is_server_ready)) and bool(
+                self._call("ready", c.is_model_ready, self.model)
+            )
+        except ServerError:
+            return False
+
+    def embed(self, image: Any) -> ImageEmbedding:
+        """One image (path, bytes, PIL image or uint8 array) -> its :class:`ImageEmbedding`."""
+        data = image_bytes(image)
+        lib = self._lib()
+        (spec,) = EMBEDDER_IO["inputs"]
+        inp = lib.InferInput(EMBEDDER_INPUT, list(spec.dims), "BYTES")
+        arr = np.array([data], dtype=np.object_).reshape(spec.dims)
+        if self.protocol == "http":
+            inp.set_data_from_numpy(arr, binary_data=True)
+            outs = [lib.InferRequestedOutput(n, binary_data=True) for n in EMBEDDER_OUTPUTS]
+        else:
+            inp.set_data_from_numpy(arr)
+            outs = [lib.InferRequestedOutput(n) for n in EMBEDDER_OUTPUTS]
+        client = self._client()
+        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        result = self._call(f"{self.model} infer", client.infer, self.model, [inp], outputs=outs, **kwargs)
+        try:
+            feats = np.asarray(result.as_numpy(_FEATURES), dtype=np.float32)
+            ids = result.as_numpy(_TOKEN_IDS)
+            crops = int(np.asarray(result.as_numpy(_NUM_CROPS)).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError) as exc:
+            raise ServerError(f"{self.protocol}://{self.url} {self.model}: answer lacks an output: {exc}") from exc
+        return embedding_from_outputs(feats, ids, crops, self.pcfg)
+
+    def embed_many(self, images: Sequence[Any], concurrency: int = 4) -> list[ImageEmbedding]:
+        """Embeddings of ``images`` in order, ``concurrency`` requests in flight (each its own
+        request, so the server's dynamic batcher can combine their views).  The first failure is
+        raised after the others finished."""
+        if concurrency < 1:
+            raise InputError(f"concurrency must be >= 1, got {concurrency}")
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embed") as pool:
+            futures = [pool.submit(self.embed, im) for im in images]
+        return [f.result() for f in futures]
+
+    def inference_statistics(self, model: str) -> dict[str, Any]:
+        """Triton's statistics of one model (cumulative since it loaded), as a JSON-like dict with
+        integer counts on both protocols."""
+        c = self._client()
+        if self.protocol == "grpc":
+            stats = self._call("statistics", c.get_inference_statistics, model, as_json=True)
+        else:
+            stats = self._call("statistics", c.get_inference_statistics, model)
+        entries = stats.get("model_stats", [])
+        if not entries:
+            raise ServerError(f"{self.protocol}://{self.url} has no statistics for model {model!r}")
+        return entries[-1]
