@@ -45,3 +45,11 @@ EMBEDDER_IO = {
 def tower_data_type(precision: str) -> str:
     """``config.pbtxt`` data type of a tower's float tensors: FP16 for FP16 artifacts, else FP32."""
     return "TYPE_FP16" if precision == "fp16" else "TYPE_FP32"
+
+
+#: Prometheus counters the embedder model exports on Triton's metrics endpoint (custom metrics,
+#: labels ``model`` and ``version``): lookups of its embedding cache that hit / missed.
+CACHE_HITS_METRIC = "step37_embedder_cache_hits"
+CACHE_MISSES_METRIC = "step37_embedder_cache_misses"
+#: ``config.pbtxt`` parameter of the embedder model: its embedding cache budget in MiB (0 = off).
+CACHE_MB_PARAMETER = "cache_mb"
