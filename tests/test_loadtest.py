@@ -1,0 +1,154 @@
+"""The load test: its pieces (percentiles, Prometheus and statistics parsing, answer checks, the
+request driver, the report) on their own, then ``step37-deploy loadtest`` against ``serve``."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from step37_deploy.errors import InputError, ServerError
+from step37_deploy.runtime import ImageEmbedding
+from step37_deploy.serving import loadtest as lt
+from step37_deploy.serving.contract import CACHE_HITS_METRIC, CACHE_MISSES_METRIC, EMBEDDER_MODEL, TOWER_MODELS
+
+V728, V504 = TOWER_MODELS[728], TOWER_MODELS[504]
+
+METRICS = f"""# HELP nv_inference_request_success Number of successful inference requests
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{{model="{EMBEDDER_MODEL}",version="1"}} 10
+nv_inference_request_success{{model="{V728}",version="1"}} 10
+# HELP nv_inference_exec_count Number of model executions performed
+# TYPE nv_inference_exec_count counter
+nv_inference_exec_count{{model="{V728}",version="1"}} 4
+# HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds
+# TYPE nv_inference_queue_duration_us counter
+nv_inference_queue_duration_us{{model="{V728}",version="1"}} 5000
+nv_inference_queue_duration_us{{model="{EMBEDDER_MODEL}",version="1"}} 100
+# HELP nv_inference_compute_infer_duration_us Cumulative compute inference duration in microseconds
+# TYPE nv_inference_compute_infer_duration_us counter
+nv_inference_compute_infer_duration_us{{model="{V728}",version="1"}} 20000
+# HELP nv_inference_pending_request_count Instantaneous number of pending requests
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{{model="{V728}",version="1"}} 0
+# HELP {CACHE_HITS_METRIC} hits
+# TYPE {CACHE_HITS_METRIC} counter
+{CACHE_HITS_METRIC}{{model="{EMBEDDER_MODEL}",version="1"}} 7
+# HELP {CACHE_MISSES_METRIC} misses
+# TYPE {CACHE_MISSES_METRIC} counter
+{CACHE_MISSES_METRIC}{{model="{EMBEDDER_MODEL}",version="1"}} 3
+"""
+
+
+def test_latency_summary_percentiles():
+    s = lt.latency_summary([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert s["p50"] == pytest.approx(50.5) and s["p90"] == pytest.approx(90.1) and s["p99"] == pytest.approx(99.01)
+    assert s["max"] == pytest.approx(100) and s["mean"] == pytest.approx(50.5)
+    assert lt.latency_summary([]) == {}
+
+
+def test_metrics_parsing_and_per_run_deltas():
+    before = lt.parse_metrics(METRICS)
+    assert before[("nv_inference_queue_duration_us", V728)] == 5000
+    after = dict(before)
+    after[("nv_inference_request_success", V728)] += 10
+    after[("nv_inference_exec_count", V728)] += 3
+    after[("nv_inference_queue_duration_us", V728)] += 2000
+    after[("nv_inference_compute_infer_duration_us", V728)] += 40000
+    after[(CACHE_HITS_METRIC, EMBEDDER_MODEL)] += 5
+    after[(CACHE_MISSES_METRIC, EMBEDDER_MODEL)] += 1
+    t = lt.model_timings(before, after, [V728, V504])
+    assert t[V728]["requests"] == 10 and t[V728]["executions"] == 3
+    assert t[V728]["queue_us_per_request"] == 200 and t[V728]["compute_infer_us_per_request"] == 4000
+    assert t[V504]["requests"] == 0 and t[V504]["queue_us_per_request"] == 0.0
+    assert lt.cache_counts(before, after) == {"hits": 5, "misses": 1}
+    assert lt.cache_counts(None, after) == {"hits": None, "misses": None}
+    no_cache = {k: v for k, v in after.items() if "cache" not in k[0]}
+    assert lt.cache_counts(no_cache, no_cache) == {"hits": None, "misses": None}
+
+
+def test_batch_stats_deltas():
+    grpc_like = {"batch_stats": [{"batch_size": "1", "compute_infer": {"count": "4", "ns": "9"}}]}
+    http_like = {
+        "batch_stats": [
+            {"batch_size": 1, "compute_infer": {"count": 6}},
+            {"batch_size": 3, "compute_infer": {"count": 2}},
+        ]
+    }
+    assert lt.batch_counts(grpc_like) == {"1": 4}
+    assert lt.batch_delta(lt.batch_counts(grpc_like), lt.batch_counts(http_like)) == {"1": 2, "3": 2}
+    assert lt.batch_counts({}) == {}
+
+
+def _emb(rows: int, seed: int, crops: int = 0) -> ImageEmbedding:
+    feats = np.random.default_rng(seed).normal(size=(rows, 8)).astype(np.float32)
+    return ImageEmbedding(feats, [1, 2, 3], "t", crops, [False] * crops)
+
+
+def test_mismatch_checks_layout_shape_and_features():
+    ref = _emb(4, 0)
+    assert lt.mismatch(_emb(4, 0), ref, 1e-5) is None
+    near = ImageEmbedding(ref.features * (1 + 1e-6), [1, 2, 3], "t", 0, [])
+    assert lt.mismatch(near, ref, 1e-5) is None
+    assert "features differ" in lt.mismatch(_emb(4, 1), ref, 1e-2)
+    assert "features (5, 8)" in lt.mismatch(_emb(5, 0), ref, 1e-2)
+    assert "token layout" in lt.mismatch(ImageEmbedding(ref.features, [1, 2], "t", 0, []), ref, 1e-2)
+    assert "newline" in lt.mismatch(ImageEmbedding(ref.features, [1, 2, 3], "t", 0, [True]), ref, 1e-2)
+
+
+def test_drive_counts_errors_swaps_and_bounds():
+    refs = [_emb(4, i) for i in range(3)]
+    payloads = [bytes([i]) for i in range(3)]
+    seen = []
+    lock = threading.Lock()
+
+    def call(data: bytes) -> ImageEmbedding:
+        with lock:
+            seen.append(data[0])
+            n = len(seen)
+        if n == 5:
+            raise ServerError("boom from the server")
+        if n == 7:
+            return refs[(data[0] + 1) % 3]  # another image's answer
+        return refs[data[0]]
+
+    out, sent, wall = lt.drive(call, payloads, refs, 20, 4, 60.0, 5.0, 1e-3, "t", False)
+    m = lt.measure(out, sent, wall, {"hits": 0, "misses": 0})
+    assert sent == 20 and len(out) == 20 and sorted(seen) == sorted([i % 3 for i in range(20)])
+    assert (m.errors, m.mismatches, m.lost) == (1, 1, 0) and m.failed == 2
+    assert any("boom from the server" in e for e in m.error_messages)
+    assert any("features differ" in e for e in m.error_messages)
+    assert m.throughput_ips > 0 and m.latency_ms["p50"] >= 0
+    # Bounded in time: a zero-length window sends nothing, and nothing sent is a failed run.
+    out, sent, wall = lt.drive(call, payloads, refs, 20, 4, 1e-9, 5.0, 1e-3, "t", False)
+    assert sent == 0 and not lt.LoadtestReport(None, [], [lt.Run(1, lt.measure(out, sent, wall, {}), {}, None)]).ok
+
+
+def test_report_json_schema(tmp_path):
+    m = lt.Measurement(40, 0, 0, 0, 2.0, 20.0, {"p50": 1.0, "p90": 2.0, "p99": 3.0}, {"hits": 30, "misses": 10})
+    p = lt.Measurement(40, 0, 0, 0, 1.6, 25.0, {"p50": 0.8, "p90": 1.0, "p99": 2.0}, {"hits": 0, "misses": 0})
+    opts = lt.LoadtestOptions(url="127.0.0.1:1", images=["a.png"], checkpoint="ckpt", in_process=True)
+    report = lt.LoadtestReport(opts, ["a.png"], [lt.Run(8, m, {V728: {"1": 2, "4": 5}}, None, p)])
+    report.write_json(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["ok"] is True and data["requests"] == 40 and data["errors"] == 0
+    (run,) = data["runs"]
+    assert run["concurrency"] == 8 and run["requests"] == 40 and run["errors"] == 0 and run["mismatches"] == 0
+    assert run["throughput_ips"] == 20.0 and set(run["latency_ms"]) >= {"p50", "p90", "p99"}
+    assert run["tower_batch_sizes"] == {V728: {"1": 2, "4": 5}} and run["cache"] == {"hits": 30, "misses": 10}
+    assert run["in_process"]["throughput_ips"] == 25.0
+    assert run["ratios"]["throughput_served_over_in_process"] == pytest.approx(0.8)
+    assert run["ratios"]["p50_served_over_in_process"] == pytest.approx(1.25)
+    assert "served/in-process: throughput 0.800, p50 1.250" in report.table()
+
+
+def test_image_files(tmp_path):
+    (tmp_path / "b.png").write_bytes(b"x")
+    (tmp_path / "a.JPG").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [f.name for f in lt.image_files([tmp_path])] == ["a.JPG", "b.png"]
+    with pytest.raises(InputError, match="no such file"):
+        lt.image_files([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        lt.image_files([tmp_path / "empty"])
