@@ -34,6 +34,68 @@ def _parse_batch_profile(text: str) -> tuple[int, int, int]:
     return parts  # type: ignore[return-value]
 
 
+def _add_repository_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``triton-repo`` and ``serve`` (what goes into the model configs)."""
+    # Defaults are repeated here (not imported) so that --help stays torch-free.
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (projector, token ids, config; weights for torch)"
+    )
+    p.add_argument("--backend", choices=["trt", "onnx", "torch"], required=True, help="what runs the towers (required)")
+    p.add_argument(
+        "--artifacts",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="trt: the 728 and 504 engines; onnx: the 728 and 504 ONNX files (default: none, for torch)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="towers' max_batch_size (default: the engine profile MAX for trt, never above it; 8 otherwise)",
+    )
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=2000,
+        help="dynamic batching: how long a tower waits for more views (default 2000 microseconds)",
+    )
+    p.add_argument(
+        "--preprocess-instances",
+        type=int,
+        default=None,
+        help="embedder instances, i.e. parallel preprocessing processes (default: the number of usable CPUs)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=89_478_485,
+        help="refuse larger images as decompression bombs (default 89478485, Pillow's own limit)",
+    )
+    p.add_argument("--cuda-graphs", action="store_true", help="trt towers: capture CUDA graphs (default off)")
+    p.add_argument("--no-warmup", action="store_true", help="trt towers: no warmup request at load (default: warm up)")
+    p.add_argument(
+        "--tower-threads",
+        type=int,
+        default=None,
+        help="onnx towers: ONNX Runtime intra-op threads each (default: ONNX Runtime's choice)",
+    )
+
+
+def _repository_options(args: argparse.Namespace):
+    from .serving.repository import RepositoryOptions
+
+    return RepositoryOptions(
+        max_batch=args.max_batch,
+        max_queue_delay_us=args.max_queue_delay_us,
+        preprocess_instances=args.preprocess_instances,
+        max_image_pixels=args.max_image_pixels,
+        cuda_graphs=args.cuda_graphs,
+        warmup=not args.no_warmup,
+        tower_threads=args.tower_threads,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="step37-deploy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,7 +217,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     _add_loadtest_parser(sub)
+    _add_serving_parsers(sub)
     return parser
+
+
+def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("triton-repo", help="write a Triton model repository (two towers + the embedder)")
+    _add_repository_options(p)
+    p.add_argument("--out", required=True, help="the repository folder to write (required; must be new or empty)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a repository step37-deploy wrote there before (default off)"
+    )
+    _add_common(p)
+
+    p = sub.add_parser("serve", help="serve the embedder with a real tritonserver, in the foreground")
+    _add_repository_options(p)
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 for loopback)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002; 0: free)")
+    p.add_argument(
+        "--tritonserver",
+        default=None,
+        help="your own tritonserver binary (default: the one nvidia-pytriton ships, with its Python backend)",
+    )
+    p.add_argument(
+        "--exit-timeout",
+        type=int,
+        default=30,
+        help="on SIGINT/SIGTERM, seconds to finish in-flight requests (default 30)",
+    )
+    p.add_argument(
+        "--ready-timeout", type=float, default=600, help="seconds to wait until every model is loaded (default 600)"
+    )
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default 0)")
+    _add_common(p)
 
 
 def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
@@ -439,6 +535,35 @@ def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_triton_repo(args: argparse.Namespace, progress: bool) -> int:
+    from .serving.repository import write_repository
+
+    out = write_repository(
+        args.checkpoint, args.backend, args.artifacts, args.out, _repository_options(args), overwrite=args.overwrite
+    )
+    print(out)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, progress: bool) -> int:
+    from .serving.server import serve
+
+    return serve(
+        args.checkpoint,
+        args.backend,
+        args.artifacts,
+        _repository_options(args),
+        host=args.host,
+        http_port=args.http_port or None,
+        grpc_port=args.grpc_port or None,
+        metrics_port=args.metrics_port or None,
+        tritonserver=args.tritonserver,
+        exit_timeout_s=args.exit_timeout,
+        ready_timeout_s=args.ready_timeout,
+        log_verbose=args.log_verbose,
+    )
+
+
 COMMANDS = {
     "make-checkpoint": _cmd_make_checkpoint,
     "export": _cmd_export,
@@ -449,6 +574,8 @@ COMMANDS = {
     "bench": _cmd_bench,
     "embed": _cmd_embed,
     "loadtest": _cmd_loadtest,
+    "triton-repo": _cmd_triton_repo,
+    "serve": _cmd_serve,
 }
 
 

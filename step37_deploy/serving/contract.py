@@ -47,6 +47,25 @@ def tower_data_type(precision: str) -> str:
     return "TYPE_FP16" if precision == "fp16" else "TYPE_FP32"
 
 
+#: ``config.pbtxt`` data type of a tower's ``pixel_values`` per artifact input dtype (numpy name).
+TOWER_INPUT_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
+
+
+def tower_input_type(input_dtype: str) -> str:
+    """``config.pbtxt`` data type of a tower's ``pixel_values`` for an artifact whose input is
+    ``input_dtype`` (runner ``input_spec().dtype``, ONNX ``step37.input_dtype`` or the manifest)."""
+    try:
+        return TOWER_INPUT_TYPES[str(input_dtype)]
+    except KeyError:
+        raise ValueError(f"tower input dtype must be one of {sorted(TOWER_INPUT_TYPES)}, got {input_dtype!r}") from None
+
+
+#: What a repository was built from (digests, tower facts, token ids); in the embedder's version folder.
+REPOSITORY_RECORD = "step37_repository.json"
+#: Projector weights (``weight`` [hidden, D], optional ``bias``) in the embedder's version folder.
+PROJECTOR_FILE = "projector.safetensors"
+
+
 #: Prometheus counters the embedder model exports on Triton's metrics endpoint (custom metrics,
 #: labels ``model`` and ``version``): lookups of its embedding cache that hit / missed.
 CACHE_HITS_METRIC = "step37_embedder_cache_hits"

@@ -1,0 +1,332 @@
+"""Launch a real ``tritonserver`` on a model repository: find it, start it, wait until every model is
+loaded, stop it gracefully.
+
+The binary is the one ``nvidia-pytriton`` ships (``pytriton/tritonserver/bin/tritonserver``, with the
+Python backend and one backend stub per Python version) unless the user names their own.  Two
+things make the bundled Python backend work from any environment, both handled here rather than in
+the user's shell:
+
+* the stub must load the running interpreter's own ``libpython``: ``sysconfig``'s ``LIBDIR`` goes
+  first on the server's ``LD_LIBRARY_PATH`` (otherwise a system ``libpython`` of another patch
+  release is picked and every Python model fails with ``'_thread.RLock' object has no attribute
+  '_recursion_count'``);
+* the stub's embedded interpreter must be this environment's and import this ``step37_deploy``:
+  it finds its prefix by looking up ``python3`` on ``PATH`` (so this interpreter's folder goes
+  first: a venv's ``site-packages`` then come with it) and it ignores ``PYTHONPATH``, which the
+  repository's ``model.py`` files honour themselves (the package's parent folder goes there).
+
+PyTriton keeps the stubs outside the backend folder, so the Python backend folder is assembled in
+a temporary directory (links to the library and the stub for this Python).  Stopping sends
+SIGTERM: Triton refuses new requests, finishes the in-flight ones (``--exit-timeout-secs``) and
+exits; the server also gets SIGTERM if this process dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BackendUnavailable, ConfigError
+from . import contract as C
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """A ``tritonserver`` binary and the backend folder to give it (``None``: the server's default)."""
+
+    binary: Path
+    python_backend: Path | None  # folder with libtriton_python.so (+ triton_python_backend_utils.py)
+    stub: Path | None  # triton_python_backend_stub for this Python, when kept apart (PyTriton)
+    libs: Path | None  # extra shared libraries the binary needs (PyTriton's nvidia_pytriton.libs)
+
+
+def bundled_tritonserver() -> TritonInstall:
+    """The ``tritonserver`` inside the installed ``nvidia-pytriton`` package."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"nvidia-pytriton is not installed (pip install 'step37-deploy[serve]'), or pass --tritonserver ({exc})"
+        ) from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    inst = TritonInstall(
+        binary=root / "bin" / "tritonserver",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        libs=Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs",
+    )
+    for what, p in (
+        ("tritonserver", inst.binary),
+        ("Python backend", inst.python_backend),
+        ("backend stub", inst.stub),
+    ):
+        if not p.exists():
+            raise BackendUnavailable(f"nvidia-pytriton has no {what} for Python {version} at {p}")
+    return inst
+
+
+def find_tritonserver(path: str | Path | None = None) -> TritonInstall:
+    """The user's ``tritonserver`` (its default backend folder) or the bundled one."""
+    if path is None:
+        return bundled_tritonserver()
+    p = Path(path)
+    if not (p.is_file() and os.access(p, os.X_OK)):
+        raise ConfigError(f"--tritonserver {p} is not an executable file")
+    return TritonInstall(p, None, None, None)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def package_parent() -> str:
+    """The folder holding the ``step37_deploy`` this process imported (a checkout, or site-packages)."""
+    import step37_deploy
+
+    return str(Path(step37_deploy.__file__).resolve().parent.parent)
+
+
+def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    libdirs = [sysconfig.get_config_var("LIBDIR")]
+    if install.libs is not None:
+        libdirs.append(str(install.libs))
+    rest = env.get("LD_LIBRARY_PATH")
+    env["LD_LIBRARY_PATH"] = ":".join([d for d in libdirs if d] + ([rest] if rest else []))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join([package_parent(), *([old] if old else [])])
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def assemble_backends(install: TritonInstall, folder: Path) -> Path | None:
+    """A backend folder whose ``python/`` holds the library, its utils and this Python's stub."""
+    if install.python_backend is None:
+        return None
+    py = folder / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for src in install.python_backend.iterdir():
+        if src.is_file():
+            (py / src.name).symlink_to(src)
+    if install.stub is not None:
+        (py / "triton_python_backend_stub").symlink_to(install.stub)
+    return folder
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class TritonServer:
+    """One ``tritonserver`` process on a repository; ``start`` returns once every model is ready."""
+
+    def __init__(
+        self,
+        repository: str | Path,
+        workdir: str | Path,
+        install: TritonInstall | None = None,
+        host: str = "0.0.0.0",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        exit_timeout_s: int = 30,
+        log_verbose: int = 0,
+        models: tuple[str, ...] = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL),
+    ) -> None:
+        self.repository = Path(repository)
+        self.workdir = Path(workdir)
+        self.install = install or bundled_tritonserver()
+        self.host = host
+        probe = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.http_port = http_port or free_port(probe)
+        self.grpc_port = grpc_port or free_port(probe)
+        self.metrics_port = metrics_port or free_port(probe)
+        self.exit_timeout_s = exit_timeout_s
+        self.log_verbose = log_verbose
+        self.models = models
+        self.probe_host = probe
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.probe_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.probe_host}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(self.install.binary),
+            f"--model-repository={self.repository}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--log-verbose={self.log_verbose}",
+            # A prefix of our own: servers started side by side never share Python-backend memory.
+            f"--backend-config=python,shm-region-prefix-name=step37_{os.getpid()}_{self.http_port}_",
+        ]
+        backends = assemble_backends(self.install, self.workdir / "backends")
+        if backends is not None:
+            cmd.append(f"--backend-directory={backends}")
+        return cmd
+
+    def start(self, timeout_s: float = 300.0, should_stop=lambda: False) -> TritonServer:
+        cmd = self.command()
+        log.info("starting %s", " ".join(cmd))
+        self.proc = subprocess.Popen(
+            cmd, env=server_env(self.install), cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        self.wait_ready(timeout_s, should_stop)
+        return self
+
+    def _ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def ready(self) -> bool:
+        """Server ready and every served model loaded."""
+        return self._ok("/v2/health/ready") and all(self._ok(f"/v2/models/{m}/ready") for m in self.models)
+
+    def wait_ready(self, timeout_s: float, should_stop=lambda: False) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BackendUnavailable(
+                    f"tritonserver exited with status {self.proc.returncode} before every model was ready "
+                    "(its log above names the model and the reason)"
+                )
+            if should_stop():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BackendUnavailable(f"tritonserver was not ready within {timeout_s:.0f}s (its log above says why)")
+            time.sleep(0.25)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        while True:
+            try:
+                return self.proc.wait()
+            except KeyboardInterrupt:  # pragma: no cover - the handler forwards signals
+                continue
+
+    def stop(self, grace_s: float | None = None) -> int:
+        """SIGTERM (drain in-flight requests, unload, exit), SIGKILL after the grace period."""
+        if self.proc is None:
+            return 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(grace_s if grace_s is not None else self.exit_timeout_s + 15)
+        except subprocess.TimeoutExpired:
+            log.warning("tritonserver did not stop in time; killing it")
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def serve(
+    checkpoint: str | Path,
+    backend: str,
+    artifacts: list[str | Path] | tuple = (),
+    options=None,
+    host: str = "0.0.0.0",
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
+    tritonserver: str | Path | None = None,
+    exit_timeout_s: int = 30,
+    ready_timeout_s: float = 600.0,
+    log_verbose: int = 0,
+) -> int:
+    """``step37-deploy serve``: a repository in a temporary folder, ``tritonserver`` on it in the
+    foreground until SIGINT/SIGTERM, then drain, stop and remove the folder.  Returns 0 on a clean stop."""
+    import shutil
+    import tempfile
+
+    from .repository import write_repository
+
+    install = find_tritonserver(tritonserver)
+    stop: list[int] = []
+    server: TritonServer | None = None
+
+    def on_signal(signum: int, _frame) -> None:
+        if not stop:
+            log.info("received %s: draining in-flight requests and stopping", signal.Signals(signum).name)
+        stop.append(signum)
+        if server is not None:
+            server.signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    workdir = Path(tempfile.mkdtemp(prefix="step37-serve-"))
+    try:
+        repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
+        if stop:
+            return 0
+        server = TritonServer(
+            repo, workdir, install, host, http_port, grpc_port, metrics_port, exit_timeout_s, log_verbose
+        )
+        server.start(ready_timeout_s, should_stop=lambda: bool(stop))
+        if stop:
+            server.signal(signal.SIGTERM)
+        else:
+            log.info(
+                "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d; models %s (repository %s)",
+                host,
+                server.http_port,
+                host,
+                server.grpc_port,
+                host,
+                server.metrics_port,
+                ", ".join(server.models),
+                repo,
+            )
+        rc = server.wait()
+        if not stop:
+            raise BackendUnavailable(f"tritonserver exited unexpectedly with status {rc} (its log above says why)")
+        if rc != 0:
+            raise BackendUnavailable(
+                f"tritonserver exited with status {rc} while stopping (requests still in flight "
+                f"after --exit-timeout {exit_timeout_s}s?)"
+            )
+        log.info("stopped cleanly")
+        return 0
+    finally:
+        if server is not None and server.proc is not None and server.proc.poll() is None:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        for s, h in previous.items():
+            signal.signal(s, h)

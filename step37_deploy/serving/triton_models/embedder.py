@@ -1,0 +1,159 @@
+"""Triton Python-backend model ``step37_embedder``: one encoded image in, its embedding out.
+
+Per request: check the image header (empty, corrupt and over-size images are refused before any
+pixel is decoded), ``preprocess`` it exactly as the in-process ``VisionEmbedder`` does, send the
+global view and the crops to the two tower models through Triton (BLS ``async_exec``: both towers
+at once, and Triton's dynamic batcher merges them with the views of the other embedder instances'
+requests), project, and answer ``features`` (crops then global view, token order), ``token_ids``
+and ``num_crops``.  Every failure is that request's error response; the model keeps serving.
+
+At load it checks the repository against its record (``step37_repository.json``: file digests and
+the weights each artifact was made from) and refuses to start on a mismatch.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: E402
+import os
+import sys
+
+# The backend stub's embedded interpreter ignores PYTHONPATH: honour it as ``python`` would, so the
+# step37_deploy that ``step37-deploy serve`` runs from is the one imported here.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
+import asyncio
+import io
+import traceback
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+import step37_deploy
+from step37_deploy.config import TokenIds
+from step37_deploy.errors import InputError, Step37Error
+from step37_deploy.fusion import project
+from step37_deploy.preprocess import PreprocessConfig, image_layout, preprocess
+from step37_deploy.serving import contract as C
+from step37_deploy.serving.repository import verify_repository
+
+
+def check_image_header(raw: bytes, max_pixels: int) -> None:
+    """Refuse empty, unreadable and over-size images from their header, before decoding pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not raw:
+        raise InputError(f"input {C.EMBEDDER_INPUT!r} is empty (0 bytes): send one encoded image file")
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image refused as a decompression bomb: {exc}") from exc
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise InputError(f"cannot read image ({len(raw)} bytes): {exc}") from exc
+    if width * height > max_pixels:
+        raise InputError(
+            f"image is {width}x{height} = {width * height} pixels, above the served limit of {max_pixels} "
+            "(--max-image-pixels): refused as a possible decompression bomb"
+        )
+
+
+def to_tower_dtype(views: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The one place views meet the tower's ``pixel_values`` dtype (from the artifact)."""
+    if dtype == np.uint8:
+        raise InputError("uint8-input towers need the uint8 host path of preprocess (issue 11); not wired here yet")
+    return np.ascontiguousarray(views, dtype=dtype)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        from PIL import Image
+        from safetensors.numpy import load_file
+
+        model_dir = Path(args["model_repository"])
+        self.logger = pb_utils.Logger
+        record = verify_repository(model_dir.parent)
+        self.logger.log_info(
+            f"{args['model_name']}: step37_deploy {step37_deploy.__version__} at {Path(step37_deploy.__file__).parent}"
+        )
+        proj = load_file(str(model_dir / args["model_version"] / C.PROJECTOR_FILE))
+        self.weight, self.bias = proj["weight"], proj.get("bias")
+        self.tokens = TokenIds(**record["tokens"])
+        self.pcfg = PreprocessConfig(**record["preprocess"])
+        self.max_pixels = int(record["max_image_pixels"])
+        Image.MAX_IMAGE_PIXELS = self.max_pixels  # Pillow's own bomb checks agree with ours
+        self.towers = {
+            int(res): (t["model"], np.dtype(t["input_dtype"]), int(t["max_batch_size"]))
+            for res, t in record["towers"].items()
+        }
+        for res, (name, _, _) in self.towers.items():
+            if res not in (self.pcfg.image_size, self.pcfg.patch_size) or name != C.TOWER_MODELS.get(res):
+                raise ValueError(f"repository record names tower {name!r} for {res}: not the served contract")
+
+    async def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(await self._embed(request))
+            except Step37Error as exc:
+                err = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=err))
+            except Exception as exc:  # answered, logged; the next request is served as usual
+                self.logger.log_error(traceback.format_exc())
+                err = pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}")
+                responses.append(pb_utils.InferenceResponse(error=err))
+        return responses
+
+    def _image_bytes(self, request) -> bytes:
+        tensor = pb_utils.get_input_tensor_by_name(request, C.EMBEDDER_INPUT)
+        if tensor is None:
+            raise InputError(f"request has no input {C.EMBEDDER_INPUT!r}")
+        arr = tensor.as_numpy().reshape(-1)
+        if arr.size != 1:
+            raise InputError(f"input {C.EMBEDDER_INPUT!r} must hold exactly one image, got {arr.size}")
+        raw = arr[0]
+        return raw if isinstance(raw, bytes) else bytes(raw)
+
+    async def _embed(self, request):
+        raw = self._image_bytes(request)
+        check_image_header(raw, self.max_pixels)
+        pre = preprocess(raw, self.pcfg)
+        jobs = [self._tower(self.pcfg.image_size, pre.global_view[None])]
+        if pre.num_crops:
+            jobs.append(self._tower(self.pcfg.patch_size, pre.crops))
+        feats = await asyncio.gather(*jobs)
+        projected = [project(f, self.weight, self.bias, out_dtype=np.float32) for f in feats]
+        parts = [projected[1].reshape(-1, projected[1].shape[-1])] if pre.num_crops else []
+        parts.append(projected[0][0])
+        features = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+        _, ids = image_layout(pre.num_crops, pre.newline_mask, self.tokens, self.pcfg)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(C.EMBEDDER_OUTPUTS[0], features),
+                pb_utils.Tensor(C.EMBEDDER_OUTPUTS[1], np.asarray(ids, dtype=np.int64)),
+                pb_utils.Tensor(C.EMBEDDER_OUTPUTS[2], np.asarray([pre.num_crops], dtype=np.int32)),
+            ]
+        )
+
+    async def _tower(self, resolution: int, views: np.ndarray) -> np.ndarray:
+        """Features of ``views`` from the tower model, in chunks of at most its ``max_batch_size``."""
+        name, dtype, max_batch = self.towers[resolution]
+        x = to_tower_dtype(views, dtype)
+        kwargs = {}
+        if hasattr(pb_utils, "PreferredMemory"):  # features back in host memory, also from GPU towers
+            kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        calls = [
+            pb_utils.InferenceRequest(
+                model_name=name,
+                requested_output_names=[C.TOWER_OUTPUT],
+                inputs=[pb_utils.Tensor(C.TOWER_INPUT, x[i : i + max_batch])],
+                **kwargs,
+            ).async_exec()
+            for i in range(0, len(x), max_batch)
+        ]
+        outs = []
+        for resp in await asyncio.gather(*calls):
+            if resp.has_error():
+                raise RuntimeError(f"tower {name}: {resp.error().message()}")
+            outs.append(pb_utils.get_output_tensor_by_name(resp, C.TOWER_OUTPUT).as_numpy())
+        return np.concatenate(outs)

@@ -1,0 +1,74 @@
+"""Triton Python-backend model: one vision tower (ONNX Runtime or torch runner), dynamically batched.
+
+Triton's dynamic batcher hands ``execute`` several requests (the views of several images); they
+run as one batch through the runner and each request gets its own rows back.  A failure answers
+every request of that batch with an error; the model keeps serving.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: E402
+import os
+import sys
+
+# The backend stub's embedded interpreter ignores PYTHONPATH: honour it as ``python`` would, so the
+# step37_deploy that ``step37-deploy serve`` runs from is the one imported here.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from step37_deploy.backends import OnnxrtRunner, TorchRunner, load_torch_model, session_from_onnx
+from step37_deploy.serving import contract as C
+from step37_deploy.serving.repository import _inside
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        artifact = _inside(version_dir, params["artifact"], f"{args['model_name']} config parameter 'artifact'")
+        gpu = args.get("model_instance_kind") == "GPU"
+        device_id = int(args.get("model_instance_device_id") or 0)
+        kind = params["step37_backend"]
+        if kind == "onnx":
+            provider = "cuda" if gpu else "cpu"
+            threads = int(params["threads"]) if params.get("threads") else None
+            runner = OnnxrtRunner(session_from_onnx(artifact, provider, threads, device_id), provider=provider)
+        elif kind == "torch":
+            runner = TorchRunner(load_torch_model(str(artifact), "fp32", f"cuda:{device_id}" if gpu else "cpu"))
+        else:
+            raise ValueError(f"{args['model_name']}: unknown step37_backend {kind!r}")
+        self.runner = runner.activate()
+        self.out_dtype = pb_utils.triton_string_to_numpy(
+            pb_utils.get_output_config_by_name(config, C.TOWER_OUTPUT)["data_type"]
+        )
+        in_dtype = pb_utils.triton_string_to_numpy(
+            pb_utils.get_input_config_by_name(config, C.TOWER_INPUT)["data_type"]
+        )
+        if np.dtype(in_dtype) != self.runner.input_spec().dtype:
+            raise ValueError(
+                f"{args['model_name']}: config says {C.TOWER_INPUT} is {np.dtype(in_dtype)} but "
+                f"{artifact.name} takes {self.runner.input_spec().dtype}"
+            )
+
+    def execute(self, requests: list) -> list:
+        views = [pb_utils.get_input_tensor_by_name(r, C.TOWER_INPUT).as_numpy() for r in requests]
+        try:
+            feats = np.asarray(self.runner.infer(np.concatenate(views)), dtype=self.out_dtype)
+        except Exception as exc:  # every request of this batch gets the error; the model keeps serving
+            err = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
+            return [pb_utils.InferenceResponse(error=err) for _ in requests]
+        responses, start = [], 0
+        for v in views:
+            part = feats[start : start + len(v)]
+            start += len(v)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(C.TOWER_OUTPUT, part)]))
+        return responses
+
+    def finalize(self) -> None:
+        self.runner.deactivate()
