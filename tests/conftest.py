@@ -50,3 +50,104 @@ def edit_config(ckpt: Path, **vision_changes) -> None:
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["vision_config"].update(vision_changes)
     (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+# -- serving (issue 8): one real `step37-deploy serve` per test session --------------------------------
+import os  # noqa: E402  (kept with the serving fixtures, at the end, for easy merges)
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class ServedEmbedder:
+    """A running ``step37-deploy serve`` on loopback: where it listens and what it serves."""
+
+    proc: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    checkpoint: Path
+    artifacts: tuple[Path, Path]  # the 728 and 504 ONNX files its towers run
+    log: Path  # the server's stdout + stderr
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+def _all_ready(http_port: int, models: tuple[str, ...]) -> bool:
+    import urllib.request
+
+    try:
+        for path in ("/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)):
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=2) as r:
+                if r.status != 200:
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def start_serve(args: list[str], log: Path, timeout_s: float = 240.0) -> tuple[subprocess.Popen, dict[str, int]]:
+    """``step37-deploy serve ARGS`` as a subprocess on loopback and free ports; returns once every
+    served model is ready (fails the test with the log's tail if it exits or times out)."""
+    from step37_deploy.serving import contract as C
+    from step37_deploy.serving.server import free_port
+
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "step37_deploy.cli", "serve", *args, "--host", "127.0.0.1"]
+    cmd += [f"--{k}-port={v}" for k, v in ports.items()]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env)
+    deadline = time.monotonic() + timeout_s
+    models = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL)
+    while not _all_ready(ports["http"], models):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_serve(proc)
+            tail = log.read_text(errors="replace")[-3000:]
+            pytest.fail(f"serve did not become ready (exit status {proc.returncode}):\n{tail}")
+        time.sleep(0.5)
+    return proc, ports
+
+
+def stop_serve(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
+    """SIGTERM (serve drains and exits), SIGKILL if it does not within ``timeout_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_fp32, exported, tmp_path_factory) -> Iterator[ServedEmbedder]:
+    """``step37-deploy serve --backend onnx`` (FP32 ONNX towers) on the tiny checkpoint, 4 embedder
+    instances and a 100 ms tower queue delay (so concurrent requests' views batch), stopped at the end."""
+    pytest.importorskip("tritonclient.grpc", reason="the [serve] extra (tritonclient) is not installed")
+    pytest.importorskip("pytriton", reason="the [serve] extra (nvidia-pytriton) is not installed")
+    artifacts = (exported[("fp32", 728)], exported[("fp32", 504)])
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = ["--checkpoint", str(tiny_fp32), "--backend", "onnx", "--artifacts", *map(str, artifacts)]
+    args += ["--preprocess-instances", "4", "--max-queue-delay-us", "100000", "--exit-timeout", "20"]
+    proc, ports = start_serve(args, log)
+    try:
+        yield ServedEmbedder(proc, ports["http"], ports["grpc"], ports["metrics"], tiny_fp32, artifacts, log)
+    finally:
+        stop_serve(proc)
