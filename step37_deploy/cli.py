@@ -38,7 +38,9 @@ def _add_repository_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``triton-repo`` and ``serve`` (what goes into the model configs)."""
     # Defaults are repeated here (not imported) so that --help stays torch-free.
     p.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder (projector, token ids, config; weights for torch)"
+        "--checkpoint",
+        required=True,
+        help="checkpoint folder: projector, token ids, config; weights for torch (required)",
     )
     p.add_argument("--backend", choices=["trt", "onnx", "torch"], required=True, help="what runs the towers (required)")
     p.add_argument(
@@ -80,6 +82,12 @@ def _add_repository_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="onnx towers: ONNX Runtime intra-op threads each (default: ONNX Runtime's choice)",
     )
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=256.0,
+        help="embedding cache of each embedder instance, MiB, keyed by the image bytes' SHA-256 (default 256; 0 = off)",
+    )
 
 
 def _repository_options(args: argparse.Namespace):
@@ -93,6 +101,7 @@ def _repository_options(args: argparse.Namespace):
         cuda_graphs=args.cuda_graphs,
         warmup=not args.no_warmup,
         tower_threads=args.tower_threads,
+        cache_mb=args.cache_mb,
     )
 
 

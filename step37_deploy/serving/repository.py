@@ -49,6 +49,8 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_QUEUE_DELAY_US = 2000
 #: Pillow's own decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS``, about 89 MP).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+#: Embedding cache of each embedder instance, MiB (``--cache-mb``; 0 = off).
+DEFAULT_CACHE_MB = 256.0
 _MODELS_DIR = Path(__file__).with_name("triton_models")
 _TORCH_CKPT = "checkpoint"  # torch towers: a vision-only checkpoint in the version folder
 
@@ -92,6 +94,7 @@ class RepositoryOptions:
     cuda_graphs: bool = False
     warmup: bool = True
     tower_threads: int | None = None  # ONNX Runtime intra-op threads per Python-backend tower
+    cache_mb: float = DEFAULT_CACHE_MB  # embedding cache of each embedder instance (0 = off)
 
     def validate(self) -> None:
         if self.max_batch is not None and self.max_batch < 1:
@@ -102,6 +105,8 @@ class RepositoryOptions:
             raise ConfigError(f"--preprocess-instances must be >= 1, got {self.preprocess_instances}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
+        if not self.cache_mb >= 0:
+            raise ConfigError(f"--cache-mb must be >= 0, got {self.cache_mb}")
 
 
 # -- reading artifacts -------------------------------------------------------------------------------
@@ -300,6 +305,7 @@ def embedder_config(opts: RepositoryOptions) -> Any:
         cfg.output.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=list(t.dims))
     count = opts.preprocess_instances or default_preprocess_instances()
     cfg.instance_group.add(count=count, kind=pb.ModelInstanceGroup.KIND_CPU)
+    cfg.parameters[C.CACHE_MB_PARAMETER].string_value = repr(float(opts.cache_mb))
     return cfg
 
 

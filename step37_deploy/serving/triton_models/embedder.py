@@ -7,6 +7,11 @@ at once, and Triton's dynamic batcher merges them with the views of the other em
 requests), project, and answer ``features`` (crops then global view, token order), ``token_ids``
 and ``num_crops``.  Every failure is that request's error response; the model keeps serving.
 
+In front of all that sits the embedding cache (``runtime.EmbeddingCache``, config parameter
+``cache_mb``, 0 = off): a request whose image bytes (SHA-256) were answered before gets the stored
+tensors.  Its hits and misses are Prometheus counters on Triton's metrics endpoint
+(``contract.CACHE_HITS_METRIC`` / ``CACHE_MISSES_METRIC``) and lines in the log.
+
 At load it checks the repository against its record (``step37_repository.json``: file digests and
 the weights each artifact was made from) and refuses to start on a mismatch.
 """
@@ -23,6 +28,7 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 
 import asyncio
 import io
+import json
 import traceback
 from pathlib import Path
 
@@ -34,6 +40,7 @@ from step37_deploy.config import TokenIds
 from step37_deploy.errors import InputError, Step37Error
 from step37_deploy.fusion import project
 from step37_deploy.preprocess import PreprocessConfig, image_layout, preprocess
+from step37_deploy.runtime import EmbeddingCache
 from step37_deploy.serving import contract as C
 from step37_deploy.serving.repository import verify_repository
 
@@ -56,6 +63,25 @@ def check_image_header(raw: bytes, max_pixels: int) -> None:
             f"image is {width}x{height} = {width * height} pixels, above the served limit of {max_pixels} "
             "(--max-image-pixels): refused as a possible decompression bomb"
         )
+
+
+def _cache_counters(model: str, version: str) -> tuple | None:
+    """The cache's hit and miss counters (Triton custom metrics), or None where the backend has none."""
+    if not hasattr(pb_utils, "MetricFamily"):
+        return None
+    labels = {"model": model, "version": version}
+    families = [
+        pb_utils.MetricFamily(name=name, description=what, kind=pb_utils.MetricFamily.COUNTER)
+        for name, what in (
+            (C.CACHE_HITS_METRIC, "embedding cache lookups that found the image (SHA-256 of its bytes)"),
+            (C.CACHE_MISSES_METRIC, "embedding cache lookups that did not"),
+        )
+    ]
+    _FAMILIES.extend(families)  # a family must outlive its metrics
+    return tuple(f.Metric(labels=labels) for f in families)
+
+
+_FAMILIES: list = []
 
 
 def to_tower_dtype(views: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -89,6 +115,11 @@ class TritonPythonModel:
         for res, (name, _, _) in self.towers.items():
             if res not in (self.pcfg.image_size, self.pcfg.patch_size) or name != C.TOWER_MODELS.get(res):
                 raise ValueError(f"repository record names tower {name!r} for {res}: not the served contract")
+        params = json.loads(args["model_config"]).get("parameters", {})
+        cache_mb = float(params.get(C.CACHE_MB_PARAMETER, {}).get("string_value", "0"))
+        self.cache = EmbeddingCache(cache_mb)
+        self.cache_counters = _cache_counters(args["model_name"], args["model_version"])
+        self.logger.log_info(f"{args['model_name']}: embedding cache of {cache_mb:g} MiB (0 = off)")
 
     async def execute(self, requests: list) -> list:
         responses = []
@@ -115,6 +146,32 @@ class TritonPythonModel:
         return raw if isinstance(raw, bytes) else bytes(raw)
 
     async def _embed(self, request):
+        """The embedding cache in front of :meth:`_compute`: a hit answers the stored tensors."""
+        raw = self._image_bytes(request)
+        key = EmbeddingCache.key_of(raw) if self.cache.enabled else None
+        outputs = self.cache.get(key)
+        if key is not None:
+            self._count_cache(key, hit=outputs is not None)
+        if outputs is not None:
+            return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in outputs])
+        response = await self._compute(request)
+        if key is not None:
+            outputs = [(t.name(), np.array(t.as_numpy(), copy=True)) for t in response.output_tensors()]
+            self.cache.put(key, outputs, sum(a.nbytes for _, a in outputs) + 256)
+        return response
+
+    def _count_cache(self, key: str, hit: bool) -> None:
+        if self.cache_counters is not None:
+            self.cache_counters[0 if hit else 1].increment(1)
+        self.logger.log_verbose(f"embedding cache {'hit' if hit else 'miss'} {key[:16]}")
+        if (self.cache.hits + self.cache.misses) % 100 == 0:
+            st = self.cache.stats()
+            self.logger.log_info(
+                f"embedding cache: {st['hits']} hits, {st['misses']} misses, {st['entries']} entries, "
+                f"{st['bytes'] / 2**20:.1f} of {st['max_bytes'] / 2**20:.0f} MiB"
+            )
+
+    async def _compute(self, request):
         raw = self._image_bytes(request)
         check_image_header(raw, self.max_pixels)
         pre = preprocess(raw, self.pcfg)
