@@ -216,6 +216,8 @@ class Manifest:
     build_seconds: float
     builder: dict[str, Any] = field(default_factory=dict)
     format: str = "step37-engine-manifest/1"
+    #: The ONNX's ``step37.vision_weights_sha256``: the weights inside (serving checks it).
+    vision_weights_sha256: str | None = None
 
 
 def manifest_path(engine_path: str | Path) -> Path:
@@ -342,6 +344,7 @@ def build_engine(
             "timing_cache": opts.timing_cache,
             "strongly_typed": True,
         },
+        vision_weights_sha256=facts.metadata.get("vision_weights_sha256"),
     )
     _write_atomic_pair(Path(out_path), data, asdict(manifest))
     log.info("built %s (%.1f MB) in %.1fs for %s", out_path, data.nbytes / 1e6, seconds, targets)

@@ -145,7 +145,7 @@ def tiny_server(tiny_fp32, exported, tmp_path_factory) -> Iterator[ServedEmbedde
     artifacts = (exported[("fp32", 728)], exported[("fp32", 504)])
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = ["--checkpoint", str(tiny_fp32), "--backend", "onnx", "--artifacts", *map(str, artifacts)]
-    args += ["--preprocess-instances", "4", "--max-queue-delay-us", "100000", "--exit-timeout", "20"]
+    args += ["--preprocess-instances", "4", "--max-queue-delay-us", "100000", "--exit-timeout", "10"]
     proc, ports = start_serve(args, log)
     try:
         yield ServedEmbedder(proc, ports["http"], ports["grpc"], ports["metrics"], tiny_fp32, artifacts, log)
