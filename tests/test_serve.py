@@ -68,6 +68,7 @@ def test_grpc_and_http_equal_in_process(tiny_server, reference):
     for raw, ref in zip(images, refs, strict=True):
         assert_same(embed(grpc, raw), ref)
         assert_same(embed(http, raw, httpclient), ref)
+    http.close()  # Triton's HTTP server waits for open connections when it stops
 
 
 def test_concurrent_requests_get_their_own_results_and_are_batched(tiny_server, reference):

@@ -228,3 +228,10 @@ def test_cli_options_state_their_defaults():
             if action.dest in ("help", "quiet", "verbose"):
                 continue
             assert "default" in (action.help or "") or "required" in (action.help or ""), (name, action.dest)
+
+
+def test_serve_trt_with_the_bundled_server_points_to_the_nvidia_container(tiny_fp32, engines, capsys):
+    pytest.importorskip("pytriton", reason="the [serve] extra (nvidia-pytriton) is not installed")
+    args = ["serve", "--checkpoint", str(tiny_fp32), "--backend", "trt", "--artifacts", *map(str, engines.values())]
+    assert main([*args, "--host", "127.0.0.1", "-q"]) == 2
+    assert "has no TensorRT backend" in capsys.readouterr().err

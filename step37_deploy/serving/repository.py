@@ -124,6 +124,14 @@ def describe_engine(path: str | Path) -> TowerArtifact:
             f"{C.TOWER_INPUT!r} -> {C.TOWER_OUTPUT!r}"
         )
     h = ispec["shape"][2]
+    if m["flavour"] != "tensorrt":
+        log.warning(
+            "engine %s was built with %s %s; Triton's TensorRT backend loads only engines of its own TensorRT "
+            "version: rebuild with tensorrt in the container you serve with (docs/serving.md)",
+            path,
+            m["flavour"],
+            m["trt_version"],
+        )
     _, tokens, dim = ospec["shape"]
     prof = m["profile"][iname]
     return TowerArtifact(

@@ -280,6 +280,16 @@ def serve(
     from .repository import write_repository
 
     install = find_tritonserver(tritonserver)
+    if (
+        backend == "trt"
+        and install.python_backend is not None
+        and not (install.python_backend.parent / "tensorrt").is_dir()
+    ):
+        raise BackendUnavailable(
+            "the tritonserver nvidia-pytriton ships has no TensorRT backend: serve engines in NVIDIA's container "
+            "(step37-deploy triton-repo, then docker run ... nvcr.io/nvidia/tritonserver:<ver>-py3; see "
+            "docs/serving.md) or pass --tritonserver, a tritonserver with a TensorRT backend"
+        )
     stop: list[int] = []
     server: TritonServer | None = None
 

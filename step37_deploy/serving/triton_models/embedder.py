@@ -38,7 +38,7 @@ import triton_python_backend_utils as pb_utils
 import step37_deploy
 from step37_deploy.config import TokenIds
 from step37_deploy.errors import InputError, Step37Error
-from step37_deploy.fusion import project
+from step37_deploy.fusion import project, project_torch
 from step37_deploy.preprocess import PreprocessConfig, image_layout, preprocess
 from step37_deploy.runtime import EmbeddingCache
 from step37_deploy.serving import contract as C
@@ -84,6 +84,21 @@ def _cache_counters(model: str, version: str) -> tuple | None:
 _FAMILIES: list = []
 
 
+def _gpu_projector(weight: np.ndarray, bias: np.ndarray | None, record: dict) -> tuple | None:
+    """Projector weights on the GPU when one is visible (FP16 for FP16 towers, like
+    ``VisionEmbedder`` with TensorRT), else None: the numpy projector runs on the CPU."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of step37_deploy
+        return None
+    if not torch.cuda.is_available():
+        return None
+    half = any(t["precision"] == "fp16" for t in record["towers"].values())
+    dtype = torch.float16 if half else torch.float32
+    w = torch.from_numpy(weight).to("cuda", dtype)
+    return w, (torch.from_numpy(bias).to("cuda", dtype) if bias is not None else None)
+
+
 def to_tower_dtype(views: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The one place views meet the tower's ``pixel_values`` dtype (from the artifact)."""
     if dtype == np.uint8:
@@ -104,6 +119,7 @@ class TritonPythonModel:
         )
         proj = load_file(str(model_dir / args["model_version"] / C.PROJECTOR_FILE))
         self.weight, self.bias = proj["weight"], proj.get("bias")
+        self.gpu_weights = _gpu_projector(self.weight, self.bias, record)
         self.tokens = TokenIds(**record["tokens"])
         self.pcfg = PreprocessConfig(**record["preprocess"])
         self.max_pixels = int(record["max_image_pixels"])
@@ -179,7 +195,7 @@ class TritonPythonModel:
         if pre.num_crops:
             jobs.append(self._tower(self.pcfg.patch_size, pre.crops))
         feats = await asyncio.gather(*jobs)
-        projected = [project(f, self.weight, self.bias, out_dtype=np.float32) for f in feats]
+        projected = [self._project(f) for f in feats]
         parts = [projected[1].reshape(-1, projected[1].shape[-1])] if pre.num_crops else []
         parts.append(projected[0][0])
         features = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
@@ -191,6 +207,17 @@ class TritonPythonModel:
                 pb_utils.Tensor(C.EMBEDDER_OUTPUTS[2], np.asarray([pre.num_crops], dtype=np.int32)),
             ]
         )
+
+    def _project(self, feats: np.ndarray) -> np.ndarray:
+        """The projector: on the GPU where there is one (as the in-process embedder does for GPU
+        backends), else in numpy; FP32 out either way."""
+        if self.gpu_weights is None:
+            return project(feats, self.weight, self.bias, out_dtype=np.float32)
+        import torch
+
+        w, b = self.gpu_weights
+        x = torch.from_numpy(np.ascontiguousarray(feats)).to(w.device, non_blocking=True)
+        return project_torch(x, w, b, torch.float32).cpu().numpy()
 
     async def _tower(self, resolution: int, views: np.ndarray) -> np.ndarray:
         """Features of ``views`` from the tower model, in chunks of at most its ``max_batch_size``."""
