@@ -72,3 +72,64 @@ def test_bad_arguments_and_no_server():
             assert client.is_ready() is False
             with pytest.raises(ServerError, match=f"{protocol}://127.0.0.1:{port}"):
                 client.embed(synthetic_image(32, 32))
+
+
+# -- against `serve` (the session's tiny_server: ONNX FP32 towers on the tiny checkpoint) ---------------
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_server):
+    """The in-process embedder on exactly what the server serves."""
+    from step37_deploy.runtime import VisionEmbedder
+
+    return VisionEmbedder.from_artifacts(tiny_server.checkpoint, "onnx", list(tiny_server.artifacts))
+
+
+def _rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_embeddings_equal_the_in_process_ones(tiny_server, twin, protocol, tmp_path):
+    path = tmp_path / "wide.png"
+    Image.fromarray(synthetic_image(1300, 500)).save(path)  # 2 rows of crops: a newline in the layout
+    images = [
+        path,
+        _png_bytes(synthetic_image(900, 700)),
+        Image.fromarray(synthetic_image(500, 600)),
+        synthetic_image(650, 300),
+    ]
+    want = twin.embed_images(images)
+    url = tiny_server.grpc_url if protocol == "grpc" else tiny_server.http_url
+    with EmbedClient(url, protocol) as client:
+        assert client.is_ready()
+        one = [client.embed(im) for im in images]
+        many = client.embed_many(images * 2, concurrency=4)
+    assert any(w.num_crops for w in want) and any(any(w.newline_mask) for w in want)
+    for got, w in zip(one + many, want * 3, strict=True):
+        assert got.token_ids == w.token_ids and got.text == w.text
+        assert got.num_crops == w.num_crops and got.newline_mask == w.newline_mask
+        assert got.features.dtype == np.float32 and got.features.shape == w.features.shape
+        assert _rel_l2(got.features, w.features) <= 1e-5
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_server_errors_arrive_typed_with_the_servers_message(tiny_server, protocol):
+    url = tiny_server.grpc_url if protocol == "grpc" else tiny_server.http_url
+    with EmbedClient(url, protocol) as client:
+        with pytest.raises(ServerError, match=r"cannot read image \(19 bytes\)") as err:
+            client.embed(b"this is not a .png!")
+        assert isinstance(err.value, ServerError) and f"{protocol}://{url}" in str(err.value)
+        with pytest.raises(ServerError, match="empty"):
+            client.embed(b"")
+        e = client.embed(synthetic_image(40, 40))  # and the server keeps serving
+        assert e.features.shape[0] == 169
+        with pytest.raises(ServerError, match="unknown model|not found"):
+            EmbedClient(url, protocol, model="no_such_model").embed(synthetic_image(40, 40))
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()

@@ -152,3 +152,98 @@ def test_image_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no image files"):
         lt.image_files([tmp_path / "empty"])
+
+
+# -- `step37-deploy loadtest` against `serve` (the session's tiny_server) --------------------------------
+
+
+def _write_images(folder, sizes):
+    from PIL import Image
+
+    from .preprocess_cases import synthetic_image
+
+    folder.mkdir()
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(synthetic_image(w, h)).save(folder / f"im{i}.png")
+    return folder
+
+
+def _loadtest(server, *args):
+    from step37_deploy.cli import main
+
+    return main(
+        [
+            "loadtest",
+            "--metrics-url",
+            f"127.0.0.1:{server.metrics_port}",
+            "--checkpoint",
+            str(server.checkpoint),
+            "--artifacts",
+            *map(str, server.artifacts),
+            "--quiet",
+            *args,
+        ]
+    )
+
+
+def test_loadtest_against_serve(tiny_server, tmp_path, capsys):
+    # Sizes no other test sends, so the server's cache has none of them yet: the first round misses
+    # (its views reach the towers together and batch), the later rounds hit.
+    images = _write_images(tmp_path / "img", [(610, 470), (530, 530), (700, 420), (450, 640), (980, 760), (620, 610)])
+    out = tmp_path / "report.json"
+    rc = _loadtest(
+        tiny_server, "--url", tiny_server.http_url, "--images", str(images), "--concurrency", "8",
+        "--requests", "48", "--duration", "300", "--in-process", "--cache-mb", "64", "--json", str(out),
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    assert rc == 0, table
+    data = json.loads(out.read_text())
+    assert data["ok"] is True and data["protocol"] == "http" and len(data["images"]) == 6
+    (run,) = data["runs"]
+    assert run["concurrency"] == 8 and run["requests"] == 48
+    assert run["errors"] == 0 and run["mismatches"] == 0 and run["lost"] == 0
+    assert (
+        run["throughput_ips"] > 0
+        and 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p90"] <= run["latency_ms"]["p99"]
+    )
+    sizes = run["tower_batch_sizes"]
+    assert set(sizes) == {V728, V504}
+    assert max(int(b) for b in sizes[V728]) > 1, sizes  # global views of concurrent requests batched together
+    assert sum(sizes[V728].values()) >= 1 and sizes[V504]  # 980x760 has crops
+    # 6 images, 8 rounds; each of the 4 embedder instances keeps its own cache, so up to 4 x 6 first
+    # lookups (and lookups racing an in-flight first one) miss; the rest hit.
+    assert run["cache"]["hits"] + run["cache"]["misses"] == 48 and run["cache"]["misses"] >= 6
+    assert run["cache"]["hits"] >= 8, run["cache"]
+    emb = run["models"]["step37_embedder"]
+    assert emb["requests"] == 48 and emb["compute_infer_us_per_request"] > 0
+    assert run["models"][V728]["requests"] == sum(sizes[V728].values()) or run["models"][V728]["inferences"] > 0
+    ip = run["in_process"]
+    assert ip["requests"] == 48 and ip["errors"] == ip["mismatches"] == 0
+    assert ip["cache"]["hits"] + ip["cache"]["misses"] == 48 and ip["cache"]["hits"] >= 24  # one cache
+    assert run["ratios"]["throughput_served_over_in_process"] > 0
+    assert "OK: every answer matched" in table and "served/in-process" in table
+
+
+def test_loadtest_fails_on_wrong_answers_and_bad_input(tiny_server, tiny_bf16, tmp_path, capsys):
+    """A reference from other weights: every answer is wrong and the command exits 1 (over gRPC)."""
+    images = _write_images(tmp_path / "img", [(300, 200), (200, 300)])
+    out = tmp_path / "report.json"
+    from step37_deploy.cli import main
+
+    rc = main(
+        [
+            "loadtest", "--url", tiny_server.grpc_url, "--protocol", "grpc", "--images", str(images),
+            "--concurrency", "2", "--requests", "4", "--checkpoint", str(tiny_bf16), "--backend", "torch",
+            "--metrics-url", f"127.0.0.1:{tiny_server.metrics_port}", "--json", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 1
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["mismatches"] == 4 and run["errors"] == 0
+    assert all("features differ" in m for m in run["error_messages"])
+    assert "FAILED" in capsys.readouterr().out
+    # A file that is not an image is the user's error: exit 2, naming it.
+    bad = images / "zz.png"
+    bad.write_bytes(b"not an image")
+    assert _loadtest(tiny_server, "--url", tiny_server.http_url, "--images", str(images), "--requests", "1") == 2
+    assert "zz.png" in capsys.readouterr().err
