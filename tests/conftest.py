@@ -87,24 +87,10 @@ class ServedEmbedder:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
-def _all_ready(http_port: int, models: tuple[str, ...]) -> bool:
-    import urllib.request
-
-    try:
-        for path in ("/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)):
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=2) as r:
-                if r.status != 200:
-                    return False
-    except OSError:
-        return False
-    return True
-
-
 def start_serve(args: list[str], log: Path, timeout_s: float = 240.0) -> tuple[subprocess.Popen, dict[str, int]]:
     """``step37-deploy serve ARGS`` as a subprocess on loopback and free ports; returns once every
     served model is ready (fails the test with the log's tail if it exits or times out)."""
-    from step37_deploy.serving import contract as C
-    from step37_deploy.serving.server import free_port
+    from step37_deploy.serving.server import free_port, models_ready
 
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     root = Path(__file__).resolve().parent.parent
@@ -114,8 +100,7 @@ def start_serve(args: list[str], log: Path, timeout_s: float = 240.0) -> tuple[s
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env)
     deadline = time.monotonic() + timeout_s
-    models = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL)
-    while not _all_ready(ports["http"], models):
+    while not models_ready(f"127.0.0.1:{ports['http']}"):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_serve(proc)
             tail = log.read_text(errors="replace")[-3000:]

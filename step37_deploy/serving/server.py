@@ -131,6 +131,23 @@ def assemble_backends(install: TritonInstall, folder: Path) -> Path | None:
     return folder
 
 
+#: What "ready" means for ``serve``: every model of the served API is loaded.
+SERVED_MODELS = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL)
+
+
+def models_ready(http_url: str, models: tuple[str, ...] = SERVED_MODELS) -> bool:
+    """The server at ``http_url`` (HOST:PORT) is ready and so is every one of ``models``."""
+
+    def ok(path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{http_url}{path}", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return ok("/v2/health/ready") and all(ok(f"/v2/models/{m}/ready") for m in models)
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     with contextlib.suppress(Exception):
         import ctypes
@@ -152,7 +169,7 @@ class TritonServer:
         metrics_port: int | None = None,
         exit_timeout_s: int = 30,
         log_verbose: int = 0,
-        models: tuple[str, ...] = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL),
+        models: tuple[str, ...] = SERVED_MODELS,
     ) -> None:
         self.repository = Path(repository)
         self.workdir = Path(workdir)
@@ -207,16 +224,9 @@ class TritonServer:
         self.wait_ready(timeout_s, should_stop)
         return self
 
-    def _ok(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
     def ready(self) -> bool:
         """Server ready and every served model loaded."""
-        return self._ok("/v2/health/ready") and all(self._ok(f"/v2/models/{m}/ready") for m in self.models)
+        return models_ready(self.http_url, self.models)
 
     def wait_ready(self, timeout_s: float, should_stop=lambda: False) -> None:
         deadline = time.monotonic() + timeout_s

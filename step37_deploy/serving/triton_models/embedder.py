@@ -29,6 +29,7 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 import asyncio
 import io
 import json
+import re
 import traceback
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from step37_deploy.fusion import project, project_torch
 from step37_deploy.preprocess import PreprocessConfig, image_layout, preprocess
 from step37_deploy.runtime import EmbeddingCache
 from step37_deploy.serving import contract as C
-from step37_deploy.serving.repository import verify_repository
+from step37_deploy.serving.repository import read_record, verify_repository
 
 
 def check_image_header(raw: bytes, max_pixels: int) -> None:
@@ -85,15 +86,16 @@ _FAMILIES: list = []
 
 
 def _gpu_projector(weight: np.ndarray, bias: np.ndarray | None, record: dict) -> tuple | None:
-    """Projector weights on the GPU when one is visible (FP16 for FP16 towers, like
-    ``VisionEmbedder`` with TensorRT), else None: the numpy projector runs on the CPU."""
+    """Projector weights on the GPU for TensorRT towers (FP16, as ``VisionEmbedder`` does with
+    TensorRT), else None: the numpy projector, as in process for the CPU backends."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency of step37_deploy
         return None
-    if not torch.cuda.is_available():
+    towers = record["towers"].values()
+    if not torch.cuda.is_available() or not any(t["kind"] == "trt" for t in towers):
         return None
-    half = any(t["precision"] == "fp16" for t in record["towers"].values())
+    half = any(t["precision"] == "fp16" for t in towers)
     dtype = torch.float16 if half else torch.float32
     w = torch.from_numpy(weight).to("cuda", dtype)
     return w, (torch.from_numpy(bias).to("cuda", dtype) if bias is not None else None)
@@ -113,7 +115,10 @@ class TritonPythonModel:
 
         model_dir = Path(args["model_repository"])
         self.logger = pb_utils.Logger
-        record = verify_repository(model_dir.parent)
+        # All instances serve the same files: the first one checks their digests (multi-GB engines
+        # hashed once, not once per instance); its failure fails the model's load.
+        later = re.search(r"_0_[1-9]\d*$", args.get("model_instance_name", ""))
+        record = read_record(model_dir.parent) if later else verify_repository(model_dir.parent)
         self.logger.log_info(
             f"{args['model_name']}: step37_deploy {step37_deploy.__version__} at {Path(step37_deploy.__file__).parent}"
         )
@@ -209,8 +214,8 @@ class TritonPythonModel:
         )
 
     def _project(self, feats: np.ndarray) -> np.ndarray:
-        """The projector: on the GPU where there is one (as the in-process embedder does for GPU
-        backends), else in numpy; FP32 out either way."""
+        """The projector: on the GPU for TensorRT towers, else in numpy (as the in-process embedder
+        does for each backend); FP32 out either way."""
         if self.gpu_weights is None:
             return project(feats, self.weight, self.bias, out_dtype=np.float32)
         import torch
