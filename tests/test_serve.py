@@ -170,7 +170,7 @@ def test_sigterm_drains_in_flight_request_and_cleans_up(tiny_fp32, tmp_path):
         time.sleep(1.0)  # the request now waits in the towers' queues
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        with pytest.raises(InferenceServerException):  # shutting down: refused, not dropped silently
+        with pytest.raises(InferenceServerException, match="Server is stopping"):  # refused, not dropped
             embed(grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc']}"), raw)
         t.join(120)
         assert_same(result["got"], ref)

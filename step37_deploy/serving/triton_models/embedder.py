@@ -31,6 +31,7 @@ import io
 import json
 import re
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,10 @@ def check_image_header(raw: bytes, max_pixels: int) -> None:
     if not raw:
         raise InputError(f"input {C.EMBEDDER_INPUT!r} is empty (0 bytes): send one encoded image file")
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            width, height = im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decided below, with our limit
+            with Image.open(io.BytesIO(raw)) as im:
+                width, height = im.size
     except Image.DecompressionBombError as exc:
         raise InputError(f"image refused as a decompression bomb: {exc}") from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
