@@ -235,3 +235,16 @@ def test_serve_trt_with_the_bundled_server_points_to_the_nvidia_container(tiny_f
     args = ["serve", "--checkpoint", str(tiny_fp32), "--backend", "trt", "--artifacts", *map(str, engines.values())]
     assert main([*args, "--host", "127.0.0.1", "-q"]) == 2
     assert "has no TensorRT backend" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_in_use_before_starting_anything(tiny_fp32, exported, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["serve", "--checkpoint", str(tiny_fp32), "--backend", "onnx", "--host", "127.0.0.1"]
+        args += ["--artifacts", str(exported[("fp32", 728)]), str(exported[("fp32", 504)]), "--grpc-port", str(port)]
+        assert main([*args, "-q"]) == 2
+    assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

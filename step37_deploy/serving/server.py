@@ -96,6 +96,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int, option: str) -> None:
+    """A :class:`ConfigError` naming ``option`` when ``port`` cannot be listened on at ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver does
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{option} {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
 def package_parent() -> str:
     """The folder holding the ``step37_deploy`` this process imported (a checkout, or site-packages)."""
     import step37_deploy
@@ -300,6 +310,9 @@ def serve(
             "(step37-deploy triton-repo, then docker run ... nvcr.io/nvidia/tritonserver:<ver>-py3; see "
             "docs/serving.md) or pass --tritonserver, a tritonserver with a TensorRT backend"
         )
+    for option, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+        if port:
+            check_port_free(host, port, option)
     stop: list[int] = []
     server: TritonServer | None = None
 
