@@ -321,6 +321,13 @@ def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
         help="max relative L2 distance of an answer's features from the reference (default 0.01)",
     )
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests with generated images (default 2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --in-process: alternate served and in-process blocks this many times per level, so load "
+        "changes on a shared machine hit both alike (default 1)",
+    )
     p.add_argument("--json", default=None, help="write the report here, atomically (default none)")
     _add_common(p)
 
@@ -536,6 +543,7 @@ def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
         cache_mb=args.cache_mb,
         tolerance=args.tolerance,
         warmup=args.warmup,
+        rounds=args.rounds,
     )
     report = run_loadtest(opts, progress)
     print(report.table())

@@ -124,6 +124,17 @@ def test_drive_counts_errors_swaps_and_bounds():
     assert sent == 0 and not lt.LoadtestReport(None, [], [lt.Run(1, lt.measure(out, sent, wall, {}), {}, None)]).ok
 
 
+def test_blocks_alternate_over_the_whole_request_range():
+    assert lt.blocks(10, 3) == [(0, 4), (4, 3), (7, 3)]
+    assert lt.blocks(2, 5) == [(0, 1), (1, 1)] and lt.blocks(5, 1) == [(0, 5)]
+    refs = [_emb(4, i) for i in range(3)]
+    seen = []
+    lt.drive(
+        lambda d: seen.append(d[0]) or refs[d[0]], [b"\0", b"\1", b"\2"], refs, 2, 1, 60, 5, 1e-3, "", False, first=4
+    )
+    assert seen == [1, 2]  # requests 4 and 5 of the run: images 4 % 3 and 5 % 3
+
+
 def test_report_json_schema(tmp_path):
     m = lt.Measurement(40, 0, 0, 0, 2.0, 20.0, {"p50": 1.0, "p90": 2.0, "p99": 3.0}, {"hits": 30, "misses": 10})
     p = lt.Measurement(40, 0, 0, 0, 1.6, 25.0, {"p50": 0.8, "p90": 1.0, "p99": 2.0}, {"hits": 0, "misses": 0})
@@ -193,7 +204,8 @@ def test_loadtest_against_serve(tiny_server, tmp_path, capsys):
     out = tmp_path / "report.json"
     rc = _loadtest(
         tiny_server, "--url", tiny_server.http_url, "--images", str(images), "--concurrency", "8",
-        "--requests", "48", "--duration", "300", "--in-process", "--cache-mb", "64", "--json", str(out),
+        "--requests", "48", "--duration", "300", "--in-process", "--cache-mb", "64", "--rounds", "2",
+        "--json", str(out),
     )  # fmt: skip
     table = capsys.readouterr().out
     assert rc == 0, table

@@ -8,7 +8,8 @@ one makes the command exit 1.  Around each run the server's own numbers are read
 Prometheus metrics (queue and compute time per model, the embedding cache's hit/miss counters) and
 its statistics API (the batch sizes the tower models actually ran).  ``--in-process`` drives the
 in-process :class:`~step37_deploy.runtime.VisionEmbedder` the same way on the same images in the same
-run, so served/in-process ratios come from one machine at one moment.
+run, so served/in-process ratios come from one machine at one moment; ``rounds`` > 1 alternates
+the two in blocks, so that load changing on a shared machine hits both alike.
 
 Requests cycle through the images in order, so a run longer than the image list repeats images
 (and shows cache hits when the server's cache is on).  Warm-up requests use generated images that
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, Step37Error
+from ..errors import InputError, ServerError, Step37Error
 from ..files import write_json
 from ..runtime import EmbeddingCache, ImageEmbedding, VisionEmbedder
 from .client import EmbedClient, image_bytes
@@ -75,6 +76,7 @@ class LoadtestOptions:
     cache_mb: float = 0.0  # the in-process embedder's cache in the --in-process measurement
     tolerance: float = DEFAULT_TOLERANCE
     warmup: int = 2
+    rounds: int = 1  # alternate served / in-process blocks this many times per concurrency level
 
 
 @dataclass
@@ -148,6 +150,7 @@ class LoadtestReport:
             "images": self.images,
             "max_requests": o.requests,
             "max_duration_s": o.duration_s,
+            "rounds": o.rounds,
             "tolerance_rel_l2": o.tolerance,
             "ok": self.ok,
             "requests": sum(r.server.requests for r in self.runs),
@@ -343,10 +346,12 @@ def drive(
     tolerance: float,
     desc: str,
     progress: bool,
+    first: int = 0,
 ) -> tuple[list[_Outcome], int, float]:
-    """``concurrency`` threads calling ``call`` on ``payloads`` (cycled) until ``requests`` were sent
-    or ``duration_s`` passed; each answer is checked as it arrives.  Returns the outcomes, the
-    number of requests sent, and the wall time from the first send to the last answer."""
+    """``concurrency`` threads calling ``call`` on ``payloads`` (cycled, from request index
+    ``first``) until ``requests`` were sent or ``duration_s`` passed; each answer is checked as it
+    arrives.  Returns the outcomes, the number of requests sent, and the wall time from the first
+    send to the last answer."""
     from tqdm import tqdm
 
     counter = itertools.count()
@@ -365,7 +370,7 @@ def drive(
                 return
             with lock:
                 sent[0] += 1
-            k = i % len(payloads)
+            k = (first + i) % len(payloads)
             t0 = time.perf_counter()
             error = wrong = None
             try:
@@ -395,6 +400,19 @@ def drive(
         return list(outcomes), sent[0], last[0] - start
 
 
+def blocks(requests: int, rounds: int) -> list[tuple[int, int]]:
+    """``(first request index, count)`` of ``rounds`` blocks as even as possible (none empty)."""
+    rounds = max(1, min(rounds, requests))
+    sizes = [requests // rounds + (1 if r < requests % rounds else 0) for r in range(rounds)]
+    return [(sum(sizes[:r]), n) for r, n in enumerate(sizes)]
+
+
+def _add(total: list[Any], result: tuple[list[_Outcome], int, float]) -> None:
+    total[0] += result[0]
+    total[1] += result[1]
+    total[2] += result[2]
+
+
 def measure(outcomes: Sequence[_Outcome], sent: int, wall_s: float, cache: dict[str, int | None]) -> Measurement:
     ok = [o for o in outcomes if o.error is None]
     messages = [o.error for o in outcomes if o.error] + [o.wrong for o in outcomes if o.wrong]
@@ -416,7 +434,7 @@ class _ServerProbe:
 
     def __init__(self, client: EmbedClient, metrics_url: str) -> None:
         self.client, self.metrics_url = client, metrics_url
-        self._warned = False
+        self._warned = self._warned_stats = False
 
     def metrics(self) -> dict[tuple[str, str], float] | None:
         url = f"http://{self.metrics_url}/metrics"
@@ -432,7 +450,18 @@ class _ServerProbe:
             return None
 
     def batches(self) -> dict[str, dict[str, int]]:
-        return {m: batch_counts(self.client.inference_statistics(m)) for m in TOWER_MODELS.values()}
+        """Batch sizes run so far per tower model; empty where the statistics API is refused (a
+        server restricting it), which the report then shows as no batches."""
+        out = {}
+        for m in TOWER_MODELS.values():
+            try:
+                out[m] = batch_counts(self.client.inference_statistics(m))
+            except ServerError as exc:
+                if not self._warned_stats:
+                    log.warning("no Triton statistics (%s): tower batch sizes not reported", exc)
+                    self._warned_stats = True
+                out[m] = {}
+        return out
 
 
 # -- the load test ----------------------------------------------------------------------------------------
@@ -445,8 +474,8 @@ def _default_metrics_url(url: str) -> str:
 
 def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport:
     """The whole load test; see the module docstring."""
-    if opts.requests < 1 or opts.duration_s <= 0 or any(c < 1 for c in opts.concurrency):
-        raise InputError("--requests and --concurrency must be >= 1 and --duration > 0")
+    if opts.requests < 1 or opts.rounds < 1 or opts.duration_s <= 0 or any(c < 1 for c in opts.concurrency):
+        raise InputError("--requests, --rounds and --concurrency must be >= 1 and --duration > 0")
     files = image_files(opts.images)
     payloads = [image_bytes(f) for f in files]
     log.info("computing the in-process reference of %d images (%s backend)", len(files), opts.backend)
@@ -476,23 +505,35 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
             for data in warmup_images(opts.warmup):
                 embedder.embed_images([data])
         for c in opts.concurrency:
-            common = (payloads, references, opts.requests, c, opts.duration_s, opts.timeout_s, opts.tolerance)
+            served: list[Any] = [[], 0, 0.0]  # outcomes, sent, wall seconds, summed over the blocks
+            local: list[Any] = [[], 0, 0.0]
             m0, b0 = probe.metrics(), probe.batches()
-            out, sent, wall = drive(client.embed, *common, desc=f"served c={c}", progress=progress)
+            h0, miss0 = embedder.cache.hits, embedder.cache.misses
+            for r, (start, n) in enumerate(blocks(opts.requests, opts.rounds)):
+                args = (payloads, references, n, c, opts.duration_s / opts.rounds, opts.timeout_s, opts.tolerance)
+                tag = f" {r + 1}/{opts.rounds}" if opts.rounds > 1 else ""
+                _add(served, drive(client.embed, *args, desc=f"served c={c}{tag}", progress=progress, first=start))
+                if opts.in_process:
+                    _add(
+                        local,
+                        drive(
+                            lambda d: embedder.embed_images([d])[0],
+                            *args,
+                            desc=f"in-process c={c}{tag}",
+                            progress=progress,
+                            first=start,
+                        ),
+                    )
             m1, b1 = probe.metrics(), probe.batches()
             run = Run(
                 c,
-                measure(out, sent, wall, cache_counts(m0, m1)),
+                measure(*served, cache_counts(m0, m1)),
                 {m: batch_delta(b0[m], b1[m]) for m in b1},
                 model_timings(m0, m1, [EMBEDDER_MODEL, *TOWER_MODELS.values()]) if m0 and m1 else None,
             )
             if opts.in_process:
-                h0, miss0 = embedder.cache.hits, embedder.cache.misses
-                out, sent, wall = drive(
-                    lambda d: embedder.embed_images([d])[0], *common, desc=f"in-process c={c}", progress=progress
-                )
                 cache = {"hits": embedder.cache.hits - h0, "misses": embedder.cache.misses - miss0}
-                run.in_process = measure(out, sent, wall, cache)
+                run.in_process = measure(*local, cache)
             report.runs.append(run)
             log.info(
                 "c=%d: %d requests, %.2f img/s, cache %s",
