@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -78,10 +79,10 @@ def main() -> int:
             trivial_tower(tmp / f"trivial_{r}.onnx", r, cfg.vision.num_output_tokens(r, r), cfg.vision.output_dim)
             for r in (728, 504)
         ]
-        for n in args.instances or [1, 2]:
+        for k, n in enumerate(args.instances or [1, 2]):
             opts = RepositoryOptions(preprocess_instances=n, cache_mb=0, max_queue_delay_us=0)
-            repo = write_repository(args.checkpoint, "onnx", towers, tmp / f"repo{n}", opts)
-            server = TritonServer(repo, tmp / f"work{n}", host="127.0.0.1", exit_timeout_s=10).start(300)
+            repo = write_repository(args.checkpoint, "onnx", towers, tmp / f"repo{k}", opts)
+            server = TritonServer(repo, tmp / f"work{k}", host="127.0.0.1", exit_timeout_s=10).start(300)
             try:
                 report = run_loadtest(
                     LoadtestOptions(
@@ -100,13 +101,15 @@ def main() -> int:
             finally:
                 server.stop()
             run = report.to_json()["runs"][0]
-            results.append({"instances": n, "ok": report.ok, **run})
+            # The machine's 1-minute load average after the run: other work on the same cores shows here.
+            results.append({"instances": n, "ok": report.ok, "loadavg_1min": os.getloadavg()[0], **run})
             print(report.table(), flush=True)
     base = results[0]["throughput_ips"]
-    print("\ninstances  images/s  ratio vs first")
+    print(f"\n{os.cpu_count()} CPUs; instances  images/s  ratio vs first  load average (1 min) after the run")
     for r in results:
         ips = r["throughput_ips"]
-        print(f"{r['instances']:>9}  {ips:8.3f}  {ips / base if base else float('nan'):.2f}x")
+        ratio = ips / base if base else float("nan")
+        print(f"{r['instances']:>9}  {ips:8.3f}  {ratio:5.2f}x  {r['loadavg_1min']:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if all(r["ok"] for r in results) else 1

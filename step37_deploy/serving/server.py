@@ -16,9 +16,15 @@ the user's shell:
   repository's ``model.py`` files honour themselves (the package's parent folder goes there).
 
 PyTriton keeps the stubs outside the backend folder, so the Python backend folder is assembled in
-a temporary directory (links to the library and the stub for this Python).  Stopping sends
-SIGTERM: Triton refuses new requests, finishes the in-flight ones (``--exit-timeout-secs``) and
-exits; the server also gets SIGTERM if this process dies (``PR_SET_PDEATHSIG``).
+a temporary directory (links to the library and the stub for this Python).
+
+Stopping drains the entry model first: Triton's own SIGTERM handling stops *every* model from
+accepting requests at once, including the BLS requests an in-flight embedder request still has to
+send to the towers (they fail with "Server not ready").  So ``drain`` unloads ``step37_embedder``
+through the model-repository API (models load in explicit mode): new requests to it are refused,
+the ones it is executing finish (their tower calls still work), and only then does Triton get
+SIGTERM (``--exit-timeout-secs`` bounds what is left).  The server also gets SIGTERM if this
+process dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -214,6 +220,8 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--strict-readiness=true",
+            "--model-control-mode=explicit",  # so that drain() can unload the entry model first
+            *(f"--load-model={m}" for m in self.models),
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
@@ -253,6 +261,31 @@ class TritonServer:
                 raise BackendUnavailable(f"tritonserver was not ready within {timeout_s:.0f}s (its log above says why)")
             time.sleep(0.25)
 
+    def _post(self, path: str, timeout_s: float) -> bytes:
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.read()
+
+    def drain(self, timeout_s: float, entry: tuple[str, ...] = (C.EMBEDDER_MODEL,)) -> bool:
+        """Unload the entry models and wait until their in-flight requests are done (the towers
+        stay up for them).  True when drained within ``timeout_s``."""
+        import json
+
+        deadline = time.monotonic() + timeout_s
+        entry = tuple(m for m in entry if m in self.models)
+        try:
+            for m in entry:
+                self._post(f"/v2/repository/models/{m}/unload", timeout_s)
+            while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
+                index = json.loads(self._post("/v2/repository/index", 5))
+                busy = [e["name"] for e in index if e["name"] in entry and e.get("state") in ("READY", "UNLOADING")]
+                if not busy:
+                    return True
+                time.sleep(0.1)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            log.warning("could not drain %s before stopping: %s", ", ".join(entry), exc)
+        return False
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -266,9 +299,12 @@ class TritonServer:
                 continue
 
     def stop(self, grace_s: float | None = None) -> int:
-        """SIGTERM (drain in-flight requests, unload, exit), SIGKILL after the grace period."""
+        """Drain the embedder, SIGTERM (Triton finishes the rest, unloads, exits), SIGKILL after the
+        grace period."""
         if self.proc is None:
             return 0
+        if self.proc.poll() is None:
+            self.drain(self.exit_timeout_s)
         self.signal(signal.SIGTERM)
         try:
             return self.proc.wait(grace_s if grace_s is not None else self.exit_timeout_s + 15)
@@ -319,9 +355,9 @@ def serve(
     def on_signal(signum: int, _frame) -> None:
         if not stop:
             log.info("received %s: draining in-flight requests and stopping", signal.Signals(signum).name)
-        stop.append(signum)
-        if server is not None:
+        elif server is not None:  # a second signal: stop now
             server.signal(signal.SIGTERM)
+        stop.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     workdir = Path(tempfile.mkdtemp(prefix="step37-serve-"))
@@ -333,9 +369,7 @@ def serve(
             repo, workdir, install, host, http_port, grpc_port, metrics_port, exit_timeout_s, log_verbose
         )
         server.start(ready_timeout_s, should_stop=lambda: bool(stop))
-        if stop:
-            server.signal(signal.SIGTERM)
-        else:
+        if not stop:
             log.info(
                 "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d; models %s (repository %s)",
                 host,
@@ -347,6 +381,12 @@ def serve(
                 ", ".join(server.models),
                 repo,
             )
+        while server.proc.poll() is None and not stop:
+            time.sleep(0.2)
+        if stop and server.proc.poll() is None:
+            drained = server.drain(exit_timeout_s)
+            log.info("%s; stopping tritonserver", "in-flight requests done" if drained else "drain timed out")
+            server.signal(signal.SIGTERM)
         rc = server.wait()
         if not stop:
             raise BackendUnavailable(f"tritonserver exited unexpectedly with status {rc} (its log above says why)")
