@@ -248,3 +248,25 @@ def test_serve_refuses_a_port_in_use_before_starting_anything(tiny_fp32, exporte
         args += ["--artifacts", str(exported[("fp32", 728)]), str(exported[("fp32", 504)]), "--grpc-port", str(port)]
         assert main([*args, "-q"]) == 2
     assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_server_environment_and_backend_folder(tmp_path):
+    """The two fixes the bundled Python backend needs, and its assembled backend folder."""
+    pytest.importorskip("pytriton", reason="the [serve] extra (nvidia-pytriton) is not installed")
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    import step37_deploy
+    from step37_deploy.serving.server import assemble_backends, bundled_tritonserver, server_env
+
+    install = bundled_tritonserver()
+    env = server_env(install, {"LD_LIBRARY_PATH": "/x", "PATH": "/usr/bin", "PYTHONPATH": "/y", "PYTHONHOME": "/z"})
+    assert env["LD_LIBRARY_PATH"].split(":")[0] == sysconfig.get_config_var("LIBDIR")
+    assert env["LD_LIBRARY_PATH"].split(":")[-1] == "/x"
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)  # the stub's interpreter = ours
+    assert env["PYTHONPATH"].split(":") == [str(Path(step37_deploy.__file__).resolve().parent.parent), "/y"]
+    assert "PYTHONHOME" not in env
+    py = assemble_backends(install, tmp_path / "backends") / "python"
+    assert {p.name for p in py.iterdir()} >= {"libtriton_python.so", "triton_python_backend_stub"}
+    assert (py / "triton_python_backend_stub").resolve() == install.stub.resolve()
