@@ -447,27 +447,3 @@ def inspect_engine(engine_path: str | Path) -> str:
 def engine_filename(onnx_name: str) -> str:
     return Path(onnx_name).name.removesuffix(".onnx") + ".plan"
 
-
-def build_pipeline_engines(
-    exports: list[Any], out_dir: Path, required: bool = False, progress: bool = False
-) -> tuple[list[Path], list[Any]]:
-    """Engines for the pipeline's FP16 exports when a flavour is installed; runners where they can run."""
-    flavour = detect_flavour()
-    if flavour is None:
-        if required:
-            raise BackendUnavailable("no TensorRT flavour is installed")
-        log.info("no TensorRT flavour installed: skipping engine builds")
-        return [], []
-    paths, runners = [], []
-    for e in exports:
-        out = Path(out_dir) / engine_filename(e.onnx_path.name)
-        build_engine(e.onnx_path, out, BuildOptions(batch=(1, 2, 8), flavour=flavour), progress=progress)
-        paths.append(out)
-        try:
-            from .backends.tensorrt import TensorRTRunner
-
-            check_runtime_compat(read_manifest(out), out)
-            runners.append(TensorRTRunner(out, name=f"trt-{e.precision}"))
-        except (EngineError, BackendUnavailable) as exc:
-            log.info("engine %s built ahead of time; not run here: %s", out.name, exc)
-    return paths, runners
