@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
 from .files import write_json
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def run_bench(args: Any, progress: bool) -> BenchResult:
     runners = runners_from_args(args)
     fixed = {r.resolution for r in [r.activate() for r in runners] if r.resolution}
     if len(fixed) > 1:
-        raise SystemExit(f"step37-deploy bench: the ONNX files/engines have different resolutions {sorted(fixed)}")
+        raise UsageError(f"bench: the ONNX files/engines have different resolutions {sorted(fixed)}")
     res = args.resolution or (fixed.pop() if fixed else 728)
     on_gpu = args.device.startswith("cuda") or args.provider == "cuda" or bool(args.engine)
     x_np = random_pixel_values(args.batch, res, 0)

@@ -42,7 +42,14 @@ def run_pipeline(
     for precision in precisions:
         for res in resolutions:
             result.exports.append(
-                export_onnx(checkpoint_dir, out_dir, precision, res, opset or DEFAULT_OPSET, progress=progress)
+                export_onnx(
+                    checkpoint_dir,
+                    out_dir,
+                    precision,
+                    res,
+                    opset if opset is not None else DEFAULT_OPSET,
+                    progress=progress,
+                )
             )
 
     engine_runners = []
