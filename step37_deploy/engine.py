@@ -20,17 +20,19 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib
+import io
 import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import BackendUnavailable, EngineError
-from .files import atomic_path, read_json
+from .files import atomic_path, check_output_file, read_json, refuse_inputs
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +243,7 @@ def build_engine(
     """Build one engine + manifest; returns the manifest as a dict."""
     opts = opts or BuildOptions()
     opts.validate()
+    check_build_outputs(onnx_path, out_path, opts.timing_cache)
     facts = onnx_facts(onnx_path)
     if opts.require_fp16 and not facts.fp16_typed:
         raise EngineError(
@@ -254,6 +257,8 @@ def build_engine(
             "no TensorRT flavour is installed: pip install '.[trt]' (GPU) or '.[rtx]' (any machine)"
         )
     trt = trt_module(flavour)
+    if opts.timing_cache:
+        check_timing_cache(trt, opts.timing_cache)
     gpu = _current_gpu()
     ccs = list(opts.compute_capabilities or [])
     if flavour == "tensorrt":
@@ -295,8 +300,11 @@ def build_engine(
         config_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(opts.workspace_gib * (1 << 30))}
     if opts.opt_level is not None:
         config_kwargs["builder_optimization_level"] = opts.opt_level
+    # The cache goes in and out as bytes: Polygraphy would write the file in place (and leave a
+    # NAME.lock beside it); we rename it into place like every other output.
     if opts.timing_cache and Path(opts.timing_cache).is_file():
-        config_kwargs["load_timing_cache"] = opts.timing_cache
+        config_kwargs["load_timing_cache"] = io.BytesIO(Path(opts.timing_cache).read_bytes())
+    cache_out = io.BytesIO() if opts.timing_cache else None
     if flavour == "tensorrt_rtx":
         from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
 
@@ -308,7 +316,7 @@ def build_engine(
     started = time.perf_counter()
     bar = _Spinner(f"building {Path(out_path).name}") if progress else None
     try:
-        engine_bytes = pgtrt.EngineBytesFromNetwork(network, config, save_timing_cache=opts.timing_cache)()
+        engine_bytes = pgtrt.EngineBytesFromNetwork(network, config, save_timing_cache=cache_out)()
     except PolygraphyException as exc:
         raise EngineError(f"TensorRT could not build {onnx_path}: {exc}") from exc
     finally:
@@ -344,8 +352,63 @@ def build_engine(
         },
     )
     _write_atomic_pair(Path(out_path), data, asdict(manifest))
+    if cache_out is not None and cache_out.getbuffer().nbytes:
+        with atomic_path(opts.timing_cache) as tmp:
+            tmp.write_bytes(cache_out.getvalue())
     log.info("built %s (%.1f MB) in %.1fs for %s", out_path, data.nbytes / 1e6, seconds, targets)
     return asdict(manifest)
+
+
+def check_build_outputs(onnx_path: str | Path, out_path: str | Path, timing_cache: str | None) -> None:
+    """Before any work: the engine, its manifest and the timing cache are writable files, none of
+    them is the ONNX input (or its external data), and an existing ``--out`` is an engine this tool
+    built (its manifest beside it); anything else would be destroyed by the build."""
+    out_path = Path(out_path)
+    outputs = {"--out": out_path, "the manifest": manifest_path(out_path)}
+    for label, path in outputs.items():
+        check_output_file(path, label)
+    if timing_cache:
+        check_output_file(timing_cache, "--timing-cache")
+        for label, path in outputs.items():
+            if Path(timing_cache).resolve() == path.resolve():
+                raise EngineError(f"--timing-cache {timing_cache} is the same file as {label}")
+        outputs["--timing-cache"] = Path(timing_cache)
+    refuse_inputs(outputs, {"--onnx": onnx_path})
+    mpath = manifest_path(out_path)
+    if (out_path.exists() or mpath.exists()) and not _is_step37_manifest(mpath):
+        raise EngineError(
+            f"--out {out_path}: {out_path.name if out_path.exists() else mpath.name} exists and is not from an engine "
+            f"built by step37-deploy (no step37 manifest {mpath.name}): refusing to replace it"
+        )
+
+
+def _is_step37_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("step37-engine-manifest/")
+
+
+def check_timing_cache(trt: Any, path: str | Path) -> None:
+    """An existing ``--timing-cache`` must be a timing cache: the build rewrites it, so any other
+    file given there by mistake (the ONNX, an engine, notes) would be destroyed.  TensorRT turns
+    bytes it cannot read into an empty cache, so a file is a cache when it is the empty cache or
+    does not read back as empty."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EngineError(f"--timing-cache {path} cannot be read: {exc.strerror}") from exc
+    config = trt.Builder(trt.Logger(trt.Logger.INTERNAL_ERROR)).create_builder_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TensorRT-RTX: timing caches are no-ops
+        empty = bytes(config.create_timing_cache(b"").serialize())
+        read_back = bytes(config.create_timing_cache(data).serialize())
+    if data != empty and read_back == empty:
+        raise EngineError(f"--timing-cache {path} exists but is not a TensorRT timing cache: refusing to replace it")
 
 
 class _Spinner:
@@ -446,4 +509,3 @@ def inspect_engine(engine_path: str | Path) -> str:
 
 def engine_filename(onnx_name: str) -> str:
     return Path(onnx_name).name.removesuffix(".onnx") + ".plan"
-

@@ -197,20 +197,20 @@ def check_output_dir(folder: str | Path, label: str, target: str | Path | None =
     return folder
 
 
+#: Files that belong to an input file: its ONNX external data, its engine manifest.
+COMPANION_SUFFIXES = (".data", ".json")
+
+
 def _companions(path: Path) -> Iterator[Path]:
-    """An input and the files that belong to it: a folder's files, or ``NAME*`` beside a file
-    (``x.onnx.data``, ``x.plan.json``)."""
+    """An input and the files that belong to it: a folder's files, or a file with its
+    ``NAME.data`` / ``NAME.json`` beside it."""
     if path.is_dir():
         with contextlib.suppress(OSError):
             yield from (p for p in path.iterdir() if p.is_file())
         return
     yield path
-    with contextlib.suppress(OSError):
-        yield from (p for p in path.parent.glob(glob_escape(path.name) + "?*") if p.is_file())
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
+    for suffix in COMPANION_SUFFIXES:
+        yield path.with_name(path.name + suffix)
 
 
 def same_file(a: Path, b: Path) -> bool:
