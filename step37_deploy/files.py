@@ -92,7 +92,8 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _mkdirs(folder: Path, what: str) -> None:
+def ensure_dir(folder: Path, what: str) -> None:
+    """Create ``folder`` (and parents) for ``what``, or :class:`OutputError` naming it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -104,7 +105,7 @@ def temp_sibling(path: str | Path, suffix: str = "", directory: bool = False) ->
 
     Stale temporaries of killed runs in that folder are removed first."""
     path = Path(path)
-    _mkdirs(path.parent, str(path))
+    ensure_dir(path.parent, str(path))
     remove_stale_temporaries(path.parent)
     for _ in range(100):
         tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
@@ -164,6 +165,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield tmp
     finally:
         _remove(tmp)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` onto ``out``; an existing ``out`` (which the caller has
+    checked it may replace) is moved aside first and removed only once ``tmp`` is in place."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    old = temp_sibling(out, directory=True)
+    os.rename(out, old)  # onto the empty placeholder folder: POSIX rename replaces it
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    _remove(old)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
