@@ -33,6 +33,7 @@ from typing import Any
 from . import __version__
 from .errors import BackendUnavailable, EngineError
 from .files import atomic_path, check_output_file, read_json, refuse_inputs
+from .inputs import contained_path, require_file
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,15 @@ def onnx_facts(path: str | Path) -> OnnxFacts:
         raise EngineError(f"{path} is not an ONNX model TensorRT can parse: {exc}") from exc
     if len(model.graph.input) != 1 or len(model.graph.output) != 1:
         raise EngineError(f"{path} must have one input and one output (a step37 vision export)")
+    try:
+        return _facts(path, model)
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # e.g. an element type numpy has not
+        raise EngineError(f"{path} is not a step37 vision export: {exc}") from exc
+
+
+def _facts(path: Path, model: Any) -> OnnxFacts:
+    import onnx
+
     inp, out = model.graph.input[0], model.graph.output[0]
 
     def dims(v) -> list[Any]:
@@ -189,7 +199,7 @@ def _sha256_onnx(path: Path, model: Any) -> str:
     h = _sha256_file(path)
     locations = sorted({e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"})
     for loc in locations:
-        data = path.parent / loc
+        data = contained_path(path.parent, loc, EngineError, f"{path}: external data")
         if not data.is_file():
             raise EngineError(f"{path} refers to external data {loc} which does not exist beside it")
         _sha256_file(data, h)
@@ -218,6 +228,9 @@ class Manifest:
     build_seconds: float
     builder: dict[str, Any] = field(default_factory=dict)
     format: str = "step37-engine-manifest/1"
+    #: The source ONNX's metadata (``step37.`` dropped): vision-weights digest and fingerprint,
+    #: source checkpoint, precision... so that a server can check the engine against its checkpoint.
+    onnx_metadata: dict[str, str] = field(default_factory=dict)
 
 
 def manifest_path(engine_path: str | Path) -> Path:
@@ -339,6 +352,7 @@ def build_engine(
         outputs={facts.output_name: {"dtype": facts.input_dtype, "shape": out_shape}},
         onnx_file=str(Path(onnx_path).resolve()),
         onnx_sha256=facts.sha256,
+        onnx_metadata=facts.metadata,
         engine_sha256=hashlib.sha256(data).hexdigest(),
         engine_bytes=data.nbytes,
         toolkit_version=__version__,
@@ -439,21 +453,61 @@ def _write_atomic_pair(engine_path: Path, data: bytes | memoryview, manifest: di
 def read_manifest(engine_path: str | Path) -> dict[str, Any]:
     engine_path = Path(engine_path)
     mpath = manifest_path(engine_path)
-    if not engine_path.is_file():
-        raise EngineError(f"engine {engine_path} does not exist")
-    if not mpath.is_file():
+    require_file(engine_path, EngineError, "engine")
+    if not require_file(mpath, EngineError, "engine manifest", missing_ok=True):
         raise EngineError(f"engine {engine_path} has no manifest ({mpath.name}); rebuild it with step37-deploy build")
     manifest = read_json(mpath, EngineError)
     required = {"flavour", "trt_version", "targets", "profile", "engine_sha256", "engine_bytes", "inputs", "outputs"}
     missing = sorted(required - set(manifest))
     if missing:
         raise EngineError(f"manifest {mpath} lacks {missing}; it is not a step37 engine manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise EngineError(f"manifest {mpath} is not a valid step37 engine manifest: {problem}")
     return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """The first field of a manifest that later code could not use, or ``None``."""
+    for key in ("flavour", "trt_version", "engine_sha256"):
+        if not isinstance(m[key], str):
+            return f"{key} must be a string, got {m[key]!r:.40}"
+    if isinstance(m["engine_bytes"], bool) or not isinstance(m["engine_bytes"], int) or m["engine_bytes"] < 0:
+        return f"engine_bytes must be a byte count, got {m['engine_bytes']!r:.40}"
+    if not isinstance(m["targets"], dict) or not isinstance(m["targets"].get("compute_capabilities", []), list):
+        return "targets must be an object with a compute_capabilities list"
+    for key in ("inputs", "outputs"):
+        io = m[key]
+        if not isinstance(io, dict) or len(io) != 1:
+            return f"{key} must map exactly one tensor name to its dtype and shape"
+        (spec,) = io.values()
+        if not isinstance(spec, dict) or spec.get("dtype") not in ("float32", "float16", "uint8"):
+            return f"{key}: dtype must be float32, float16 or uint8"
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(d == "batch" or _is_count(d) for d in shape):
+            return f"{key}: shape must be a list of sizes and 'batch'"
+    (name,) = m["inputs"]
+    profile = m["profile"]
+    shapes = profile.get(name) if isinstance(profile, dict) else None
+    if not (
+        isinstance(shapes, list)
+        and len(shapes) == 3
+        and all(isinstance(s, list) and s and all(map(_is_count, s)) for s in shapes)
+    ):
+        return f"profile must give [min, opt, max] shapes of input {name!r}"
+    return None
+
+
+def _is_count(d: object) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
 
 
 def verify_engine_file(engine_path: str | Path, manifest: dict[str, Any]) -> bytes:
     """The engine bytes, after checking size and digest against the manifest (truncation etc.)."""
-    data = Path(engine_path).read_bytes()
+    try:
+        data = Path(engine_path).read_bytes()
+    except OSError as exc:
+        raise EngineError(f"engine {engine_path} cannot be read: {exc.strerror or exc}") from None
     if len(data) != manifest["engine_bytes"]:
         raise EngineError(
             f"engine {engine_path} has {len(data)} bytes but its manifest says "
@@ -491,20 +545,27 @@ def check_runtime_compat(manifest: dict[str, Any], engine_path: str | Path = "en
 
 
 def inspect_engine(engine_path: str | Path) -> str:
-    """Manifest, plus TensorRT's engine inspector output where the engine can be deserialised here."""
+    """Manifest, plus TensorRT's engine inspector output where the engine can be deserialised here.
+
+    A bad manifest, or an engine file that does not match it (truncated, corrupt, replaced),
+    raises :class:`EngineError`: an inspection that could not vouch for the file must not pass.
+    Only *where* it can run is informational: with no matching TensorRT or GPU here, the
+    inspector's layer listing is skipped with a line saying why."""
     manifest = read_manifest(engine_path)
-    text = json.dumps(manifest, indent=2)
+    data = verify_engine_file(engine_path, manifest)
+    text = (
+        json.dumps(manifest, indent=2) + f"\n\n# engine file verified: {len(data)} bytes, sha256 matches the manifest"
+    )
     try:
-        data = verify_engine_file(engine_path, manifest)
         trt = check_runtime_compat(manifest, engine_path)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(data)
-        inspector = engine.create_engine_inspector()
-        info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-        text += "\n\n# TensorRT engine inspector\n" + info
     except (EngineError, BackendUnavailable) as exc:
-        text += f"\n\n# TensorRT engine inspector not run: {exc}"
-    return text
+        return text + f"\n\n# TensorRT engine inspector not run: {exc}"
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise EngineError(f"TensorRT could not deserialise engine {engine_path} (see its log above)")
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    return text + "\n\n# TensorRT engine inspector\n" + info
 
 
 def engine_filename(onnx_name: str) -> str:

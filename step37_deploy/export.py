@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import TensorRef, _open, vision_refs, weights_digest
+from .checkpoint import TensorRef, _open, require_finite, vision_refs, weights_digest, weights_fingerprint
 from .config import Step37Config
-from .errors import CheckpointError, ExportError
+from .errors import CheckpointError, ExportError, InputError, Step37Error
 from .model import PrecisionPolicy, Step37VisionModel, resample_posemb, rope_tables
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,14 @@ class WeightSource:
             return f.get_tensor(ref.key).float()
 
     def value(self, name: str) -> torch.Tensor:
+        """The initializer as it goes into the file, refused when it holds NaN/Inf (checked here,
+        while it is in memory anyway: no extra pass over the weights)."""
+        t = self._value(name)
+        ref = self.refs.get(name if name != "grid_posemb" else "positional_embedding")
+        require_finite(t, ref.key if ref else name, ref.shard if ref else "(computed)", f" as {self.dtype}")
+        return t
+
+    def _value(self, name: str) -> torch.Tensor:
         gh, gw = self.grid
         if name in self.refs:
             return self._read(name).to(self.dtype)
@@ -256,6 +264,7 @@ def export_onnx(
     log.info("tracing %s graph for %dx%d (grid %dx%d)", precision, resolution, resolution, *grid)
     ir_model = _trace(model, resolution, dtype, opset)
     digest = weights_digest(checkpoint_dir)
+    fingerprint = weights_fingerprint(checkpoint_dir)
     source = WeightSource(refs, cfg, grid, dtype, policy)
 
     bar = None
@@ -280,6 +289,7 @@ def export_onnx(
             META_PREFIX + "output_dim": str(cfg.vision.output_dim),
             META_PREFIX + "source_checkpoint": str(Path(checkpoint_dir).resolve()),
             META_PREFIX + "vision_weights_sha256": digest,
+            META_PREFIX + "vision_weights_fingerprint": fingerprint,
             META_PREFIX + "precision_policy": json.dumps(asdict(policy), sort_keys=True),
             META_PREFIX + "opset": str(opset),
             META_PREFIX + "torch_version": torch.__version__,
@@ -308,7 +318,7 @@ def export_onnx(
         if data_name:
             os.replace(tmp_dir / data_name, out_dir / data_name)
         os.replace(tmp_onnx, final)
-    except ExportError:
+    except Step37Error:  # e.g. NaN weights found while writing: already says which tensor
         raise
     except Exception as exc:
         raise ExportError(f"writing {name} failed: {exc}") from exc
@@ -345,5 +355,11 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The ``step37.*`` metadata of an exported file (without loading its weights)."""
     import onnx
 
-    m = onnx.load(str(onnx_path), load_external_data=False)
+    from .inputs import require_file
+
+    require_file(onnx_path, InputError, "ONNX file")
+    try:
+        m = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise InputError(f"{onnx_path} is not an ONNX model: {str(exc)[:200]}") from None
     return {p.key[len(META_PREFIX) :]: p.value for p in m.metadata_props if p.key.startswith(META_PREFIX)}
