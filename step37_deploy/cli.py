@@ -373,7 +373,6 @@ def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:
     if not (args.onnx or args.engine or args.torch):
         raise UsageError("compare: give at least one --onnx, --engine or --torch")
     _check_report_path(args)
-    runners = runners_from_args(args)
     thresholds = None
     if args.cos_min is not None or args.rel_l2 is not None:
         thresholds = {
@@ -383,6 +382,7 @@ def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:
             )
             for k, v in DEFAULT_THRESHOLDS.items()
         }
+    runners = runners_from_args(args)  # after the thresholds: a bad --cos-min fails before any loading
     ref, w, b = _reference_and_projector(args.checkpoint, progress)
     report = compare(
         ref, runners, w, b, args.batch or [1, 3], args.resolution, args.seed, args.images, thresholds, progress
