@@ -81,8 +81,9 @@ class VisionEmbedder:
     ) -> VisionEmbedder:
         """``backend``: ``"torch"`` (tower from the checkpoint), ``"onnx"`` or ``"trt"`` (the 728 and
         504 files in ``files``, told apart by their metadata/manifest).  The checkpoint always
-        provides the projector and the token ids."""
-        from .checkpoint import load_projector
+        provides the projector and the token ids, so each file must hold that checkpoint's vision
+        weights (:func:`~step37_deploy.checkpoint.check_artifact_source`, a typed error naming both)."""
+        from .checkpoint import check_artifact_source, load_projector
 
         cfg = Step37Config.from_checkpoint(checkpoint)
         if backend == "torch":
@@ -94,6 +95,7 @@ class VisionEmbedder:
         elif backend in ("onnx", "trt"):
             runners = {}
             for f in files:
+                check_artifact_source(checkpoint, f, _recorded_metadata(backend, f))
                 if backend == "onnx":
                     from .backends import OnnxrtRunner, session_from_onnx
 
@@ -214,6 +216,19 @@ class VisionEmbedder:
         return insert_features_torch(
             text_embeddings, groups, input_ids, flags, self.tokens.im_patch, batch_first=batch_first, inplace=inplace
         )
+
+
+def _recorded_metadata(backend: str, path: str | Path) -> dict[str, str]:
+    """What an ONNX file (its ``step37.*`` metadata) or an engine (its manifest's copy of its
+    ONNX's) says about the weights it was made from; read without loading any weights."""
+    if backend == "onnx":
+        from .export import read_metadata
+
+        return read_metadata(path)
+    from .engine import read_manifest
+
+    recorded = read_manifest(path).get("onnx_metadata", {})
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def _cat(parts: list[Any]) -> Any:
