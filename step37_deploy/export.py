@@ -23,12 +23,11 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +35,8 @@ import torch
 from . import __version__
 from .checkpoint import TensorRef, _open, require_finite, vision_refs, weights_digest, weights_fingerprint
 from .config import Step37Config
-from .errors import CheckpointError, ExportError, InputError, Step37Error
+from .errors import CheckpointError, ExportError, InputError, OutputError, Step37Error
+from .files import check_output_dir, os_reason, refuse_inputs, remove_tree, temp_sibling
 from .model import PrecisionPolicy, Step37VisionModel, resample_posemb, rope_tables
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,13 @@ def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: 
         )
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise ExportError(f"output folder {out_dir} is not writable: {exc}") from exc
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OS error behind ``exc`` (the exporter and onnx_ir wrap them), if any."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def header_shapes(refs: dict[str, TensorRef]) -> dict[str, tuple[int, ...]]:
@@ -248,7 +248,7 @@ def export_onnx(
     cfg = Step37Config.from_checkpoint(checkpoint_dir)
     validate_request(cfg, precision, resolution, opset)
     out_dir = Path(out_dir)
-    _check_writable(out_dir)
+    check_output_dir(out_dir, "--out")
     policy = policy or PrecisionPolicy()
     dtype = PRECISIONS[precision]
     grid = cfg.vision.grid(resolution, resolution)
@@ -299,7 +299,10 @@ def export_onnx(
     name = onnx_filename(precision, resolution)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = name + ".data" if use_external else None
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=out_dir))
+    final = out_dir / name
+    outputs = {"output": final, "external data": out_dir / data_name if data_name else None}
+    refuse_inputs(outputs, {"--checkpoint": checkpoint_dir})
+    tmp_dir = temp_sibling(final, directory=True)
     try:
         tmp_onnx = tmp_dir / name
         if use_external:
@@ -308,22 +311,24 @@ def export_onnx(
             ir.save(ir_model, tmp_onnx)
         if bar is not None:
             bar.close()
-        # Validate by path (works past protobuf's 2 GB limit), then infer shapes.
+        # Validate by path (works past protobuf's 2 GB limit), then infer shapes on the graph in
+        # memory (weights stay on disk: an inferred copy written to a full disk came out truncated
+        # and silent, then failed to parse as "corrupt").
         onnx.checker.check_model(str(tmp_onnx))
-        inferred = tmp_dir / ("inferred-" + name)
-        onnx.shape_inference.infer_shapes_path(str(tmp_onnx), str(inferred))
-        _check_inferred_output(inferred, num_tokens, cfg.vision.output_dim)
-        inferred.unlink()
-        final = out_dir / name
+        graph_only = onnx.load(str(tmp_onnx), load_external_data=False)
+        _check_inferred_output(onnx.shape_inference.infer_shapes(graph_only), num_tokens, cfg.vision.output_dim)
+        del graph_only
         if data_name:
             os.replace(tmp_dir / data_name, out_dir / data_name)
         os.replace(tmp_onnx, final)
     except Step37Error:  # e.g. NaN weights found while writing: already says which tensor
         raise
     except Exception as exc:
+        if (os_exc := _os_error(exc)) is not None:
+            raise OutputError(f"writing {final} failed: {os_reason(os_exc)}") from exc
         raise ExportError(f"writing {name} failed: {exc}") from exc
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        remove_tree(tmp_dir)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
@@ -340,10 +345,7 @@ def export_onnx(
     )
 
 
-def _check_inferred_output(path: Path, num_tokens: int, out_dim: int) -> None:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
+def _check_inferred_output(m: Any, num_tokens: int, out_dim: int) -> None:
     (out,) = m.graph.output
     dims = out.type.tensor_type.shape.dim
     got = [d.dim_param or d.dim_value for d in dims]

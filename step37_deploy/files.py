@@ -131,7 +131,8 @@ def os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _remove(path: Path) -> None:
+def remove_tree(path: Path) -> None:
+    """Remove a file or a folder with its content, whatever is there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -164,7 +165,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        _remove(tmp)
+        remove_tree(tmp)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -180,7 +181,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     except OSError:
         os.rename(old, out)
         raise
-    _remove(old)
+    remove_tree(old)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
