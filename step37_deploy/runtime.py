@@ -9,6 +9,7 @@ serialises its execution context with its own lock.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ import numpy as np
 
 from .backends.base import Runner
 from .config import Step37Config, TokenIds
-from .errors import InputError
-from .files import atomic_path, write_json
+from .errors import InputError, OutputError
+from .files import atomic_path, check_output_file, refuse_inputs, write_json
 from .fusion import insert_features, insert_features_torch, project, project_torch
 from .preprocess import PreprocessConfig, image_layout, preprocess
 
@@ -241,6 +242,7 @@ def _cat(parts: list[Any]) -> Any:
 
 def embed_command(args: Any, progress: bool) -> None:
     """``step37-deploy embed``: features per image to FILE.npy, layout to FILE.json (both atomic)."""
+    out, side = check_embed_outputs(args.out, args.artifacts, args.image)
     checkpoint, *files = args.artifacts
     emb = VisionEmbedder.from_artifacts(checkpoint, args.backend, files, provider=args.provider, batch_size=args.batch)
     results = emb.embed_images(args.image)
@@ -261,9 +263,38 @@ def embed_command(args: Any, progress: bool) -> None:
             }
         )
         start += len(f)
-    out = Path(args.out)
     with atomic_path(out, suffix=".npy") as tmp:
         np.save(tmp, all_feats)
-    side = out.with_suffix(".json")
     write_json(side, {"hidden_size": int(all_feats.shape[-1]), "images": layout})
     log.info("wrote %s %s and %s", out, all_feats.shape, side)
+
+
+def check_embed_outputs(out: str | Path, artifacts: Sequence[str], images: Sequence[str]) -> tuple[Path, Path]:
+    """``--out FILE.npy`` and its layout ``FILE.json``, checked before any work: a ``.npy`` name (so
+    the two cannot be one file), writable, none of the inputs, and an existing file only where it
+    is what this command writes (a ``.npy`` array, a layout JSON)."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise OutputError(f"--out {out} must name a .npy file (the token layout is written beside it as .json)")
+    side = out.with_suffix(".json")
+    check_output_file(out, "--out")
+    check_output_file(side, "the layout file")
+    refuse_inputs({"--out": out, "the layout file": side}, {"--artifacts": artifacts, "--image": images})
+    if out.is_file() and _head(out, 6) != b"\x93NUMPY":
+        raise OutputError(f"--out {out} exists and is not a .npy array: refusing to replace it")
+    if side.exists():
+        try:
+            layout = json.loads(side.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            layout = None
+        if not (isinstance(layout, dict) and {"hidden_size", "images"} <= set(layout)):
+            raise OutputError(f"{side} (the layout file of --out {out}) exists and is not one: refusing to replace it")
+    return out, side
+
+
+def _head(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
