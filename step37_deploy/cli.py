@@ -349,12 +349,14 @@ def _reference_and_projector(checkpoint: str, progress: bool = False):
     return ref, proj.weight.detach().numpy(), bias
 
 
-def _check_report_path(args: argparse.Namespace) -> None:
-    """``--json``: a writable file that is none of the command's inputs (checked before any work)."""
-    from .files import check_output_file, refuse_inputs
+def _check_report_path(args: argparse.Namespace, keys: set[str]) -> None:
+    """``--json``: a writable file that is none of the command's inputs and, if it exists, a report
+    of this command (JSON with ``keys``), checked before any work."""
+    from .files import check_output_file, check_replaceable_json, refuse_inputs
 
     if args.json:
         check_output_file(args.json, "--json")
+        check_replaceable_json(args.json, "--json", keys)
         refuse_inputs(
             {"--json": args.json},
             {
@@ -372,7 +374,7 @@ def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:
 
     if not (args.onnx or args.engine or args.torch):
         raise UsageError("compare: give at least one --onnx, --engine or --torch")
-    _check_report_path(args)
+    _check_report_path(args, {"passed", "rows"})
     thresholds = None
     if args.cos_min is not None or args.rel_l2 is not None:
         thresholds = {
@@ -444,7 +446,7 @@ def _cmd_inspect(args: argparse.Namespace, progress: bool) -> int:
 def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
     from .bench import run_bench
 
-    _check_report_path(args)
+    _check_report_path(args, {"timings", "notes"})
     result = run_bench(args, progress)
     print(result.table())
     if args.json:

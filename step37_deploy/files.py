@@ -255,3 +255,17 @@ def refuse_inputs(outputs: Mapping[str, str | Path], inputs: Mapping[str, Iterab
                             f"{out_label} {out} is {member}, an input ({in_label} {given}): "
                             "refusing to write over it; choose another output path"
                         )
+
+
+def check_replaceable_json(path: str | Path, label: str, keys: set[str]) -> None:
+    """An existing ``path`` may be replaced only when it is a JSON object with ``keys``: a report
+    this tool wrote before, never another file given by mistake."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and keys <= set(data)):
+        raise OutputError(f"{label} {path} exists and is not a report of this command: refusing to replace it")

@@ -10,8 +10,11 @@ from .backends.base import Runner
 from .compare import Report, compare
 from .errors import BackendUnavailable, EngineError
 from .export import ExportResult, export_onnx
+from .files import check_output_dir, check_replaceable_json, refuse_inputs
 
 log = logging.getLogger(__name__)
+
+REPORT_NAME = "accuracy_report.json"
 
 
 @dataclass
@@ -38,7 +41,11 @@ def run_pipeline(
     from .export import DEFAULT_OPSET
 
     out_dir = Path(out_dir)
-    result = PipelineResult()
+    result = PipelineResult(report_path=out_dir / REPORT_NAME)
+    # Before the long work: the report can be written and replaces nothing it should not.
+    check_output_dir(out_dir, "--out")
+    refuse_inputs({"the report": result.report_path}, {"--checkpoint": checkpoint_dir})
+    check_replaceable_json(result.report_path, "the report", {"passed", "rows"})
     for precision in precisions:
         for res in resolutions:
             result.exports.append(
@@ -77,7 +84,6 @@ def run_pipeline(
         seed=seed,
         progress=progress,
     )
-    result.report_path = out_dir / "accuracy_report.json"
     result.report.write_json(result.report_path)
     return result
 

@@ -9,7 +9,6 @@ serialises its execution context with its own lock.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 from .backends.base import Runner
 from .config import Step37Config, TokenIds
 from .errors import InputError, OutputError
-from .files import atomic_path, check_output_file, refuse_inputs, write_json
+from .files import atomic_path, check_output_file, check_replaceable_json, refuse_inputs, write_json
 from .fusion import insert_features, insert_features_torch, project, project_torch
 from .preprocess import PreprocessConfig, image_layout, preprocess
 
@@ -282,13 +281,7 @@ def check_embed_outputs(out: str | Path, artifacts: Sequence[str], images: Seque
     refuse_inputs({"--out": out, "the layout file": side}, {"--artifacts": artifacts, "--image": images})
     if out.is_file() and _head(out, 6) != b"\x93NUMPY":
         raise OutputError(f"--out {out} exists and is not a .npy array: refusing to replace it")
-    if side.exists():
-        try:
-            layout = json.loads(side.read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            layout = None
-        if not (isinstance(layout, dict) and {"hidden_size", "images"} <= set(layout)):
-            raise OutputError(f"{side} (the layout file of --out {out}) exists and is not one: refusing to replace it")
+    check_replaceable_json(side, "the layout file", {"hidden_size", "images"})
     return out, side
 
 
