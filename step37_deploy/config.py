@@ -9,6 +9,7 @@ write is byte-compatible with what the release ships and what ``transformers`` r
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -158,7 +159,11 @@ class VisionConfig:
 
 
 def _json_type(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+    """``value`` as the JSON it was read from (``null``, ``"1536"``, ``[1, 2]``), cut at 40 characters."""
+    try:
+        return json.dumps(value)[:40]
+    except (TypeError, ValueError):
+        return repr(value)[:40]
 
 
 def _typed(name: str, value: Any, annotation: str) -> Any:

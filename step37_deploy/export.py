@@ -90,13 +90,17 @@ def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: 
         )
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OS error behind ``exc`` (the exporter and onnx_ir wrap them), if any."""
+def _cause(exc: BaseException | None, kind: type[BaseException]) -> Any:
+    """The ``kind`` error behind ``exc`` (the exporter and onnx_ir wrap them), if any."""
     while exc is not None:
-        if isinstance(exc, OSError):
+        if isinstance(exc, kind):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    return _cause(exc, OSError)
 
 
 def header_shapes(refs: dict[str, TensorRef]) -> dict[str, tuple[int, ...]]:
@@ -324,6 +328,8 @@ def export_onnx(
     except Step37Error:  # e.g. NaN weights found while writing: already says which tensor
         raise
     except Exception as exc:
+        if (typed := _cause(exc, Step37Error)) is not None:  # NaN weights met while onnx_ir streams them
+            raise typed from None
         if (os_exc := _os_error(exc)) is not None:
             raise OutputError(f"writing {final} failed: {os_reason(os_exc)}") from exc
         raise ExportError(f"writing {name} failed: {exc}") from exc

@@ -44,7 +44,7 @@ def read_json(path: str | Path, error: type[Exception] = ConfigError) -> dict[st
     except (OSError, RecursionError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, huge ints
         raise error(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(obj, dict):
-        raise error(f"{path} must hold a JSON object, not {type(obj).__name__} {str(obj)[:40]}")
+        raise error(f"{path} must hold a JSON object, not {json.dumps(obj)[:40]}")
     return obj
 
 
