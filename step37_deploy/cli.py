@@ -356,7 +356,6 @@ def _check_report_path(args: argparse.Namespace, keys: set[str]) -> None:
 
     if args.json:
         check_output_file(args.json, "--json")
-        check_replaceable_json(args.json, "--json", keys)
         refuse_inputs(
             {"--json": args.json},
             {
@@ -366,6 +365,7 @@ def _check_report_path(args: argparse.Namespace, keys: set[str]) -> None:
                 "--images": getattr(args, "images", None) or [],
             },
         )
+        check_replaceable_json(args.json, "--json", keys)
 
 
 def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:

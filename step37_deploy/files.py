@@ -122,6 +122,14 @@ def temp_sibling(path: str | Path, suffix: str = "", directory: bool = False) ->
     raise OutputError(f"cannot create a temporary name beside {path}")  # pragma: no cover
 
 
+def apply_umask(path: str | Path) -> None:
+    """Give ``path`` the permissions a new file gets under the current umask (for libraries that
+    create files 0600, such as ``safetensors``' ``save_file``)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def os_reason(exc: OSError) -> str:
     """A short reason for an OS error, full disk spelled out."""
     if exc.errno == errno.ENOSPC:

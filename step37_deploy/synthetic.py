@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from .checkpoint import INDEX_FILE, parse_dtype, read_header
 from .config import SPECIAL_TOKENS, Step37Config, preset
 from .errors import CheckpointError, OutputError
-from .files import ensure_dir, os_reason, replace_dir, temp_sibling
+from .files import apply_umask, check_output_dir, ensure_dir, os_reason, replace_dir, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def make_checkpoint(
         if not overwrite:
             raise CheckpointError(f"--out {out} already exists; remove it or pass --overwrite")
         check_replaceable(out)
+    check_output_dir(out.parent, "--out", out)
     ensure_dir(out.parent, f"--out {out}")
     itemsize = torch.empty((), dtype=tdtype).element_size()
 
@@ -185,6 +186,7 @@ def make_checkpoint(
                 tensors[key] = torch.zeros(8, dtype=tdtype)
                 weight_map[key] = fname
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            apply_umask(tmp / fname)  # safetensors creates 0600
             if sparse and not punch_holes(tmp / fname, [k for k, _, real in group if not real]):
                 sparse = False  # this file system keeps the zeros: the rest must fit in full
                 check_free_space(tmp, sum(math.prod(sh) for g in groups[i + 1 :] for _, sh, _ in g) * itemsize)
