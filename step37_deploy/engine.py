@@ -476,7 +476,7 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         return f"engine_bytes must be a byte count, got {m['engine_bytes']!r:.40}"
     if not isinstance(m["targets"], dict) or not isinstance(m["targets"].get("compute_capabilities", []), list):
         return "targets must be an object with a compute_capabilities list"
-    for key in ("inputs", "outputs"):
+    for key, rank in (("inputs", 4), ("outputs", 3)):  # [batch, 3, H, W] -> [batch, tokens, dim]
         io = m[key]
         if not isinstance(io, dict) or len(io) != 1:
             return f"{key} must map exactly one tensor name to its dtype and shape"
@@ -484,8 +484,8 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         if not isinstance(spec, dict) or spec.get("dtype") not in ("float32", "float16", "uint8"):
             return f"{key}: dtype must be float32, float16 or uint8"
         shape = spec.get("shape")
-        if not isinstance(shape, list) or not all(d == "batch" or _is_count(d) for d in shape):
-            return f"{key}: shape must be a list of sizes and 'batch'"
+        if not isinstance(shape, list) or len(shape) != rank or not all(d == "batch" or _is_count(d) for d in shape):
+            return f"{key}: shape must be a list of {rank} sizes or 'batch'"
     (name,) = m["inputs"]
     profile = m["profile"]
     shapes = profile.get(name) if isinstance(profile, dict) else None

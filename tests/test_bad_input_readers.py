@@ -401,6 +401,7 @@ def test_bad_manifest_inspect_exits_2(tmp_path, capsys, content, words):
         ("inputs", {"a": {"dtype": "float16", "shape": [1]}, "b": {"dtype": "float16", "shape": [1]}}, "inputs"),
         ("outputs", {"y": {"dtype": "int4", "shape": ["batch"]}}, "dtype"),
         ("profile", {"pixel_values": [[1, 3]]}, "profile"),
+        ("inputs", {"pixel_values": {"dtype": "float16", "shape": ["batch"]}}, "4 sizes"),
     ],
 )
 def test_manifest_field_types_checked(tmp_path, field, value, words):
