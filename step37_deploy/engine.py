@@ -33,7 +33,7 @@ from typing import Any
 from . import __version__
 from .errors import BackendUnavailable, EngineError
 from .files import atomic_path, check_output_file, read_json, refuse_inputs
-from .inputs import contained_path, require_file
+from .inputs import onnx_external_files, require_file
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,9 @@ def _sha256_file(path: Path, h: Any | None = None) -> Any:
 def _sha256_onnx(path: Path, model: Any) -> str:
     """Digest of the ONNX file and its external-data files (the weights are part of identity)."""
     h = _sha256_file(path)
-    locations = sorted({e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"})
-    for loc in locations:
-        data = contained_path(path.parent, loc, EngineError, f"{path}: external data")
+    for data in onnx_external_files(model, path, EngineError):
         if not data.is_file():
-            raise EngineError(f"{path} refers to external data {loc} which does not exist beside it")
+            raise EngineError(f"{path} refers to external data {data.name} which does not exist beside it")
         _sha256_file(data, h)
     return h.hexdigest()
 

@@ -363,11 +363,12 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The ``step37.*`` metadata of an exported file (without loading its weights)."""
     import onnx
 
-    from .inputs import require_file
+    from .inputs import onnx_external_files, require_file
 
     require_file(onnx_path, InputError, "ONNX file")
     try:
         m = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
         raise InputError(f"{onnx_path} is not an ONNX model: {str(exc)[:200]}") from None
+    onnx_external_files(m, onnx_path, InputError)  # whoever loads it next must not read outside its folder
     return {p.key[len(META_PREFIX) :]: p.value for p in m.metadata_props if p.key.startswith(META_PREFIX)}

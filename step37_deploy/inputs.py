@@ -79,3 +79,13 @@ def contained_path(root: str | Path, name: object, error: type[Step37Error], wha
     if not target.is_relative_to(real_root) and not is_hf_cache_blob(target, real_root):
         raise error(f"{what}: {path} is a symlink to {target}, outside {root}; refusing to read it")
     return path
+
+
+def onnx_external_files(model: object, onnx_path: str | Path, error: type[Step37Error]) -> list[Path]:
+    """The external-data files an ONNX model (loaded without them) refers to, each checked to stay
+    in the model's folder (:func:`contained_path`) before anything reads it."""
+    onnx_path = Path(onnx_path)
+    locations = sorted(
+        {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}  # type: ignore[attr-defined]
+    )
+    return [contained_path(onnx_path.parent, loc, error, f"{onnx_path}: external data") for loc in locations]

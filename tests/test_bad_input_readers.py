@@ -511,6 +511,31 @@ def test_garbage_onnx_to_embed(tiny_fp32, tmp_path, image, capsys):
     one_line_error(code, err, str(bad))
 
 
+@pytest.mark.parametrize("location", ["../../../../etc/passwd", "/etc/passwd"])
+def test_onnx_external_data_outside_its_folder_refused(tiny_fp32, exported, tmp_path, image, capsys, location):
+    import onnx
+
+    from step37_deploy.engine import onnx_facts
+    from step37_deploy.export import read_metadata
+
+    model = onnx.load(str(exported[("fp32", 728)]))
+    init = max(model.graph.initializer, key=lambda i: len(i.raw_data))
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    init.external_data.add(key="location", value=location)
+    bad = tmp_path / "o" / "step37_vision_fp32_728.onnx"
+    bad.parent.mkdir()
+    onnx.save(model, str(bad))
+    with pytest.raises(InputError, match="external data"):
+        read_metadata(bad)
+    with pytest.raises(EngineError, match="external data"):
+        onnx_facts(bad)
+    argv = ["embed", "--backend", "onnx", "--artifacts", str(tiny_fp32), str(bad), str(exported[("fp32", 504)]),
+            "--image", str(image), "--out", str(tmp_path / "out" / "f.npy")]  # fmt: skip
+    code, err = run_cli(argv, capsys, tiny_fp32, bad.parent, image.parent)
+    one_line_error(code, err, str(bad), location)
+
+
 # -- images -----------------------------------------------------------------------------------------------------------
 def _jpeg_with_orientation(w: int, h: int, orientation: int) -> bytes:
     ex = Image.Exif()
