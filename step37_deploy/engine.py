@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib
-import io
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BackendUnavailable, EngineError
-from .files import atomic_path, check_output_file, read_json, refuse_inputs
+from .files import atomic_path, check_output_file, read_json, refuse_inputs, temp_sibling
 from .inputs import onnx_external_files, require_file
 
 log = logging.getLogger(__name__)
@@ -311,11 +310,13 @@ def build_engine(
         config_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(opts.workspace_gib * (1 << 30))}
     if opts.opt_level is not None:
         config_kwargs["builder_optimization_level"] = opts.opt_level
-    # The cache goes in and out as bytes: Polygraphy would write the file in place (and leave a
-    # NAME.lock beside it); we rename it into place like every other output.
+    # The timing cache goes in and out through open files: given paths, Polygraphy would rewrite
+    # the cache in place and leave NAME.lock beside it; the new cache is renamed into place instead.
+    cache_in = None
     if opts.timing_cache and Path(opts.timing_cache).is_file():
-        config_kwargs["load_timing_cache"] = io.BytesIO(Path(opts.timing_cache).read_bytes())
-    cache_out = io.BytesIO() if opts.timing_cache else None
+        cache_in = config_kwargs["load_timing_cache"] = open(opts.timing_cache, "rb")  # noqa: SIM115
+    cache_tmp = temp_sibling(opts.timing_cache) if opts.timing_cache else None
+    cache_out = open(cache_tmp, "w+b") if cache_tmp is not None else None  # noqa: SIM115
     if flavour == "tensorrt_rtx":
         from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
 
@@ -326,6 +327,7 @@ def build_engine(
     network = pgtrt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     started = time.perf_counter()
     bar = _Spinner(f"building {Path(out_path).name}") if progress else None
+    engine_bytes = None
     try:
         engine_bytes = pgtrt.EngineBytesFromNetwork(network, config, save_timing_cache=cache_out)()
     except PolygraphyException as exc:
@@ -333,6 +335,11 @@ def build_engine(
     finally:
         if bar is not None:
             bar.close()
+        for fh in (cache_in, cache_out):
+            if fh is not None:
+                fh.close()
+        if cache_tmp is not None and engine_bytes is None:  # failed: no new cache either
+            cache_tmp.unlink(missing_ok=True)
     if engine_bytes is None:
         raise EngineError(f"TensorRT returned no engine for {onnx_path} (see the log above)")
     data = memoryview(engine_bytes)  # no copy of a multi-GB engine
@@ -363,10 +370,13 @@ def build_engine(
             "strongly_typed": True,
         },
     )
-    _write_atomic_pair(Path(out_path), data, asdict(manifest))
-    if cache_out is not None and cache_out.getbuffer().nbytes:
-        with atomic_path(opts.timing_cache) as tmp:
-            tmp.write_bytes(cache_out.getvalue())
+    try:
+        _write_atomic_pair(Path(out_path), data, asdict(manifest))
+        if cache_tmp is not None and cache_tmp.stat().st_size:
+            os.replace(cache_tmp, opts.timing_cache)
+    finally:
+        if cache_tmp is not None:
+            cache_tmp.unlink(missing_ok=True)
     log.info("built %s (%.1f MB) in %.1fs for %s", out_path, data.nbytes / 1e6, seconds, targets)
     return asdict(manifest)
 

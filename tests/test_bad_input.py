@@ -82,7 +82,7 @@ NUMERIC = [
     ("bench --checkpoint C --warmup -1", "--warmup", ">= 0"),
     ("bench --checkpoint C --threads 0", "--threads", ">= 1"),
     ("embed --backend onnx --artifacts C --image i.png --out o.npy --batch 0", "--batch", ">= 1"),
-    ("build --onnx a.onnx --out a.plan --batch 0:1:2", "--batch", "1 <= MIN"),
+    ("build --onnx a.onnx --out a.plan --batch 1:x:2", "--batch", "integers"),
     ("build --onnx a.onnx --out a.plan --batch 1:2", "--batch", "MIN:OPT:MAX"),
     ("build --onnx a.onnx --out a.plan --workspace 0", "--workspace", "(0,"),
     ("build --onnx a.onnx --out a.plan --opt-level 9", "--opt-level", "0..5"),
