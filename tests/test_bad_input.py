@@ -531,3 +531,18 @@ def test_stale_sweep_keeps_young_and_foreign_names(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "_PROCESS_START", time.time() + 10)
     assert files.remove_stale_temporaries(tmp_path) == [stale]
     assert foreign.exists() and not stale.exists()
+
+
+def test_build_writes_engine_manifest_and_cache_with_umask_modes_and_nothing_else(onnx504, tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX to build on a CPU")
+    out = tmp_path / "engines"
+    argv = ["build", "--onnx", str(onnx504), "--out", str(out / "e.plan"), "--timing-cache", str(out / "tc.cache")]
+    old = os.umask(0o022)
+    try:
+        assert cli.main([*argv, "--batch", "1:1:2", "--compute-capability", "8.9", "-q"]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    # no NAME.lock (Polygraphy's, when given a path), no temporary
+    assert sorted(os.listdir(out)) == ["e.plan", "e.plan.json", "tc.cache"]
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
