@@ -80,6 +80,17 @@ POSITIVE = int_at_least(1)
 NON_NEGATIVE = int_at_least(0)
 
 
+def _add_runner_options(p: argparse.ArgumentParser, torch_default: list[str] | None, torch_help: str) -> None:
+    """The runners ``compare`` and ``bench`` take (built by ``backends.factory.runners_from_args``)."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder: reference and projector (required)")
+    p.add_argument("--onnx", action="append", default=[], help="ONNX file, repeatable (default: none)")
+    p.add_argument("--engine", action="append", default=[], help="TensorRT engine, repeatable (default: none)")
+    p.add_argument("--torch", action="append", default=torch_default, choices=["fp32", "fp16", "bf16"], help=torch_help)
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
+    p.add_argument("--device", default="cpu", help="torch device for the --torch runners (cpu, cuda)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads per runner (default: all cores)")
+
+
 def _parse_batch_profile(text: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(x) for x in text.split(":"))
@@ -144,19 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = add("compare", "accuracy report of ONNX files / engines against PyTorch FP32")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder of the reference (required)")
-    p.add_argument("--onnx", action="append", default=[], help="ONNX file (repeatable)")
-    p.add_argument("--engine", action="append", default=[], help="TensorRT engine (repeatable)")
-    p.add_argument(
-        "--torch",
-        action="append",
-        default=[],
-        choices=["fp32", "fp16", "bf16"],
-        help="also compare eager PyTorch in this dtype, repeatable (default: none)",
-    )
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
-    p.add_argument("--device", default="cpu", help="torch device for the --torch runners (cpu, cuda)")
-    p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads per runner (default: all cores)")
+    _add_runner_options(p, [], "also compare eager PyTorch in this dtype, repeatable (default: none)")
     p.add_argument("--batch", type=POSITIVE, action="append", help="batch sizes, repeatable (default: 1 and 3)")
     p.add_argument(
         "--resolution",
@@ -220,19 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = add("bench", "latency of backends side by side, as ratios")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (required)")
-    p.add_argument("--onnx", action="append", default=[], help="ONNX file, repeatable (default: none)")
-    p.add_argument("--engine", action="append", default=[], help="TensorRT engine, repeatable (default: none)")
-    p.add_argument(
-        "--torch",
-        action="append",
-        default=None,
-        choices=["fp32", "fp16", "bf16"],
-        help="eager PyTorch in this dtype, repeatable; the first runner is the baseline (default: fp32)",
+    _add_runner_options(
+        p, None, "eager PyTorch in this dtype, repeatable; the first runner is the baseline (default: fp32)"
     )
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
-    p.add_argument("--device", default="cpu", help="torch device for the torch runners")
-    p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--batch", type=POSITIVE, default=1, help="batch size")
     p.add_argument(
         "--resolution", type=POSITIVE, default=None, help="input resolution (default: the files' own, else 728)"

@@ -452,39 +452,47 @@ def _python(code: str) -> subprocess.Popen:
     )
 
 
-def test_sigkilled_make_checkpoint_is_cleaned_by_the_next_run(tmp_path, user_dir):
-    """A run killed mid-write leaves its temporary folder; the next run into the folder removes it
-    (and says so) but leaves the user's files and a live writer's temporary alone."""
+def _killed_mid_write(module: str, attr: str, argv: list[str], folder: Path) -> tuple[subprocess.Popen, Path]:
+    """Run the CLI in a subprocess whose ``module.attr`` writer hangs after writing; SIGKILL it
+    once its temporary shows in ``folder``.  Returns the process and the temporary it left."""
     slow = _python(
         f"""
         import time
-        import step37_deploy.synthetic as s
-        real = s.save_file
+        import {module} as m
+        real = m.{attr}
         def slow(*a, **k):
             real(*a, **k)
             time.sleep(120)
-        s.save_file = slow
+        m.{attr} = slow
         from step37_deploy.cli import main
-        main(["make-checkpoint", "--out", {str(tmp_path / "ck")!r}, "-q"])
+        main({argv!r})
         """
     )
-    left = _kill_when(slow, tmp_path)
-    assert (tmp_path / left[0]).is_dir() and any((tmp_path / left[0]).iterdir())
+    left = folder / _kill_when(slow, folder)[0]
+    assert left.is_dir() and any(left.iterdir())  # a written file inside
+    return slow, left
+
+
+def _next_run(argv: list[str]) -> str:
+    """The same command again, in a fresh process (younger than the temporaries); its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([*CLI, *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stderr
+
+
+def test_sigkilled_make_checkpoint_is_cleaned_by_the_next_run(tmp_path, user_dir):
+    """A run killed mid-write leaves its temporary folder; the next run into the folder removes it
+    (and says so) but leaves the user's files and a live writer's temporary alone."""
+    argv = ["make-checkpoint", "--out", str(tmp_path / "ck"), "-q"]
+    slow, left = _killed_mid_write("step37_deploy.synthetic", "save_file", argv, tmp_path)
     live = tmp_path / f".other{files.TMP_MARK}{os.getpid()}-0123abcd"  # a live writer's (this test's)
     live.write_text("in progress")
     notes = tmp_path / ".notes.step37-tmp-backup"  # a user's file with a similar name
     notes.write_text("mine")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run(
-        [*CLI, "make-checkpoint", "--out", str(tmp_path / "ck"), "-q"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    assert f"removed {tmp_path / left[0]}, a temporary left by a killed run (pid {slow.pid})" in run.stderr
-    assert not (tmp_path / left[0]).exists() and live.read_text() == "in progress" and notes.read_text() == "mine"
+    err = _next_run(argv)
+    assert f"removed {left}, a temporary left by a killed run (pid {slow.pid})" in err
+    assert not left.exists() and live.read_text() == "in progress" and notes.read_text() == "mine"
     assert (tmp_path / "ck" / "synthetic.json").is_file()
     assert (user_dir / "notes.txt").read_text() == "my notes\n"
 
@@ -492,30 +500,9 @@ def test_sigkilled_make_checkpoint_is_cleaned_by_the_next_run(tmp_path, user_dir
 def test_sigkilled_export_is_cleaned_by_the_next_run(tiny_fp32, tmp_path):
     out = tmp_path / "onnx"
     out.mkdir()
-    slow = _python(
-        f"""
-        import time
-        import onnx_ir
-        real = onnx_ir.save
-        def slow(*a, **k):
-            real(*a, **k)
-            time.sleep(120)
-        onnx_ir.save = slow
-        from step37_deploy.cli import main
-        main(["export", "--checkpoint", {str(tiny_fp32)!r}, "--out", {str(out)!r}, "--resolution", "504", "-q"])
-        """
-    )
-    left = _kill_when(slow, out)
-    assert any((out / left[0]).iterdir())  # a full-size file inside
-    run = subprocess.run(
-        [*CLI, "export", "--checkpoint", str(tiny_fp32), "--out", str(out), "--resolution", "504", "-q"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "a temporary left by a killed run" in run.stderr
+    argv = ["export", "--checkpoint", str(tiny_fp32), "--out", str(out), "--resolution", "504", "-q"]
+    slow, left = _killed_mid_write("onnx_ir", "save", argv, out)
+    assert f"removed {left}, a temporary left by a killed run (pid {slow.pid})" in _next_run(argv)
     assert sorted(os.listdir(out)) == ["step37_vision_fp16_504.onnx"]
 
 
