@@ -533,3 +533,31 @@ def test_build_writes_engine_manifest_and_cache_with_umask_modes_and_nothing_els
     # no NAME.lock (Polygraphy's, when given a path), no temporary
     assert sorted(os.listdir(out)) == ["e.plan", "e.plan.json", "tc.cache"]
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system (a 1 MiB tmpfs mounted ro; root only, skipped elsewhere): even root
+    cannot write there, so the refusal is the real one."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("command", ["make-checkpoint", "export", "compare", "bench", "embed", "build", "pipeline"])
+def test_outputs_on_a_read_only_file_system(command, read_only_dir, tiny_fp32, exported, onnx504, capsys):
+    ck, ro = str(tiny_fp32), str(read_only_dir)
+    argv = {
+        "make-checkpoint": ["make-checkpoint", "--out", f"{ro}/ck"],
+        "export": ["export", "--checkpoint", ck, "--out", ro],
+        "compare": _compare(tiny_fp32, onnx504, "--json", f"{ro}/r.json"),
+        "bench": ["bench", "--checkpoint", ck, "--json", f"{ro}/b.json"],
+        "embed": _embed(tiny_fp32, exported, f"{ro}/f.npy", onnx504),
+        "build": ["build", "--onnx", str(onnx504), "--out", f"{ro}/e.plan"],
+        "pipeline": ["pipeline", "--checkpoint", ck, "--out", f"{ro}/engines"],
+    }[command]
+    code, err = run_cli(argv, capsys, tiny_fp32, onnx504.parent)
+    one_line_error(code, err, ro, "not writable")
