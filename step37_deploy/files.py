@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -31,9 +32,12 @@ from .errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
-#: The mark of this tool's temporaries: ``.{target}.step37-tmp-{pid}-{random}{suffix}``.
+#: The mark of this tool's temporaries: ``.{target}.step37-tmp-{host}-{pid}-{random}{suffix}``.
 TMP_MARK = ".step37-tmp-"
-_TMP_RE = re.compile(r"^\..*\.step37-tmp-(\d+)-[0-9a-f]{8}")
+#: This machine, as it appears in temporary names: a folder shared between machines (NFS) may hold
+#: a live run's temporaries whose PID means nothing here; only this host's are ever removed.
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+_TMP_RE = re.compile(r"^\..*\.step37-tmp-([A-Za-z0-9-]+?)-(\d+)-[0-9a-f]{8}(?![0-9a-f])")
 _PROCESS_START = time.time()
 
 
@@ -64,8 +68,9 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove this tool's temporaries in ``folder`` left by killed runs; returns what was removed.
 
-    Only names carrying :data:`TMP_MARK` are considered, and only those older than this process
-    whose writer's PID is no longer running (a concurrent run's temporaries are left alone).
+    Only names carrying :data:`TMP_MARK` and this :data:`HOST` are considered, and only those
+    older than this process whose writer's PID is no longer running (a concurrent run's
+    temporaries are left alone).
     """
     folder = Path(folder)
     removed: list[Path] = []
@@ -75,7 +80,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         return removed
     for entry in entries:
         m = _TMP_RE.match(entry.name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or m.group(1) != HOST or _pid_alive(int(m.group(2))):
             continue
         try:
             if entry.stat(follow_symlinks=False).st_mtime >= _PROCESS_START:
@@ -88,7 +93,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
             log.warning("could not remove stale temporary %s: %s", entry.path, exc)
             continue
         removed.append(Path(entry.path))
-        log.warning("removed %s, a temporary left by a killed run (pid %s)", entry.path, m.group(1))
+        log.warning("removed %s, a temporary left by a killed run (pid %s)", entry.path, m.group(2))
     return removed
 
 
@@ -108,7 +113,7 @@ def temp_sibling(path: str | Path, suffix: str = "", directory: bool = False) ->
     ensure_dir(path.parent, str(path))
     remove_stale_temporaries(path.parent)
     for _ in range(100):
-        tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+        tmp = path.parent / f".{path.name}{TMP_MARK}{HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
         try:
             if directory:
                 os.mkdir(tmp, 0o777)

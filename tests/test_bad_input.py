@@ -486,7 +486,7 @@ def test_sigkilled_make_checkpoint_is_cleaned_by_the_next_run(tmp_path, user_dir
     (and says so) but leaves the user's files and a live writer's temporary alone."""
     argv = ["make-checkpoint", "--out", str(tmp_path / "ck"), "-q"]
     slow, left = _killed_mid_write("step37_deploy.synthetic", "save_file", argv, tmp_path)
-    live = tmp_path / f".other{files.TMP_MARK}{os.getpid()}-0123abcd"  # a live writer's (this test's)
+    live = tmp_path / f".other{files.TMP_MARK}{files.HOST}-{os.getpid()}-0123abcd"  # a live writer's (ours)
     live.write_text("in progress")
     notes = tmp_path / ".notes.step37-tmp-backup"  # a user's file with a similar name
     notes.write_text("mine")
@@ -509,15 +509,17 @@ def test_sigkilled_export_is_cleaned_by_the_next_run(tiny_fp32, tmp_path):
 def test_stale_sweep_keeps_young_and_foreign_names(tmp_path, monkeypatch):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    stale = tmp_path / f".x.plan{files.TMP_MARK}{pid}-deadbeef"
+    stale = tmp_path / f".x.plan{files.TMP_MARK}{files.HOST}-{pid}-deadbeef"
     stale.write_bytes(b"partial engine")
-    foreign = tmp_path / f"x.plan{files.TMP_MARK}{pid}-deadbeef"  # not hidden: not ours
+    foreign = tmp_path / f"x.plan{files.TMP_MARK}{files.HOST}-{pid}-deadbeef"  # not hidden: not ours
     foreign.write_bytes(b"user")
+    elsewhere = tmp_path / f".x.plan{files.TMP_MARK}other-host-{pid}-deadbeef"  # NFS: maybe a live run
+    elsewhere.write_bytes(b"someone else's engine")
     # written after this process started: could be a run that started before us, kept
     assert files.remove_stale_temporaries(tmp_path) == []
     monkeypatch.setattr(files, "_PROCESS_START", time.time() + 10)
     assert files.remove_stale_temporaries(tmp_path) == [stale]
-    assert foreign.exists() and not stale.exists()
+    assert foreign.exists() and elsewhere.exists() and not stale.exists()
 
 
 def test_build_writes_engine_manifest_and_cache_with_umask_modes_and_nothing_else(onnx504, tmp_path, capsys):
