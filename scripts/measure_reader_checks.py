@@ -2,9 +2,9 @@
 
 Measured side by side in one run, on the tensors as the loader streams them (one at a time):
 
-* the NaN/Inf check as the loader does it (``checkpoint.all_finite``: one FP32-accumulated sum, the
-  elementwise test only when the sum is not finite) vs the naive ``torch.isfinite(t).all()``,
-  against the time to read + convert the same tensors;
+* the NaN/Inf check as the loader does it (``checkpoint.all_finite``: one ``aminmax`` pass) vs the
+  naive ``torch.isfinite(t).all()`` and an FP32-accumulated sum, against the time to read + convert
+  the same tensors;
 * the full vision-weights digest (``weights_digest``, recorded at export) vs the sampled
   fingerprint (``weights_fingerprint``, checked at every ``embed``/server start).
 
@@ -32,7 +32,7 @@ def main() -> None:
     refs = {**ck.vision_refs(args.checkpoint), **ck._refs(args.checkpoint, ck.PROJECTOR_PREFIXES, "projector")}
     dtype = ck.parse_dtype(args.dtype)
     nbytes = 0
-    t_read = t_check = t_naive = 0.0
+    t_read = t_check = t_naive = t_sum = 0.0
     n = 0
     ck.check_storage(refs, "vision")  # as the loader does, once
     original = ck.all_finite
@@ -46,9 +46,12 @@ def main() -> None:
             b = time.perf_counter()
             naive = bool(torch.isfinite(t).all())
             c = time.perf_counter()
-            assert ok and naive
+            summed = bool(torch.isfinite(t.sum(dtype=torch.float32)))
+            d = time.perf_counter()
+            assert ok and naive and summed
             t_check += b - a
             t_naive += c - b
+            t_sum += d - c
             nbytes += t.numel() * t.element_size()
             n += 1
             started = time.perf_counter()
@@ -56,8 +59,9 @@ def main() -> None:
         ck.all_finite = original
     print(f"tensors {n}, {nbytes / 1e9:.2f} GB as {dtype}")
     print(f"read+convert          {t_read:7.2f} s")
-    print(f"all_finite (sum)      {t_check:7.2f} s  = {t_check / t_read:.3f} x read+convert")
+    print(f"all_finite (aminmax)  {t_check:7.2f} s  = {t_check / t_read:.3f} x read+convert")
     print(f"isfinite().all()      {t_naive:7.2f} s  = {t_naive / t_read:.3f} x read+convert")
+    print(f"sum(dtype=float32)    {t_sum:7.2f} s  = {t_sum / t_read:.3f} x read+convert")
 
     a = time.perf_counter()
     fp = ck.weights_fingerprint(args.checkpoint)

@@ -284,6 +284,19 @@ def test_fp32_weight_overflowing_fp16_refused(ckpt):
     ck.load_vision_model(ckpt, "fp32")  # finite in the stored precision: fine
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_every_non_finite(dtype):
+    """The one-pass check (aminmax) sees a NaN/Inf at the start, middle and vectorised tail."""
+    for n in (1, 33, 100_003):
+        assert ck.all_finite(torch.randn(n).to(dtype))
+        for pos in (0, n // 2, n - 1):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                t = torch.randn(n).to(dtype)
+                t[pos] = bad
+                assert not ck.all_finite(t), (n, pos, bad)
+    assert ck.all_finite(torch.full((3, 4), 6e4, dtype=dtype))  # large but finite: no overflow in the check
+
+
 # -- index entries leading out of the folder -----------------------------------------------------------------
 def _point_key_at(ckpt: Path, name: str) -> None:
     edit_json(ckpt / INDEX, lambda i: {**i, "weight_map": {**i["weight_map"], VISION_KEY: name}})
