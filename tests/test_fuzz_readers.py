@@ -215,3 +215,50 @@ def test_engine_reader_random_bytes(work, data, match):
     m = _only_typed(read_manifest, plan)
     if m is not None:
         _only_typed(verify_engine_file, plan, m)
+
+
+# -- images (the serving input) ---------------------------------------------------------------------------
+def _image_seeds() -> list[bytes]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    out = []
+    for mode, fmt, kw in [("RGBA", "PNG", {}), ("RGB", "JPEG", {}), ("P", "GIF", {}), ("I;16", "PNG", {}),
+                          ("RGB", "WEBP", {}), ("RGB", "TIFF", {})]:  # fmt: skip
+        im = Image.fromarray(rgb).convert("RGBA" if mode == "RGBA" else "RGB")
+        if mode == "P":
+            im = im.convert("P")
+            kw = {"save_all": True, "append_images": [im.rotate(90)]}
+        if mode == "I;16":
+            im = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+        if fmt == "JPEG":
+            ex = Image.Exif()
+            ex[0x0112] = 6
+            kw = {"exif": ex}
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        out.append(buf.getvalue())
+    return out
+
+
+_IMAGES = _image_seeds()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.sampled_from(range(len(_IMAGES))), changes=edits, data=st.binary(max_size=600), raw=st.booleans())
+def test_image_bytes(seed, changes, data, raw):
+    """Damaged PNG/JPEG/GIF/16-bit PNG/WebP/TIFF bytes: an :class:`InputError` or a preprocessed image
+    (pixel limit lowered so a damaged header cannot ask for a huge decode)."""
+    from step37_deploy.errors import InputError
+    from step37_deploy.preprocess import PreprocessConfig, preprocess
+
+    blob = data if raw else _mutate(_IMAGES[seed], changes)
+    try:
+        pre = preprocess(blob, PreprocessConfig(max_pixels=1_000_000))
+    except InputError:
+        return
+    assert pre.global_view.shape == (3, 728, 728)
