@@ -132,8 +132,7 @@ def onnx_facts(path: str | Path) -> OnnxFacts:
     import onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise EngineError(f"ONNX file {path} does not exist")
+    require_file(path, EngineError, "ONNX file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

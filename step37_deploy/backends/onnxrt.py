@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, InputError
+from ..inputs import require_file
 from .base import Runner, TensorSpec
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -22,8 +23,7 @@ def session_from_onnx(
     def load():
         import onnxruntime as ort
 
-        if not Path(path).is_file():
-            raise InputError(f"ONNX file {path} does not exist")
+        require_file(path, InputError, "ONNX file")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
