@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
     p.add_argument("--batch", type=POSITIVE, default=8, help="views per runner call")
+    p.add_argument(
+        "--max-pixels",
+        type=POSITIVE,
+        default=89_478_485,  # preprocess.MAX_PIXELS; not imported here so that --help stays light
+        help="refuse images with more pixels (width x height) than this before decoding them",
+    )
     _add_common(p)
     return parser
 

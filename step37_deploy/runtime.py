@@ -78,6 +78,7 @@ class VisionEmbedder:
         device: str = "cpu",
         dtype: str = "fp32",
         batch_size: int = 8,
+        preprocess_cfg: PreprocessConfig | None = None,
     ) -> VisionEmbedder:
         """``backend``: ``"torch"`` (tower from the checkpoint), ``"onnx"`` or ``"trt"`` (the 728 and
         504 files in ``files``, told apart by their metadata/manifest).  The checkpoint always
@@ -126,7 +127,7 @@ class VisionEmbedder:
             b = b.to(dev, w.dtype) if b is not None else None
         else:
             w, b = w.numpy(), (b.numpy() if b is not None else None)
-        return cls(g, c, w, b, cfg.tokens, batch_size)
+        return cls(g, c, w, b, cfg.tokens, batch_size, preprocess_cfg)
 
     # -- inference --------------------------------------------------------------------------------
     def _project(self, feats: Any) -> Any:
@@ -243,7 +244,10 @@ def embed_command(args: Any, progress: bool) -> None:
     """``step37-deploy embed``: features per image to FILE.npy, layout to FILE.json (both atomic)."""
     out, side = check_embed_outputs(args.out, args.artifacts, args.image)
     checkpoint, *files = args.artifacts
-    emb = VisionEmbedder.from_artifacts(checkpoint, args.backend, files, provider=args.provider, batch_size=args.batch)
+    pcfg = PreprocessConfig(max_pixels=getattr(args, "max_pixels", PreprocessConfig.max_pixels))
+    emb = VisionEmbedder.from_artifacts(
+        checkpoint, args.backend, files, provider=args.provider, batch_size=args.batch, preprocess_cfg=pcfg
+    )
     results = emb.embed_images(args.image)
     feats = [
         np.asarray(r.features.float().cpu() if hasattr(r.features, "cpu") else r.features, np.float32) for r in results

@@ -590,6 +590,8 @@ def test_decompression_bomb_typed_with_count_and_limit(tmp_path, image, capsys, 
         preprocess(image, PreprocessConfig(max_pixels=1000))
     code, err = run_cli(embed_torch(tiny_fp32, bomb, tmp_path), capsys, bomb.parent, tiny_fp32)
     one_line_error(code, err, str(bomb), "400000000 pixels")
+    code, err = run_cli([*embed_torch(tiny_fp32, image, tmp_path), "--max-pixels", "1000"], capsys, image.parent)
+    one_line_error(code, err, str(image), "2400 pixels, over the limit of 1000")
 
 
 def test_animated_gif_first_frame_logged(tmp_path, caplog):
