@@ -524,8 +524,8 @@ def test_stale_sweep_keeps_young_and_foreign_names(tmp_path, monkeypatch):
 
 def test_build_writes_engine_manifest_and_cache_with_umask_modes_and_nothing_else(onnx504, tmp_path, capsys):
     pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX to build on a CPU")
-    out = tmp_path / "engines"
-    argv = ["build", "--onnx", str(onnx504), "--out", str(out / "e.plan"), "--timing-cache", str(out / "tc.cache")]
+    out, caches = tmp_path / "engines", tmp_path / "caches"  # neither folder exists yet
+    argv = ["build", "--onnx", str(onnx504), "--out", str(out / "e.plan"), "--timing-cache", str(caches / "tc")]
     old = os.umask(0o022)
     try:
         assert cli.main([*argv, "--batch", "1:1:2", "--compute-capability", "8.9", "-q"]) == 0
@@ -533,8 +533,8 @@ def test_build_writes_engine_manifest_and_cache_with_umask_modes_and_nothing_els
         os.umask(old)
     capsys.readouterr()
     # no NAME.lock (Polygraphy's, when given a path), no temporary
-    assert sorted(os.listdir(out)) == ["e.plan", "e.plan.json", "tc.cache"]
-    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+    assert sorted(os.listdir(out)) == ["e.plan", "e.plan.json"] and os.listdir(caches) == ["tc"]
+    assert {p.stat().st_mode & 0o777 for p in [*out.iterdir(), caches / "tc"]} == {0o644}
 
 
 @pytest.fixture
