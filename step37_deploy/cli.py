@@ -10,6 +10,7 @@ imported inside the commands, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -107,12 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         epilog="exit status: 0 ok, 1 accuracy threshold missed, 2 bad argument or input, 3 internal error",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand (those added later included) shows each option's default in its --help.
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter),
+    )
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
-
-    p = add("make-checkpoint", "write a synthetic checkpoint in the release layout")
+    p = sub.add_parser("make-checkpoint", help="write a synthetic checkpoint in the release layout")
     p.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny", help="model size")
     p.add_argument("--out", required=True, help="checkpoint folder to create (required)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="tensor dtype on disk")
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
 
-    p = add("export", "export the vision tower to ONNX (one file per resolution)")
+    p = sub.add_parser("export", help="export the vision tower to ONNX (one file per resolution)")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (required)")
     p.add_argument("--out", default="engines", help="output folder")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp16", help="graph precision")
@@ -154,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
 
-    p = add("compare", "accuracy report of ONNX files / engines against PyTorch FP32")
+    p = sub.add_parser("compare", help="accuracy report of ONNX files / engines against PyTorch FP32")
     _add_runner_options(p, [], "also compare eager PyTorch in this dtype, repeatable (default: none)")
     p.add_argument("--batch", type=POSITIVE, action="append", help="batch sizes, repeatable (default: 1 and 3)")
     p.add_argument(
@@ -174,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
 
-    p = add("pipeline", "export both resolutions (+ engines) and write the accuracy report")
+    p = sub.add_parser("pipeline", help="export both resolutions (+ engines) and write the accuracy report")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (required)")
     p.add_argument("--out", default="engines", help="output folder")
     p.add_argument("--precision", action="append", choices=["fp32", "fp16"], help="repeatable (default: fp32 and fp16)")
@@ -184,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT build even if a flavour is installed")
     _add_common(p)
 
-    p = add("build", "build a TensorRT engine from an FP16-typed ONNX file")
+    p = sub.add_parser("build", help="build a TensorRT engine from an FP16-typed ONNX file")
     p.add_argument("--onnx", required=True, help="FP16-typed ONNX file from export (required)")
     p.add_argument("--out", required=True, help="engine file, e.g. engines/NAME.plan; NAME.plan.json beside it")
     p.add_argument("--batch", type=_parse_batch_profile, default="1:1:8", help="optimisation profile MIN:OPT:MAX")
@@ -214,11 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-fp32", action="store_true", help="accept an FP32-typed graph")
     _add_common(p)
 
-    p = add("inspect", "print an engine's manifest (and TensorRT's inspector output)")
+    p = sub.add_parser("inspect", help="print an engine's manifest (and TensorRT's inspector output)")
     p.add_argument("engine", help="engine file with its NAME.plan.json manifest beside it")
     _add_common(p)
 
-    p = add("bench", "latency of backends side by side, as ratios")
+    p = sub.add_parser("bench", help="latency of backends side by side, as ratios")
     _add_runner_options(
         p, None, "eager PyTorch in this dtype, repeatable; the first runner is the baseline (default: fp32)"
     )
@@ -232,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result here, atomically (default: not written)")
     _add_common(p)
 
-    p = add("embed", "image(s) -> projected features per image + token layout")
+    p = sub.add_parser("embed", help="image(s) -> projected features per image + token layout")
     p.add_argument("--backend", choices=["trt", "onnx", "torch"], required=True, help="runner kind (required)")
     p.add_argument(
         "--artifacts",
