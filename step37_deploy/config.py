@@ -41,6 +41,18 @@ DEFAULT_TOKEN_IDS = {
 DOWNSAMPLE_STRIDE = 4
 
 
+#: Upper bounds far above any released tower (the release: width 1536, 47 layers, 16 heads, 728 px):
+#: a corrupt or hostile config.json must fail here, not build a model of a billion layers.
+_SANITY_LIMITS = {
+    "width": 1 << 16,
+    "layers": 1024,
+    "heads": 1024,
+    "num_channels": 16,
+    "image_size": 1 << 14,
+    "patch_size": 1024,
+}
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """The Perception-Encoder trunk + downsamplers, in the checkpoint's field names."""
@@ -100,8 +112,13 @@ class VisionConfig:
     def validate(self) -> None:
         problems = []
         for name in ("width", "layers", "heads", "num_channels", "image_size", "patch_size"):
-            if int(getattr(self, name)) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+            value = int(getattr(self, name))
+            if value <= 0:
+                problems.append(f"{name} must be positive, got {value}")
+            elif value > _SANITY_LIMITS[name]:
+                problems.append(f"{name} {value} is beyond any vision tower (at most {_SANITY_LIMITS[name]})")
+        if self.mlp_ratio > 64:
+            problems.append(f"mlp_ratio {self.mlp_ratio} is beyond any vision tower (at most 64)")
         if self.heads > 0 and self.width % self.heads:
             problems.append(f"width {self.width} is not divisible by heads {self.heads}")
         elif self.use_rope2d and self.heads > 0 and self.head_dim % 4:

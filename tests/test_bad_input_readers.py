@@ -125,6 +125,7 @@ def rewrite_tensor(ckpt: Path, key: str, fn) -> Path:
         (lambda c: {**c, "text_config": [1]}, ["text_config must be an object"]),
         (lambda c: 5, ["must hold a JSON object, not 5"]),
         (lambda c: None, ["must hold a JSON object, not null"]),
+        (lambda c: {**c, "vision_config": {**c["vision_config"], "layers": 10**9}}, ["layers 1000000000 is beyond"]),
     ],
     ids=[
         "vc-null",
@@ -137,6 +138,7 @@ def rewrite_tensor(ckpt: Path, key: str, fn) -> Path:
         "text-list",
         "config-5",
         "config-null",
+        "layers-huge",
     ],
 )
 def test_bad_config_values_exit_2_naming_file_and_field(ckpt, image, tmp_path, capsys, change, words):
