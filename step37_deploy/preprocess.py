@@ -132,8 +132,8 @@ def to_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Any:
     Where this deliberately differs from the reference: 16-bit images (Pillow modes ``I;16*`` and
     ``I``, e.g. 16-bit grayscale PNGs) are scaled to 8 bits (``v * 255 / 65535``, rounded).
     ``load_image``'s ``convert("RGB")`` clips them to 0..255, so almost every pixel of a 16-bit
-    image becomes white; feeding the model that is never what a caller means.  32-bit float
-    images (mode ``F``) are taken as 0..1 and scaled the same way."""
+    image becomes white; feeding the model that is never what a caller means.  (Float images,
+    mode ``F``, have no fixed range and go through ``convert("RGB")`` like the reference.)"""
     from PIL import Image
 
     if isinstance(image, (str, Path, bytes)):
@@ -147,7 +147,7 @@ def to_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Any:
     if image.mode == "RGB":
         return image
     try:
-        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        if image.mode == "I" or image.mode.startswith("I;16"):
             image = _to_8bit(image)
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
@@ -188,14 +188,12 @@ def _open_image(src: str | Path | bytes, max_pixels: int) -> Any:
 
 
 def _to_8bit(image: Any) -> Any:
-    """16-bit (``I;16*``, ``I``) or float (``F``, 0..1) grayscale -> ``L`` by scaling, not clipping."""
+    """16-bit grayscale (``I;16*``, or ``I`` as older Pillow opens 16-bit PNGs) -> ``L`` by
+    scaling 0..65535 to 0..255, not clipping."""
     from PIL import Image
 
     arr = np.asarray(image)
-    if image.mode == "F":
-        scaled = np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0
-    else:
-        scaled = np.clip(arr.astype(np.float64), 0, 65535) * (255.0 / 65535.0)
+    scaled = np.clip(arr.astype(np.float64), 0, 65535) * (255.0 / 65535.0)
     out = Image.fromarray(np.round(scaled).astype(np.uint8), "L")
     if image.info.get("transparency") is not None:  # a 16-bit grayscale PNG's tRNS value
         t = image.info["transparency"]
