@@ -46,3 +46,12 @@ class ThresholdError(Step37Error):
 
 class ServerError(Step37Error):
     """The embedding service answered a request with an error (or not at all); carries its message."""
+
+
+class OutputError(Step37Error):
+    """An output cannot be written: a directory where a file goes, an unwritable folder, a full
+    disk, or a path that is one of the command's own inputs or a file this tool did not write."""
+
+
+class UsageError(Step37Error, ValueError):
+    """Command-line arguments that cannot work together (e.g. ``compare`` with nothing to compare)."""

@@ -87,7 +87,7 @@ def test_trt_repository_configs_agree_with_engine_manifests(tiny_fp32, engines, 
         assert plan.read_bytes() == engine.read_bytes()
         files = record["towers"][str(res)]["files"]
         assert files == {f"{C.TOWER_MODELS[res]}/1/model.plan": m["engine_sha256"]}
-        assert record["towers"][str(res)]["weights_sha256"] == m["vision_weights_sha256"]
+        assert record["towers"][str(res)]["weights_sha256"] == m["onnx_metadata"]["vision_weights_sha256"]
     emb = cfgs[C.EMBEDDER_MODEL]
     assert emb.backend == "python" and emb.max_batch_size == 0
     assert [(i.name, pb.DataType.Name(i.data_type), list(i.dims)) for i in emb.input] == [("image", "TYPE_STRING", [1])]

@@ -23,7 +23,7 @@ from ..engine import check_runtime_compat, read_manifest, verify_engine_file
 from ..errors import EngineError, InputError
 from .base import Runner, TensorSpec
 
-_NP = {"float16": np.float16, "float32": np.float32}
+_NP = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
 
 
 class TensorRTRunner(Runner):

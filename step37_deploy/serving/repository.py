@@ -142,7 +142,7 @@ def describe_engine(path: str | Path) -> TowerArtifact:
         precision=str(m.get("precision", "fp16")),
         num_tokens=int(tokens),
         out_dim=int(dim),
-        weights_sha256=m.get("vision_weights_sha256"),
+        weights_sha256=(m.get("onnx_metadata") or {}).get("vision_weights_sha256"),  # the source ONNX's
         profile=(int(prof[0][0]), int(prof[1][0]), int(prof[2][0])),
     )
 
