@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -453,7 +453,7 @@ def write_repository(
     opts.validate()
     checkpoint, out = Path(checkpoint), Path(out)
     cfg = Step37Config.from_checkpoint(checkpoint)
-    pcfg = DEFAULT_PREPROCESS
+    pcfg = replace(DEFAULT_PREPROCESS, max_pixels=opts.max_image_pixels)
     towers = collect_towers(checkpoint, backend, artifacts, pcfg)
     digest = weights_digest(checkpoint)
     for t in towers.values():
@@ -471,7 +471,7 @@ def write_repository(
         if t.weights_sha256 is None and t.kind != "torch":
             log.warning("%s does not record the weights it was made from; serving it on trust", t.path)
         tower_max_batch(t, opts.max_batch)  # refuse before writing anything
-    replace = _check_destination(out, overwrite)
+    replacing = _check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed run's leftovers
         if stale.is_dir() and (stale / ".step37-partial").is_file():
@@ -517,7 +517,7 @@ def write_repository(
         (emb / "config.pbtxt").write_text(config_text(embedder_config(opts)))
         _record_path(tmp).write_text(json.dumps(record, indent=2))
         (tmp / ".step37-partial").unlink()
-        if replace:
+        if replacing:
             old = read_json(_record_path(out))
             log.info(
                 "replacing the model repository at %s (written by step37-deploy %s at %s)",

@@ -27,7 +27,6 @@ import sys
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
 import asyncio
-import io
 import json
 import re
 import traceback
@@ -47,26 +46,11 @@ from step37_deploy.serving import contract as C
 from step37_deploy.serving.repository import read_record, verify_repository
 
 
-def check_image_header(raw: bytes, max_pixels: int) -> None:
-    """Refuse empty, unreadable and over-size images from their header, before decoding pixels."""
-    from PIL import Image, UnidentifiedImageError
-
+def check_not_empty(raw: bytes) -> None:
+    """An empty ``image`` gets its own message (``preprocess`` checks everything else: unreadable
+    and truncated files, and the pixel count from the header before decoding, decompression bombs)."""
     if not raw:
         raise InputError(f"input {C.EMBEDDER_INPUT!r} is empty (0 bytes): send one encoded image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decided below, with our limit
-            with Image.open(io.BytesIO(raw)) as im:
-                width, height = im.size
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"image refused as a decompression bomb: {exc}") from exc
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise InputError(f"cannot read image ({len(raw)} bytes): {exc}") from exc
-    if width * height > max_pixels:
-        raise InputError(
-            f"image is {width}x{height} = {width * height} pixels, above the served limit of {max_pixels} "
-            "(--max-image-pixels): refused as a possible decompression bomb"
-        )
 
 
 def _cache_counters(model: str, version: str) -> tuple | None:
@@ -131,7 +115,9 @@ class TritonPythonModel:
         self.tokens = TokenIds(**record["tokens"])
         self.pcfg = PreprocessConfig(**record["preprocess"])
         self.max_pixels = int(record["max_image_pixels"])
-        Image.MAX_IMAGE_PIXELS = self.max_pixels  # Pillow's own bomb checks agree with ours
+        # Pillow's own checks agree with the served limit (preprocess refuses above it from the header).
+        Image.MAX_IMAGE_PIXELS = self.max_pixels
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         self.towers = {
             int(res): (t["model"], np.dtype(t["input_dtype"]), int(t["max_batch_size"]))
             for res, t in record["towers"].items()
@@ -197,8 +183,8 @@ class TritonPythonModel:
 
     async def _compute(self, request):
         raw = self._image_bytes(request)
-        check_image_header(raw, self.max_pixels)
-        pre = preprocess(raw, self.pcfg)
+        check_not_empty(raw)
+        pre = preprocess(raw, self.pcfg)  # pcfg.max_pixels is --max-image-pixels
         jobs = [self._tower(self.pcfg.image_size, pre.global_view[None])]
         if pre.num_crops:
             jobs.append(self._tower(self.pcfg.patch_size, pre.crops))
