@@ -106,6 +106,7 @@ def test_served_embeddings_equal_the_in_process_ones(tiny_server, twin, protocol
         assert client.is_ready()
         one = [client.embed(im) for im in images]
         many = client.embed_many(images * 2, concurrency=4)
+        assert len(client._clients) == 1  # the pool's connections were closed with its threads
     assert any(w.num_crops for w in want) and any(any(w.newline_mask) for w in want)
     for got, w in zip(one + many, want * 3, strict=True):
         assert got.token_ids == w.token_ids and got.text == w.text
@@ -118,7 +119,7 @@ def test_served_embeddings_equal_the_in_process_ones(tiny_server, twin, protocol
 def test_server_errors_arrive_typed_with_the_servers_message(tiny_server, protocol):
     url = tiny_server.grpc_url if protocol == "grpc" else tiny_server.http_url
     with EmbedClient(url, protocol) as client:
-        with pytest.raises(ServerError, match=r"cannot read image \(19 bytes\)") as err:
+        with pytest.raises(ServerError, match="cannot read image") as err:
             client.embed(b"this is not a .png!")
         assert isinstance(err.value, ServerError) and f"{protocol}://{url}" in str(err.value)
         with pytest.raises(ServerError, match="empty"):

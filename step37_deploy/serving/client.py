@@ -18,7 +18,6 @@ import contextlib
 import io
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +109,8 @@ class EmbedClient:
             raise InputError(f"url must be HOST:PORT (no scheme), got {url!r}")
         self.url, self.protocol, self.timeout, self.model = url, protocol, timeout, model
         self.pcfg = preprocess_cfg
+        # One connection per thread, held in a thread-local (never handed to a later thread that
+        # happens to reuse a finished one's id: gevent refuses that), and listed for close().
         self._local = threading.local()
         self._clients: list[Any] = []
         self._lock = threading.Lock()
@@ -138,12 +139,25 @@ class EmbedClient:
         return client
 
     def close(self) -> None:
+        """Close every connection (those of threads still running reconnect on their next call)."""
         with self._lock:
             clients, self._clients = self._clients, []
+            self._local = threading.local()
         for c in clients:
             with contextlib.suppress(Exception):  # closing a dead connection is not an error
                 c.close()
-        self._local = threading.local()
+
+    def close_thread(self) -> None:
+        """Close the calling thread's connection: worker threads call it before they end, so no
+        idle keep-alive connection outlives them (Triton waits for those when it shuts down)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            return
+        del self._local.client
+        with self._lock:
+            self._clients = [c for c in self._clients if c is not client]
+        with contextlib.suppress(Exception):
+            client.close()
 
     def __enter__(self) -> EmbedClient:
         return self
@@ -203,9 +217,34 @@ class EmbedClient:
         raised after the others finished."""
         if concurrency < 1:
             raise InputError(f"concurrency must be >= 1, got {concurrency}")
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embed") as pool:
-            futures = [pool.submit(self.embed, im) for im in images]
-        return [f.result() for f in futures]
+        results: list[Any] = [None] * len(images)
+        todo = iter(enumerate(images))
+        lock = threading.Lock()
+
+        def worker() -> None:
+            try:
+                while True:
+                    with lock:
+                        item = next(todo, None)
+                    if item is None:
+                        return
+                    i, image = item
+                    try:
+                        results[i] = self.embed(image)
+                    except Exception as exc:  # kept, raised below in request order
+                        results[i] = exc
+            finally:
+                self.close_thread()
+
+        threads = [threading.Thread(target=worker, name=f"embed-{k}") for k in range(min(concurrency, len(images)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     def inference_statistics(self, model: str) -> dict[str, Any]:
         """Triton's statistics of one model (cumulative since it loaded), as a JSON-like dict with

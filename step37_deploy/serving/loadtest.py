@@ -347,11 +347,13 @@ def drive(
     desc: str,
     progress: bool,
     first: int = 0,
+    on_exit: Callable[[], None] | None = None,
 ) -> tuple[list[_Outcome], int, float]:
     """``concurrency`` threads calling ``call`` on ``payloads`` (cycled, from request index
     ``first``) until ``requests`` were sent or ``duration_s`` passed; each answer is checked as it
-    arrives.  Returns the outcomes, the number of requests sent, and the wall time from the first
-    send to the last answer."""
+    arrives; ``on_exit`` runs in each thread as it ends (it closes that thread's connection).
+    Returns the outcomes, the number of requests sent, and the wall time from the first send to the
+    last answer."""
     from tqdm import tqdm
 
     counter = itertools.count()
@@ -364,6 +366,13 @@ def drive(
     last = [start]
 
     def worker() -> None:
+        try:
+            _work()
+        finally:
+            if on_exit is not None:
+                on_exit()
+
+    def _work() -> None:
         while True:
             i = next(counter)  # atomic under the GIL
             if i >= requests or time.perf_counter() >= deadline:
@@ -512,7 +521,8 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
             for r, (start, n) in enumerate(blocks(opts.requests, opts.rounds)):
                 args = (payloads, references, n, c, opts.duration_s / opts.rounds, opts.timeout_s, opts.tolerance)
                 tag = f" {r + 1}/{opts.rounds}" if opts.rounds > 1 else ""
-                _add(served, drive(client.embed, *args, desc=f"served c={c}{tag}", progress=progress, first=start))
+                d = f"served c={c}{tag}"
+                _add(served, drive(client.embed, *args, d, progress, first=start, on_exit=client.close_thread))
                 if opts.in_process:
                     _add(
                         local,
