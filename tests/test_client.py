@@ -126,8 +126,11 @@ def test_server_errors_arrive_typed_with_the_servers_message(tiny_server, protoc
             client.embed(b"")
         e = client.embed(synthetic_image(40, 40))  # and the server keeps serving
         assert e.features.shape[0] == 169
-        with pytest.raises(ServerError, match="unknown model|not found"):
-            EmbedClient(url, protocol, model="no_such_model").embed(synthetic_image(40, 40))
+    with (
+        EmbedClient(url, protocol, model="no_such_model") as other,
+        pytest.raises(ServerError, match="unknown model|not found"),
+    ):
+        other.embed(synthetic_image(40, 40))
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
