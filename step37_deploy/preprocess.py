@@ -31,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from . import config
 from .config import DOWNSAMPLE_STRIDE, TokenIds
 from .errors import InputError
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+CLIP_MEAN = np.array(config.CLIP_MEAN, dtype=np.float32)
+CLIP_STD = np.array(config.CLIP_STD, dtype=np.float32)
 
 
 @dataclass(frozen=True)
