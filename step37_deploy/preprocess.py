@@ -160,6 +160,12 @@ def _array_to_pil(arr: np.ndarray) -> Any:
 
 # -- the views ----------------------------------------------------------------------------------------
 
+#: ``pixel_dtype`` values of :func:`preprocess`: the input dtype an artifact declares.
+PIXEL_DTYPES = ("float32", "float16", "uint8")
+#: ``(x / 255 - mean) / std`` as one multiply-add per value, per channel, from uint8.
+_SCALE = (np.float32(1.0 / 255.0) / CLIP_STD).astype(np.float32).reshape(3, 1, 1)
+_OFFSET = (-CLIP_MEAN / CLIP_STD).astype(np.float32).reshape(3, 1, 1)
+
 
 def _resize(im: Any, width: int, height: int) -> Any:
     from PIL import Image
@@ -174,12 +180,42 @@ def normalise(images: Any) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis((x - CLIP_MEAN) / CLIP_STD, -1, -3))
 
 
+def normalise_views(views: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """uint8 views, channels first ([3, H, W] / [N, 3, H, W]) -> CLIP-normalised ``dtype``.
+
+    One fused multiply-add per value computed in FP32 and rounded once to ``dtype`` (FP16 written
+    directly, plane by plane through a small FP32 buffer).  Measured against a 256-entry lookup
+    table per channel (``np.take``), which numpy runs ~3x slower because it widens every uint8
+    index to intp first (``scripts/bench_preprocess.py``)."""
+    views = np.asarray(views)
+    if views.dtype != np.uint8 or views.ndim not in (3, 4) or views.shape[-3] != 3:
+        raise InputError(f"views must be uint8 [3, H, W] or [N, 3, H, W], got {views.dtype} {views.shape}")
+    dtype = np.dtype(dtype)
+    out = np.empty(views.shape, dtype)
+    if dtype == np.float32:
+        np.multiply(views, _SCALE, out=out)
+        out += _OFFSET
+        return out
+    planes_in, planes_out = views.reshape(-1, *views.shape[-2:]), out.reshape(-1, *views.shape[-2:])
+    scale, offset = np.tile(_SCALE.ravel(), len(planes_in) // 3), np.tile(_OFFSET.ravel(), len(planes_in) // 3)
+    buf = np.empty(views.shape[-2:], np.float32)  # one plane: stays in cache between the two passes
+    for src, dst, k, b in zip(planes_in, planes_out, scale, offset, strict=True):
+        np.multiply(src, k, out=buf)
+        np.add(buf, b, out=dst, casting="unsafe")
+    return out
+
+
+def _chw(im: Any) -> np.ndarray:
+    """A PIL RGB image as a uint8 [3, H, W] array."""
+    return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))
+
+
 @dataclass
 class PreprocessedImage:
     """One image's model inputs and its place in the token sequence."""
 
-    global_view: np.ndarray  # [3, 728, 728] float32
-    crops: np.ndarray  # [N, 3, 504, 504] float32 (N may be 0)
+    global_view: np.ndarray  # [3, 728, 728] in the pixel dtype asked for (float32 by default)
+    crops: np.ndarray  # [N, 3, 504, 504] in the same dtype (N may be 0)
     plan: PatchPlan
     newline_mask: list[bool] = field(default_factory=list)
 
@@ -188,17 +224,76 @@ class PreprocessedImage:
         return int(self.crops.shape[0])
 
 
-def preprocess(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
-    """Global view + crops (+ plan and newline mask) of one image."""
+def _pad_square(im: Any) -> Any:
+    """Zero-pad to a square, image at the top left: black in uint8 space, before normalisation
+    (which is what makes the uint8-input graphs' folded normalisation exact)."""
     from PIL import Image
+
+    side = max(im.width, im.height)
+    padded = Image.new("RGB", (side, side), (0, 0, 0))
+    padded.paste(im, (0, 0))
+    return padded
+
+
+def _resized(im: Any, plan: PatchPlan) -> tuple[Any, Any]:
+    """The image at the global size and at the crop size (``None`` without crops).
+
+    Pillow resamples horizontally first, then vertically, through an 8-bit intermediate image; when
+    both targets have the same width (every large landscape image, 4000x3000 -> 3024x2268 and
+    3024x2520), the horizontal pass is done once and shared, with bit-identical results."""
+    (gw, gh), (cw, ch) = plan.global_size, plan.crop_size
+    if plan.window and gw == cw and gw != im.width and im.height not in (gh, ch):
+        wide = _resize(im, gw, im.height)
+        return _resize(wide, gw, gh), _resize(wide, cw, ch)
+    return _resize(im, gw, gh), (_resize(im, cw, ch) if plan.window else None)
+
+
+def _tiles(big: Any, plan: PatchPlan, cfg: PreprocessConfig) -> np.ndarray:
+    """The crops of the crop-size image, row-major, as uint8 [N, 3, P, P]."""
+    w, p = plan.window, cfg.patch_size
+    if w == p and big.size == (plan.num_x * w, plan.num_y * w):  # tiles are the crops: one strided copy
+        a = np.asarray(big).reshape(plan.num_y, w, plan.num_x, w, 3)  # [ny, w, nx, w, 3]
+        return np.ascontiguousarray(a.transpose(0, 2, 4, 1, 3)).reshape(-1, 3, p, p)
+    tiles = []
+    for top in range(0, big.height, w):
+        for left in range(0, big.width, w):
+            tile = big.crop((left, top, min(left + w, big.width), min(top + w, big.height)))
+            tiles.append(_chw(_resize(tile, p, p)))
+    return np.stack(tiles)
+
+
+def preprocess(
+    image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS, pixel_dtype: str = "float32"
+) -> PreprocessedImage:
+    """Global view + crops (+ plan and newline mask) of one image.
+
+    ``pixel_dtype`` is the input dtype of the artifact the views go to: ``"uint8"`` gives the
+    resized/padded RGB views (0..255) with no float conversion at all, for uint8-input artifacts
+    that normalise in the graph; ``"float32"``/``"float16"`` the CLIP-normalised views."""
+
+    if pixel_dtype not in PIXEL_DTYPES:
+        raise InputError(f"pixel_dtype must be one of {list(PIXEL_DTYPES)}, got {pixel_dtype!r}")
+    im = to_rgb(image)
+    plan = plan_patches(im.width, im.height, cfg)
+    im = _pad_square(im) if plan.square_pad else im
+    global_img, crop_img = _resized(im, plan)
+    global_view = _chw(_resize(global_img, cfg.image_size, cfg.image_size))
+    if crop_img is not None:
+        crops = _tiles(crop_img, plan, cfg)
+    else:
+        crops = np.zeros((0, 3, cfg.patch_size, cfg.patch_size), np.uint8)
+    if pixel_dtype != "uint8":
+        global_view, crops = normalise_views(global_view, pixel_dtype), normalise_views(crops, pixel_dtype)
+    return PreprocessedImage(global_view, crops, plan, plan.newline_mask())
+
+
+def _preprocess_before_uint8(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
+    """The float32 path as it was before the uint8 rework (three full resizes, per-crop float
+    arithmetic), kept as the baseline of ``scripts/bench_preprocess.py`` and of a regression test."""
 
     im = to_rgb(image)
     plan = plan_patches(im.width, im.height, cfg)
-    if plan.square_pad:
-        side = max(im.width, im.height)
-        padded = Image.new("RGB", (side, side), (0, 0, 0))
-        padded.paste(im, (0, 0))
-        im = padded
+    im = _pad_square(im) if plan.square_pad else im
     global_view = normalise(_resize(_resize(im, *plan.global_size), cfg.image_size, cfg.image_size))
     crops = []
     if plan.window:
