@@ -24,6 +24,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+def _add_input_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        choices=["float", "uint8"],
+        default="float",
+        help="pixel_values the graph takes: float (CLIP-normalised views, default) or uint8 "
+        "(raw 0..255 views; the normalisation is folded into conv1, the host skips the float conversion)",
+    )
+
+
 def _parse_batch_profile(text: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(x) for x in text.split(":"))
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="FP16 graph: softmax in FP16, a cast-free MatMul-Softmax-MatMul (see docs/fp16.md)",
     )
+    _add_input_option(p)
     _add_common(p)
 
     p = sub.add_parser("compare", help="accuracy report of ONNX files / engines against PyTorch FP32")
@@ -102,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, action="append")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT build even if a flavour is installed")
+    _add_input_option(p)
     _add_common(p)
 
     p = sub.add_parser("build", help="build a TensorRT engine from an FP16-typed ONNX file")
@@ -213,6 +225,7 @@ def _cmd_export(args: argparse.Namespace, progress: bool) -> int:
             args.opset or DEFAULT_OPSET,
             policy=policy,
             progress=progress,
+            input_kind=args.input,
         )
         print(r.onnx_path)
     return 0
@@ -296,6 +309,7 @@ def _cmd_pipeline(args: argparse.Namespace, progress: bool) -> int:
         args.opset,
         build_engines=False if args.no_engines else None,
         progress=progress,
+        input_kind=args.input,
     )
     for e in result.exports:
         print(f"onnx    {e.onnx_path}")

@@ -30,7 +30,9 @@ def run_pipeline(
     build_engines: bool | None = None,
     progress: bool = False,
     seed: int = 0,
+    input_kind: str = "float",
 ) -> PipelineResult:
+    """``input_kind="uint8"``: the exports (and engines) take uint8 views, normalisation in the graph."""
     from .backends import OnnxrtRunner, TorchRunner, load_torch_model, session_from_onnx
     from .checkpoint import load_projector
     from .export import DEFAULT_OPSET
@@ -40,7 +42,15 @@ def run_pipeline(
     for precision in precisions:
         for res in resolutions:
             result.exports.append(
-                export_onnx(checkpoint_dir, out_dir, precision, res, opset or DEFAULT_OPSET, progress=progress)
+                export_onnx(
+                    checkpoint_dir,
+                    out_dir,
+                    precision,
+                    res,
+                    opset or DEFAULT_OPSET,
+                    progress=progress,
+                    input_kind=input_kind,
+                )
             )
 
     engine_runners = []
@@ -56,7 +66,8 @@ def run_pipeline(
 
     reference = TorchRunner(load_torch_model(str(checkpoint_dir), "fp32", progress=progress), name="torch-fp32")
     runners = [
-        OnnxrtRunner(session_from_onnx(e.onnx_path, "cpu"), name=f"onnxrt-cpu-{e.precision}") for e in result.exports
+        OnnxrtRunner(session_from_onnx(e.onnx_path, "cpu"), name=f"onnxrt-cpu-{e.precision}{_suffix(e)}")
+        for e in result.exports
     ] + engine_runners
     proj = load_projector(checkpoint_dir, "fp32")
     bias = proj.bias.detach().numpy() if proj.bias is not None else None
@@ -73,3 +84,7 @@ def run_pipeline(
     result.report_path = out_dir / "accuracy_report.json"
     result.report.write_json(result.report_path)
     return result
+
+
+def _suffix(e: ExportResult) -> str:
+    return "-uint8" if e.input_dtype == "uint8" else ""

@@ -205,7 +205,7 @@ def normalise_views(views: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
     return out
 
 
-def _chw(im: Any) -> np.ndarray:
+def to_chw(im: Any) -> np.ndarray:
     """A PIL RGB image as a uint8 [3, H, W] array."""
     return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))
 
@@ -258,7 +258,7 @@ def _tiles(big: Any, plan: PatchPlan, cfg: PreprocessConfig) -> np.ndarray:
     for top in range(0, big.height, w):
         for left in range(0, big.width, w):
             tile = big.crop((left, top, min(left + w, big.width), min(top + w, big.height)))
-            tiles.append(_chw(_resize(tile, p, p)))
+            tiles.append(to_chw(_resize(tile, p, p)))
     return np.stack(tiles)
 
 
@@ -277,7 +277,7 @@ def preprocess(
     plan = plan_patches(im.width, im.height, cfg)
     im = _pad_square(im) if plan.square_pad else im
     global_img, crop_img = _resized(im, plan)
-    global_view = _chw(_resize(global_img, cfg.image_size, cfg.image_size))
+    global_view = to_chw(_resize(global_img, cfg.image_size, cfg.image_size))
     if crop_img is not None:
         crops = _tiles(crop_img, plan, cfg)
     else:
