@@ -31,6 +31,7 @@ from step37_deploy.preprocess import (
     normalise_views,
     plan_patches,
     preprocess,
+    to_chw,
     to_rgb,
 )
 
@@ -55,19 +56,29 @@ def make_jpeg(path: Path, width: int = 4000, height: int = 3000, seed: int = 0) 
     return path
 
 
+class _Laps:
+    """Seconds since the previous lap, by step name."""
+
+    def __init__(self) -> None:
+        self.t, self.laps = time.perf_counter(), {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.t = now - self.t, now
+
+
 def _steps_before(path: str) -> dict[str, float]:
     """The old float32 path, step by step (same code as ``_preprocess_before_uint8``)."""
-    cfg, t = DEFAULT_PREPROCESS, {}
-    t0 = time.perf_counter()
+    cfg, lap = DEFAULT_PREPROCESS, _Laps()
     im = to_rgb(path)
     plan = plan_patches(im.width, im.height, cfg)
-    t1 = time.perf_counter()
+    lap("decode")
     g = _resize(im, *plan.global_size)
-    t2 = time.perf_counter()
+    lap("resize global size")
     g = _resize(g, cfg.image_size, cfg.image_size)
-    t3 = time.perf_counter()
+    lap("resize 728")
     big = _resize(im, *plan.crop_size) if plan.window else None
-    t4 = time.perf_counter()
+    lap("resize crop size")
     normalise(g)
     if big is not None:
         w = plan.window
@@ -75,32 +86,27 @@ def _steps_before(path: str) -> dict[str, float]:
             for left in range(0, plan.crop_size[0], w):
                 tile = big.crop((left, top, min(left + w, big.width), min(top + w, big.height)))
                 normalise(_resize(tile, cfg.patch_size, cfg.patch_size))
-    t5 = time.perf_counter()
-    t["decode"], t["resize global size"], t["resize 728"], t["resize crop size"] = t1 - t0, t2 - t1, t3 - t2, t4 - t3
-    t["crops + normalise fp32"] = t5 - t4
-    return t
+    lap("crops + normalise fp32")
+    return lap.laps
 
 
 def _steps_new(path: str) -> dict[str, float]:
     """The new path, step by step."""
-    cfg, t = DEFAULT_PREPROCESS, {}
-    t0 = time.perf_counter()
+    cfg, lap = DEFAULT_PREPROCESS, _Laps()
     im = to_rgb(path)
     plan = plan_patches(im.width, im.height, cfg)
-    t1 = time.perf_counter()
+    lap("decode")
     g, big = _resized(im, plan)
-    t2 = time.perf_counter()
-    gv = np.ascontiguousarray(np.asarray(_resize(g, cfg.image_size, cfg.image_size)).transpose(2, 0, 1))
-    t3 = time.perf_counter()
+    lap("resize global + crop size (shared pass)")
+    gv = to_chw(_resize(g, cfg.image_size, cfg.image_size))
+    lap("resize 728 + uint8 CHW")
     crops = _tiles(big, plan, cfg) if big is not None else gv[None, :, :0, :0]
-    t4 = time.perf_counter()
+    lap("crops uint8 (tiling)")
     normalise_views(gv), normalise_views(crops)
-    t5 = time.perf_counter()
+    lap("normalise fp32")
     normalise_views(gv, np.float16), normalise_views(crops, np.float16)
-    t6 = time.perf_counter()
-    t["decode"], t["resize global + crop size (shared pass)"], t["resize 728 + uint8 CHW"] = t1 - t0, t2 - t1, t3 - t2
-    t["crops uint8 (tiling)"], t["normalise fp32"], t["normalise fp16"] = t4 - t3, t5 - t4, t6 - t5
-    return t
+    lap("normalise fp16")
+    return lap.laps
 
 
 def _lut_fp32(views: np.ndarray) -> np.ndarray:
