@@ -18,7 +18,7 @@ from .backends.base import Runner
 from .errors import InputError, ThresholdError
 from .files import write_json
 from .fusion import project
-from .preprocess import PreprocessConfig, normalise_views, preprocess, to_chw, to_rgb
+from .preprocess import PreprocessConfig, as_pixel_dtype, normalise_views, preprocess, to_chw, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ def image_files_pixel_values(paths: list[str], resolution: int, batch: int) -> n
 def views_for(runner: Runner, views: np.ndarray) -> np.ndarray:
     """uint8 views [B, 3, R, R] as the input dtype ``runner`` declares: as they are for
     uint8-input artifacts, CLIP-normalised FP32/FP16 for float ones."""
-    dtype = runner.input_spec().dtype
-    return views if dtype == np.uint8 else normalise_views(views, dtype)
+    return as_pixel_dtype(views, runner.input_spec().dtype)
 
 
 @dataclass

@@ -209,6 +209,11 @@ def normalise_views(views: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
     return out
 
 
+def as_pixel_dtype(views: np.ndarray, dtype: Any) -> np.ndarray:
+    """uint8 views as an artifact's declared input dtype: unchanged for uint8 inputs, else normalised."""
+    return views if views.dtype == np.dtype(dtype) else normalise_views(views, dtype)
+
+
 def to_chw(im: Any) -> np.ndarray:
     """A PIL RGB image as a uint8 [3, H, W] array."""
     return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))
@@ -274,7 +279,6 @@ def preprocess(
     ``pixel_dtype`` is the input dtype of the artifact the views go to: ``"uint8"`` gives the
     resized/padded RGB views (0..255) with no float conversion at all, for uint8-input artifacts
     that normalise in the graph; ``"float32"``/``"float16"`` the CLIP-normalised views."""
-
     if pixel_dtype not in PIXEL_DTYPES:
         raise InputError(f"pixel_dtype must be one of {list(PIXEL_DTYPES)}, got {pixel_dtype!r}")
     im = to_rgb(image)
@@ -294,7 +298,6 @@ def preprocess(
 def _preprocess_before_uint8(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
     """The float32 path as it was before the uint8 rework (three full resizes, per-crop float
     arithmetic), kept as the baseline of ``scripts/bench_preprocess.py`` and of a regression test."""
-
     im = to_rgb(image)
     plan = plan_patches(im.width, im.height, cfg)
     im = _pad_square(im) if plan.square_pad else im

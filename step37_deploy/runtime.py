@@ -22,7 +22,7 @@ from .config import Step37Config, TokenIds
 from .errors import InputError
 from .files import atomic_path, write_json
 from .fusion import insert_features, insert_features_torch, project, project_torch
-from .preprocess import PreprocessConfig, image_layout, normalise_views, preprocess
+from .preprocess import PreprocessConfig, as_pixel_dtype, image_layout, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,9 @@ class VisionEmbedder:
     def pixel_dtype(self) -> str:
         """What :func:`preprocess` makes for these runners: their declared input dtype (``uint8``
         for uint8-input artifacts: no float conversion on the host), or uint8 when the two differ
-        (then normalised per runner in :meth:`_views_for`)."""
+        (then normalised per runner)."""
         dtypes = {r.input_spec().dtype.name for r in (self.global_runner, self.crop_runner)}
         return dtypes.pop() if len(dtypes) == 1 else "uint8"
-
-    def _views_for(self, runner: Runner, views: np.ndarray) -> np.ndarray:
-        want = runner.input_spec().dtype
-        return views if views.dtype == want else normalise_views(views, want)
 
     def embed_images(self, images: Sequence[Any]) -> list[ImageEmbedding]:
         """Preprocess (to the runners' input dtype), run all global views and all crops in batches,
@@ -173,10 +169,9 @@ class VisionEmbedder:
         pre = [preprocess(im, self.pcfg, pixel_dtype=pixel_dtype) for im in images]
         globals_ = np.stack([p.global_view for p in pre]) if pre else None
         crops = [p.crops for p in pre if p.num_crops]
-        gfeat = self._project(self.encode(self._views_for(self.global_runner, globals_))) if pre else None
-        cfeat = None
-        if crops:
-            cfeat = self._project(self.encode(self._views_for(self.crop_runner, np.concatenate(crops))))
+        gdtype, cdtype = self.global_runner.input_spec().dtype, self.crop_runner.input_spec().dtype
+        gfeat = self._project(self.encode(as_pixel_dtype(globals_, gdtype))) if pre else None
+        cfeat = self._project(self.encode(as_pixel_dtype(np.concatenate(crops), cdtype))) if crops else None
         out, k = [], 0
         for i, p in enumerate(pre):
             parts = []
