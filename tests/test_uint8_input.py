@@ -113,7 +113,7 @@ def test_torch_model_with_uint8_input(tiny_fp32):
     u8 = random_views(2, 504, 1)
     with torch.no_grad():
         ref = float_model(torch.from_numpy(normalise_views(u8))).numpy()
-    assert rel_l2(runner.infer(u8), ref) <= 2e-6
+    assert rel_l2(runner.infer(u8), ref) <= 3e-6  # measured 1.3e-6: FP32 rounding of two computation orders
     with pytest.raises(InputError, match="uint8"):
         runner.model(torch.from_numpy(normalise_views(u8)))
     fp16 = load_vision_model(tiny_fp32, "fp16").set_uint8_input()
