@@ -9,13 +9,14 @@ both sides, so the projector itself adds no error).  A threshold per precision d
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .backends.base import Runner
-from .errors import InputError, ThresholdError
+from .errors import InputError, ThresholdError, UsageError
 from .files import write_json
 from .fusion import project
 from .preprocess import PreprocessConfig, as_pixel_dtype, normalise_views, preprocess, to_chw, to_rgb
@@ -25,10 +26,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Pass criteria for one precision (features and projected features alike)."""
+    """Pass criteria for one precision (features and projected features alike).
+
+    Validated on construction: a NaN threshold would make every comparison fail (or, written the
+    other way round, pass), ``cos_min`` above 1 can never be met and at -1 or below always is,
+    and a negative ``rel_l2`` can never be met."""
 
     cos_min: float
     rel_l2: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.cos_min, (int, float)) and math.isfinite(self.cos_min) and -1 < self.cos_min <= 1):
+            raise UsageError(f"--cos-min (cos_min) must be a finite number in (-1, 1], got {self.cos_min!r}")
+        if not (isinstance(self.rel_l2, (int, float)) and math.isfinite(self.rel_l2) and self.rel_l2 >= 0):
+            raise UsageError(f"--rel-l2 (rel_l2) must be a finite number >= 0, got {self.rel_l2!r}")
 
 
 #: Defaults per precision.  FP32 graphs differ from eager PyTorch only by kernel order; FP16 ones
@@ -175,8 +186,15 @@ def compare(
     thresholds: dict[str, Thresholds] | None = None,
     progress: bool = False,
 ) -> Report:
-    """Compare ``runners`` with ``reference`` at each resolution a runner supports and each batch."""
+    """Compare ``runners`` with ``reference`` at each resolution a runner supports and each batch.
+
+    A comparison with zero cases (no runner, no batch, or no runner serving any asked resolution)
+    is a :class:`UsageError`: a report that checked nothing must never read as a pass."""
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    if not runners:
+        raise UsageError("compare: no runner to compare with the reference")
+    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise UsageError(f"compare: --batch sizes must be positive integers, got {batches}")
     report = Report()
     reference.activate()
     jobs = []
@@ -188,6 +206,12 @@ def compare(
         for res in res_list:
             for b in batches:
                 jobs.append((runner, res, b))
+    if not jobs:
+        served = ", ".join(f"{r.name}: {r.resolution or 'any'}" for r in runners)
+        raise UsageError(
+            f"compare: zero cases: no runner serves the asked resolution(s) {resolutions} ({served}); "
+            "ask for a resolution a runner was exported for, or leave --resolution out"
+        )
     bar = None
     if progress:
         from tqdm import tqdm

@@ -23,20 +23,20 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import TensorRef, _open, vision_refs, weights_digest
+from .checkpoint import TensorRef, _open, require_finite, vision_refs, weights_digest, weights_fingerprint
 from .config import Step37Config
-from .errors import CheckpointError, ExportError
+from .errors import CheckpointError, ExportError, InputError, OutputError, Step37Error
+from .files import check_output_dir, os_reason, refuse_inputs, remove_tree, temp_sibling
 from .model import PrecisionPolicy, Step37VisionModel, fold_normalisation, resample_posemb, rope_tables
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,17 @@ def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: 
         )
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise ExportError(f"output folder {out_dir} is not writable: {exc}") from exc
+def _cause(exc: BaseException | None, kind: type[BaseException]) -> Any:
+    """The ``kind`` error behind ``exc`` (the exporter and onnx_ir wrap them), if any."""
+    while exc is not None:
+        if isinstance(exc, kind):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    return _cause(exc, OSError)
 
 
 def header_shapes(refs: dict[str, TensorRef]) -> dict[str, tuple[int, ...]]:
@@ -163,6 +167,14 @@ class WeightSource:
             return f.get_tensor(ref.key).float()
 
     def value(self, name: str) -> torch.Tensor:
+        """The initializer as it goes into the file, refused when it holds NaN/Inf (checked here,
+        while it is in memory anyway: no extra pass over the weights)."""
+        t = self._value(name)
+        ref = self.refs.get(name if name != "grid_posemb" else "positional_embedding")
+        require_finite(t, ref.key if ref else name, ref.shard if ref else "(computed)", f" as {self.dtype}")
+        return t
+
+    def _value(self, name: str) -> torch.Tensor:
         gh, gw = self.grid
         if name in self.refs:
             return self._read(name).to(self.dtype)
@@ -256,7 +268,7 @@ def export_onnx(
     cfg = Step37Config.from_checkpoint(checkpoint_dir)
     validate_request(cfg, precision, resolution, opset, input_kind)
     out_dir = Path(out_dir)
-    _check_writable(out_dir)
+    check_output_dir(out_dir, "--out")
     policy = policy or PrecisionPolicy()
     dtype = PRECISIONS[precision]
     grid = cfg.vision.grid(resolution, resolution)
@@ -274,6 +286,7 @@ def export_onnx(
     log.info("tracing %s graph for %dx%d (grid %dx%d)", precision, resolution, resolution, *grid)
     ir_model = _trace(model, resolution, opset)
     digest = weights_digest(checkpoint_dir)
+    fingerprint = weights_fingerprint(checkpoint_dir)
     source = WeightSource(refs, cfg, grid, dtype, policy)
 
     bar = None
@@ -299,6 +312,7 @@ def export_onnx(
             META_PREFIX + "output_dim": str(cfg.vision.output_dim),
             META_PREFIX + "source_checkpoint": str(Path(checkpoint_dir).resolve()),
             META_PREFIX + "vision_weights_sha256": digest,
+            META_PREFIX + "vision_weights_fingerprint": fingerprint,
             META_PREFIX + "precision_policy": json.dumps(asdict(policy), sort_keys=True),
             META_PREFIX + "opset": str(opset),
             META_PREFIX + "torch_version": torch.__version__,
@@ -308,7 +322,10 @@ def export_onnx(
     name = onnx_filename(precision, resolution, input_kind)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = name + ".data" if use_external else None
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=out_dir))
+    final = out_dir / name
+    outputs = {"output": final, "external data": out_dir / data_name if data_name else None}
+    refuse_inputs(outputs, {"--checkpoint": checkpoint_dir})
+    tmp_dir = temp_sibling(final, directory=True)
     try:
         tmp_onnx = tmp_dir / name
         if use_external:
@@ -317,22 +334,26 @@ def export_onnx(
             ir.save(ir_model, tmp_onnx)
         if bar is not None:
             bar.close()
-        # Validate by path (works past protobuf's 2 GB limit), then infer shapes.
+        # Validate by path (works past protobuf's 2 GB limit), then infer shapes on the graph in
+        # memory (weights stay on disk: an inferred copy written to a full disk came out truncated
+        # and silent, then failed to parse as "corrupt").
         onnx.checker.check_model(str(tmp_onnx))
-        inferred = tmp_dir / ("inferred-" + name)
-        onnx.shape_inference.infer_shapes_path(str(tmp_onnx), str(inferred))
-        _check_inferred_output(inferred, num_tokens, cfg.vision.output_dim)
-        inferred.unlink()
-        final = out_dir / name
+        graph_only = onnx.load(str(tmp_onnx), load_external_data=False)
+        _check_inferred_output(onnx.shape_inference.infer_shapes(graph_only), num_tokens, cfg.vision.output_dim)
+        del graph_only
         if data_name:
             os.replace(tmp_dir / data_name, out_dir / data_name)
         os.replace(tmp_onnx, final)
-    except ExportError:
+    except Step37Error:  # e.g. NaN weights found while writing: already says which tensor
         raise
     except Exception as exc:
+        if (typed := _cause(exc, Step37Error)) is not None:  # NaN weights met while onnx_ir streams them
+            raise typed from None
+        if (os_exc := _os_error(exc)) is not None:
+            raise OutputError(f"writing {final} failed: {os_reason(os_exc)}") from exc
         raise ExportError(f"writing {name} failed: {exc}") from exc
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        remove_tree(tmp_dir)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
@@ -350,10 +371,7 @@ def export_onnx(
     )
 
 
-def _check_inferred_output(path: Path, num_tokens: int, out_dim: int) -> None:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
+def _check_inferred_output(m: Any, num_tokens: int, out_dim: int) -> None:
     (out,) = m.graph.output
     dims = out.type.tensor_type.shape.dim
     got = [d.dim_param or d.dim_value for d in dims]
@@ -365,5 +383,12 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The ``step37.*`` metadata of an exported file (without loading its weights)."""
     import onnx
 
-    m = onnx.load(str(onnx_path), load_external_data=False)
+    from .inputs import onnx_external_files, require_file
+
+    require_file(onnx_path, InputError, "ONNX file")
+    try:
+        m = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise InputError(f"{onnx_path} is not an ONNX model: {str(exc)[:200]}") from None
+    onnx_external_files(m, onnx_path, InputError)  # whoever loads it next must not read outside its folder
     return {p.key[len(META_PREFIX) :]: p.value for p in m.metadata_props if p.key.startswith(META_PREFIX)}

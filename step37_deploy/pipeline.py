@@ -6,10 +6,15 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends.base import Runner
 from .compare import Report, compare
+from .errors import BackendUnavailable, EngineError
 from .export import ExportResult, export_onnx
+from .files import check_output_dir, check_replaceable_json, refuse_inputs
 
 log = logging.getLogger(__name__)
+
+REPORT_NAME = "accuracy_report.json"
 
 
 @dataclass
@@ -38,7 +43,11 @@ def run_pipeline(
     from .export import DEFAULT_OPSET
 
     out_dir = Path(out_dir)
-    result = PipelineResult()
+    result = PipelineResult(report_path=out_dir / REPORT_NAME)
+    # Before the long work: the report can be written and replaces nothing it should not.
+    check_output_dir(out_dir, "--out")
+    refuse_inputs({"the report": result.report_path}, {"--checkpoint": checkpoint_dir})
+    check_replaceable_json(result.report_path, "the report", {"passed", "rows"})
     for precision in precisions:
         for res in resolutions:
             result.exports.append(
@@ -47,7 +56,7 @@ def run_pipeline(
                     out_dir,
                     precision,
                     res,
-                    opset or DEFAULT_OPSET,
+                    opset if opset is not None else DEFAULT_OPSET,
                     progress=progress,
                     input_kind=input_kind,
                 )
@@ -55,8 +64,6 @@ def run_pipeline(
 
     engine_runners = []
     if build_engines is not False:
-        from .engine import build_pipeline_engines
-
         result.engines, engine_runners = build_pipeline_engines(
             [e for e in result.exports if e.precision == "fp16"],
             out_dir,
@@ -81,9 +88,34 @@ def run_pipeline(
         seed=seed,
         progress=progress,
     )
-    result.report_path = out_dir / "accuracy_report.json"
     result.report.write_json(result.report_path)
     return result
+
+
+def build_pipeline_engines(
+    exports: list[ExportResult], out_dir: Path, required: bool = False, progress: bool = False
+) -> tuple[list[Path], list[Runner]]:
+    """Engines for the pipeline's FP16 exports when a flavour is installed; runners where they can run."""
+    from .backends.tensorrt import TensorRTRunner
+    from .engine import BuildOptions, build_engine, check_runtime_compat, detect_flavour, engine_filename, read_manifest
+
+    flavour = detect_flavour()
+    if flavour is None:
+        if required:
+            raise BackendUnavailable("no TensorRT flavour is installed")
+        log.info("no TensorRT flavour installed: skipping engine builds")
+        return [], []
+    paths, runners = [], []
+    for e in exports:
+        out = Path(out_dir) / engine_filename(e.onnx_path.name)
+        build_engine(e.onnx_path, out, BuildOptions(batch=(1, 2, 8), flavour=flavour), progress=progress)
+        paths.append(out)
+        try:
+            check_runtime_compat(read_manifest(out), out)
+            runners.append(TensorRTRunner(out, name=f"trt-{e.precision}{_suffix(e)}"))
+        except (EngineError, BackendUnavailable) as exc:
+            log.info("engine %s built ahead of time; not run here: %s", out.name, exc)
+    return paths, runners
 
 
 def _suffix(e: ExportResult) -> str:

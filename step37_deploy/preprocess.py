@@ -25,6 +25,8 @@ The token layout is ``Step3p7Processor``'s: per crop ``<patch_start>`` + 81 x ``
 from __future__ import annotations
 
 import io
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,14 @@ import numpy as np
 from . import config
 from .config import DOWNSAMPLE_STRIDE, TokenIds
 from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Largest image (width x height) decoded by default: Pillow's own decompression-bomb threshold
+#: (~89.5 MP, a 0.27 GB RGB buffer).  Larger images are refused with an :class:`InputError` before
+#: their pixels are decoded; ``PreprocessConfig.max_pixels`` changes it (Pillow itself refuses
+#: above twice its ``PIL.Image.MAX_IMAGE_PIXELS`` whatever this says).
+MAX_PIXELS = 89_478_485
 
 CLIP_MEAN = np.array(config.CLIP_MEAN, dtype=np.float32)
 CLIP_STD = np.array(config.CLIP_STD, dtype=np.float32)
@@ -67,6 +77,7 @@ class PreprocessConfig:
     patch_size: int = 504
     max_image_size: int = 3024
     vision_patch: int = 14
+    max_pixels: int = MAX_PIXELS  # decompression-bomb limit for image files/bytes (width x height)
 
     @property
     def image_tokens(self) -> int:
@@ -109,21 +120,25 @@ def plan_patches(width: int, height: int, cfg: PreprocessConfig = DEFAULT_PREPRO
 # -- image loading ------------------------------------------------------------------------------------
 
 
-def to_rgb(image: Any) -> Any:
+def to_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Any:
     """A PIL RGB image from a path, bytes, PIL image or uint8 array, converted like the reference:
     transparency (alpha band, or a palette/LA/PA ``transparency`` entry) is composited onto white;
-    grayscale, palette, CMYK, 16-bit and the rest go through Pillow's ``convert("RGB")``."""
-    from PIL import Image, UnidentifiedImageError
+    grayscale, palette, CMYK and the rest go through Pillow's ``convert("RGB")``.
+
+    Files and bytes are read like ``transformers.image_utils.load_image``: the EXIF orientation is
+    applied (``ImageOps.exif_transpose``), so a portrait photo stored sideways is planned and cut
+    upright.  Images over ``max_pixels`` are refused before decoding (:class:`InputError` with
+    both numbers).  Animated images (GIF, APNG, WebP) give their first frame, with a log line.
+
+    Where this deliberately differs from the reference: 16-bit images (Pillow modes ``I;16*`` and
+    ``I``, e.g. 16-bit grayscale PNGs) are scaled to 8 bits (``v * 255 / 65535``, rounded).
+    ``load_image``'s ``convert("RGB")`` clips them to 0..255, so almost every pixel of a 16-bit
+    image becomes white; feeding the model that is never what a caller means.  (Float images,
+    mode ``F``, have no fixed range and go through ``convert("RGB")`` like the reference.)"""
+    from PIL import Image
 
     if isinstance(image, (str, Path, bytes)):
-        src = io.BytesIO(image) if isinstance(image, bytes) else image
-        try:
-            with Image.open(src) as im:
-                im.load()
-                image = im.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            name = "<bytes>" if isinstance(image, bytes) else str(image)
-            raise InputError(f"cannot read image {name}: {exc}") from exc
+        image = _open_image(image, max_pixels)
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
@@ -132,11 +147,61 @@ def to_rgb(image: Any) -> Any:
         raise InputError(f"image has zero size ({image.width}x{image.height})")
     if image.mode == "RGB":
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            image = _to_8bit(image)
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:  # e.g. "conversion from La to L not supported"
+        raise InputError(f"image of mode {image.mode} cannot be converted to RGB: {exc}") from None
+
+
+def _open_image(src: str | Path | bytes, max_pixels: int) -> Any:
+    """Decode a file or bytes: size checked before the pixels are decoded, EXIF orientation
+    applied, first frame of an animation."""
+    from PIL import Image, ImageOps
+
+    name = "<bytes>" if isinstance(src, bytes) else str(src)
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            pixels = im.width * im.height
+            if pixels > max_pixels:
+                raise InputError(
+                    f"image {name} is {im.width}x{im.height} = {pixels} pixels, over the limit of {max_pixels} "
+                    "(a decompression bomb, or raise PreprocessConfig.max_pixels)"
+                )
+            if getattr(im, "is_animated", False):  # checks for a 2nd frame; n_frames would scan them all
+                log.info("image %s is animated: using its first frame only", name)
+            im.load()
+            return ImageOps.exif_transpose(im)  # a new image, upright, orientation tag removed
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's hard limit (2 x MAX_IMAGE_PIXELS) hit inside open()
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0)) or max_pixels
+        raise InputError(f"image {name} is {size}, over the limit of {limit} (a decompression bomb)") from None
+    except Exception as exc:  # a decoder fed untrusted bytes fails in many ways (EOFError, struct.error...)
+        raise InputError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_8bit(image: Any) -> Any:
+    """16-bit grayscale (``I;16*``, or ``I`` as older Pillow opens 16-bit PNGs) -> ``L`` by
+    scaling 0..65535 to 0..255, not clipping."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    scaled = np.clip(arr.astype(np.float64), 0, 65535) * (255.0 / 65535.0)
+    out = Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+    if image.info.get("transparency") is not None:  # a 16-bit grayscale PNG's tRNS value
+        t = image.info["transparency"]
+        if isinstance(t, int):
+            alpha = np.where(arr == t, 0, 255).astype(np.uint8)
+            out = Image.merge("LA", (out, Image.fromarray(alpha, "L")))
+    return out
 
 
 def _array_to_pil(arr: np.ndarray) -> Any:
@@ -281,7 +346,7 @@ def preprocess(
     that normalise in the graph; ``"float32"``/``"float16"`` the CLIP-normalised views."""
     if pixel_dtype not in PIXEL_DTYPES:
         raise InputError(f"pixel_dtype must be one of {list(PIXEL_DTYPES)}, got {pixel_dtype!r}")
-    im = to_rgb(image)
+    im = to_rgb(image, cfg.max_pixels)
     plan = plan_patches(im.width, im.height, cfg)
     im = _pad_square(im) if plan.square_pad else im
     global_img, crop_img = _resized(im, plan)
@@ -298,7 +363,7 @@ def preprocess(
 def _preprocess_before_uint8(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
     """The float32 path as it was before the uint8 rework (three full resizes, per-crop float
     arithmetic), kept as the baseline of ``scripts/bench_preprocess.py`` and of a regression test."""
-    im = to_rgb(image)
+    im = to_rgb(image, cfg.max_pixels)
     plan = plan_patches(im.width, im.height, cfg)
     im = _pad_square(im) if plan.square_pad else im
     global_view = normalise(_resize(_resize(im, *plan.global_size), cfg.image_size, cfg.image_size))

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, InputError
+from ..inputs import require_file
 from .base import Runner, TensorSpec
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
@@ -22,8 +23,7 @@ def session_from_onnx(
     def load():
         import onnxruntime as ort
 
-        if not Path(path).is_file():
-            raise InputError(f"ONNX file {path} does not exist")
+        require_file(path, InputError, "ONNX file")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -39,7 +39,11 @@ def session_from_onnx(
             providers = ["CPUExecutionProvider"]
         else:
             raise InputError(f"ONNX Runtime provider must be 'cpu' or 'cuda', got {provider!r}")
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # ORT's pybind errors (InvalidProtobuf, InvalidGraph, Fail...) share no base
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"ONNX Runtime cannot load {path}: {first}") from None
         if provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
             raise BackendUnavailable("ONNX Runtime could not start its CUDA provider on this machine")
         return sess
