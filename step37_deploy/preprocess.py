@@ -279,9 +279,13 @@ def as_pixel_dtype(views: np.ndarray, dtype: Any) -> np.ndarray:
     return views if views.dtype == np.dtype(dtype) else normalise_views(views, dtype)
 
 
-def to_chw(im: Any) -> np.ndarray:
-    """A PIL RGB image as a uint8 [3, H, W] array."""
-    return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))
+def to_chw(im: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """A PIL RGB image as a uint8 [3, H, W] array (into ``out`` if given): Pillow splits the bands,
+    each copied as a contiguous plane, ~2x faster than transposing the interleaved array."""
+    out = np.empty((3, im.height, im.width), np.uint8) if out is None else out
+    for plane, band in zip(out, im.split(), strict=True):
+        plane[...] = np.asarray(band)
+    return out
 
 
 @dataclass
@@ -323,17 +327,18 @@ def _resized(im: Any, plan: PatchPlan) -> tuple[Any, Any]:
 
 
 def _tiles(big: Any, plan: PatchPlan, cfg: PreprocessConfig) -> np.ndarray:
-    """The crops of the crop-size image, row-major, as uint8 [N, 3, P, P]."""
+    """The crops of the crop-size image, row-major, each resized to the patch size (a no-op when the
+    window is the patch size, the usual case), as uint8 [N, 3, P, P]."""
     w, p = plan.window, cfg.patch_size
-    if w == p and big.size == (plan.num_x * w, plan.num_y * w):  # tiles are the crops: one strided copy
-        a = np.asarray(big).reshape(plan.num_y, w, plan.num_x, w, 3)  # [ny, w, nx, w, 3]
-        return np.ascontiguousarray(a.transpose(0, 2, 4, 1, 3)).reshape(-1, 3, p, p)
-    tiles = []
-    for top in range(0, big.height, w):
-        for left in range(0, big.width, w):
-            tile = big.crop((left, top, min(left + w, big.width), min(top + w, big.height)))
-            tiles.append(to_chw(_resize(tile, p, p)))
-    return np.stack(tiles)
+    boxes = [
+        (left, top, min(left + w, big.width), min(top + w, big.height))
+        for top in range(0, big.height, w)
+        for left in range(0, big.width, w)
+    ]
+    out = np.empty((len(boxes), 3, p, p), np.uint8)
+    for tile, box in zip(out, boxes, strict=True):
+        to_chw(_resize(big.crop(box), p, p), out=tile)
+    return out
 
 
 def preprocess(
