@@ -12,8 +12,10 @@ torchvision:
    ``min(short side, 504)``; every other large image uses 504.
 3. *Snap*: each side snaps to a multiple of the window, up when the remainder exceeds 20 % of it.
 
-The global view is the (padded) image resized to the normalised size and then to 728x728; crops
-are tiles of the image resized to the snapped size, row-major, each resized to 504x504.  All
+The global view is the (padded) image resized to the normalised size and then to 728x728 (for
+large images whose horizontal pass is shared with the crops, the second horizontal pass runs
+before the first vertical one: within one level, see ``_global_image``); crops are tiles of the
+image resized to the snapped size, row-major, each resized to 504x504.  All
 resizes are bilinear with antialiasing (Pillow's BILINEAR, which torchvision's antialiased bilinear
 reproduces).  Pixels are scaled to [0, 1] and normalised with the CLIP mean/std.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,6 +86,7 @@ class PreprocessConfig:
     #: Threads per image: 2 makes the crops (resize, tiling, normalisation) and the global view
     #: overlap (Pillow and numpy release the GIL), which lowers one image's latency on an idle
     #: machine but not the throughput of a loaded one (the service scales with instances, not this).
+    #: 1 (or less): everything on the calling thread.
     threads: int = 1
 
     @property
@@ -353,8 +357,9 @@ def _global_image(im: Any, wide: Any, plan: PatchPlan, cfg: PreprocessConfig) ->
 
 
 @functools.lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """Worker threads of :attr:`PreprocessConfig.threads` (the caller's thread is one of them)."""
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """Worker threads of :attr:`PreprocessConfig.threads` (the caller's thread is one of them); one
+    pool per process, since a forked child inherits the pool object but not its threads."""
     return ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="preprocess")
 
 
@@ -400,7 +405,7 @@ def preprocess(
         return tiles if dtype is None else normalise_views(tiles, dtype)
 
     if cfg.threads > 1 and plan.window:  # Pillow and numpy release the GIL: the two halves overlap
-        pending = _pool(cfg.threads).submit(make_crops)
+        pending = _pool(cfg.threads, os.getpid()).submit(make_crops)
         global_view = make_global()
         return PreprocessedImage(global_view, pending.result(), plan, plan.newline_mask())
     global_view, crops = make_global(), make_crops()
