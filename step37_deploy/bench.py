@@ -85,7 +85,12 @@ def summarise(name: str, samples: list[float], **extra: Any) -> Timing:
 
 
 def bench_runners(
-    runners: list, x: Any, warmup: int, iters: int, sync: Callable[[], None] | None = None, progress: bool = False
+    runners: list,
+    x: Any | Callable[[Any], Any],
+    warmup: int,
+    iters: int,
+    sync: Callable[[], None] | None = None,
+    progress: bool = False,
 ) -> list[Timing]:
     timings = []
     it = runners
@@ -95,7 +100,8 @@ def bench_runners(
         it = tqdm(runners, desc="benchmarking", unit="runner")
     for r in it:
         r.activate()
-        samples = time_fn(lambda r=r: r.infer(x), warmup, iters, sync)
+        inp = x(r) if callable(x) else x  # per runner: its declared input dtype
+        samples = time_fn(lambda r=r, inp=inp: r.infer(inp), warmup, iters, sync)
         timings.append(summarise(r.name, samples))
     base = timings[0].median_ms if timings else 1.0
     for t in timings:
@@ -109,7 +115,7 @@ def run_bench(args: Any, progress: bool) -> BenchResult:
 
     from .backends.factory import runners_from_args
     from .checkpoint import load_projector
-    from .compare import random_pixel_values
+    from .compare import random_views, views_for
     from .fusion import project
 
     if args.threads:
@@ -122,15 +128,19 @@ def run_bench(args: Any, progress: bool) -> BenchResult:
         raise UsageError(f"bench: the ONNX files/engines have different resolutions {sorted(fixed)}")
     res = args.resolution or (fixed.pop() if fixed else 728)
     on_gpu = args.device.startswith("cuda") or args.provider == "cuda" or bool(args.engine)
-    x_np = random_pixel_values(args.batch, res, 0)
-    x: Any = torch.from_numpy(x_np).to(args.device) if on_gpu else x_np
+    views = random_views(args.batch, res, 0)
+
+    def x(runner: Any) -> Any:  # the same images, in the dtype each runner declares (uint8 or float)
+        arr = views_for(runner, views)
+        return torch.from_numpy(arr).to(args.device) if on_gpu else arr
+
     sync = torch.cuda.synchronize if on_gpu and torch.cuda.is_available() else None
     result = BenchResult(args.batch, res)
     result.timings = bench_runners(runners, x, args.warmup, args.iters, sync, progress)
 
     # Projector cost beside the tower cost of each runner.
     proj = load_projector(args.checkpoint, "fp32")
-    feats = np.asarray(runners[0].infer(x_np)).astype(np.float32)
+    feats = np.asarray(runners[0].infer(views_for(runners[0], views))).astype(np.float32)
     w = proj.weight.detach().numpy()
     b = proj.bias.detach().numpy() if proj.bias is not None else None
     p_np = statistics.median(time_fn(lambda: project(feats, w, b), args.warmup, args.iters))

@@ -92,6 +92,16 @@ def _add_runner_options(p: argparse.ArgumentParser, torch_default: list[str] | N
     p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads per runner (default: all cores)")
 
 
+def _add_input_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        choices=["float", "uint8"],
+        default="float",
+        help="pixel_values the graph takes: float (CLIP-normalised views, default) or uint8 "
+        "(raw 0..255 views; the normalisation is folded into conv1, the host skips the float conversion)",
+    )
+
+
 def _parse_batch_profile(text: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(x) for x in text.split(":"))
@@ -227,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="FP16 graph: softmax in FP16, a cast-free MatMul-Softmax-MatMul (see docs/fp16.md)",
     )
+    _add_input_option(p)
     _add_common(p)
 
     p = sub.add_parser("compare", help="accuracy report of ONNX files / engines against PyTorch FP32")
@@ -257,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=POSITIVE, action="append", help="compare batch sizes, repeatable (default: 1 and 3)")
     p.add_argument("--opset", type=POSITIVE, default=None, help="ONNX opset, 18..21 (default: 18)")
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT build even if a flavour is installed")
+    _add_input_option(p)
     _add_common(p)
 
     p = sub.add_parser("build", help="build a TensorRT engine from an FP16-typed ONNX file")
@@ -507,6 +519,7 @@ def _cmd_export(args: argparse.Namespace, progress: bool) -> int:
             args.opset if args.opset is not None else DEFAULT_OPSET,
             policy=policy,
             progress=progress,
+            input_kind=args.input,
         )
         print(r.onnx_path)
     return 0
@@ -582,6 +595,7 @@ def _cmd_pipeline(args: argparse.Namespace, progress: bool) -> int:
         args.opset,
         build_engines=False if args.no_engines else None,
         progress=progress,
+        input_kind=args.input,
     )
     for e in result.exports:
         print(f"onnx    {e.onnx_path}")

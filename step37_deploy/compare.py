@@ -19,7 +19,7 @@ from .backends.base import Runner
 from .errors import InputError, ThresholdError, UsageError
 from .files import write_json
 from .fusion import project
-from .preprocess import PreprocessConfig, normalise, preprocess, to_rgb
+from .preprocess import PreprocessConfig, as_pixel_dtype, normalise_views, preprocess, to_chw, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +68,48 @@ def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     }
 
 
-def random_pixel_values(batch: int, resolution: int, seed: int) -> np.ndarray:
-    """Random uint8 images normalised with CLIP mean/std, [B, 3, R, R] FP32 (realistic range)."""
+def random_views(batch: int, resolution: int, seed: int) -> np.ndarray:
+    """Random uint8 images as views [B, 3, R, R] uint8 (what uint8-input artifacts take)."""
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 256, size=(batch, resolution, resolution, 3), dtype=np.uint8)
-    return normalise(img)
+    return np.ascontiguousarray(img.transpose(0, 3, 1, 2))
 
 
-def image_files_pixel_values(paths: list[str], resolution: int, batch: int) -> np.ndarray:
-    """Real model inputs from image files, as the runtime makes them: the 728x728 global views for
-    a 728 runner, the 504x504 crops for a 504 runner (an image with no crops contributes its
-    global view resized to 504); repeated to fill ``batch``."""
+def random_pixel_values(batch: int, resolution: int, seed: int) -> np.ndarray:
+    """:func:`random_views` normalised with CLIP mean/std, [B, 3, R, R] FP32 (realistic range)."""
+    return normalise_views(random_views(batch, resolution, seed))
+
+
+def image_files_views(paths: list[str], resolution: int, batch: int) -> np.ndarray:
+    """Real model inputs from image files as uint8 views, as the runtime makes them: the 728x728
+    global views for a 728 runner, the 504x504 crops for a 504 runner (an image with no crops
+    contributes its global view resized to 504); repeated to fill ``batch``."""
     from PIL import Image
 
     pcfg = PreprocessConfig()
     views = []
     for p in paths:
         im = to_rgb(p)  # read once, converted like the reference
-        pre = preprocess(im, pcfg)
+        pre = preprocess(im, pcfg, pixel_dtype="uint8")
         if resolution == pcfg.image_size:
             views.append(pre.global_view[None])
         elif resolution == pcfg.patch_size and pre.num_crops:
             views.append(pre.crops)
         else:
-            views.append(normalise(im.resize((resolution, resolution), Image.BILINEAR))[None])
+            views.append(to_chw(im.resize((resolution, resolution), Image.BILINEAR))[None])
     x = np.concatenate(views)
     return np.ascontiguousarray(np.concatenate([x] * -(-batch // len(x)))[:batch])
+
+
+def image_files_pixel_values(paths: list[str], resolution: int, batch: int) -> np.ndarray:
+    """:func:`image_files_views`, CLIP-normalised FP32."""
+    return normalise_views(image_files_views(paths, resolution, batch))
+
+
+def views_for(runner: Runner, views: np.ndarray) -> np.ndarray:
+    """uint8 views [B, 3, R, R] as the input dtype ``runner`` declares: as they are for
+    uint8-input artifacts, CLIP-normalised FP32/FP16 for float ones."""
+    return as_pixel_dtype(views, runner.input_spec().dtype)
 
 
 @dataclass
@@ -201,19 +217,17 @@ def compare(
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="comparing", unit="case")
+    # The same images for every runner, each in the input dtype it declares (uint8 views, or
+    # normalised FP32/FP16 ones).
     cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for runner, res, b in jobs:
         key = (res, b)
         if key not in cache:
-            x = (
-                image_files_pixel_values(images, res, b)
-                if images
-                else random_pixel_values(b, res, seed + b * 7919 + res)
-            )
-            ref = reference.infer(x).astype(np.float32)
-            cache[key] = (x, ref, _project(ref, projector_weight, projector_bias))
-        x, ref, ref_proj = cache[key]
-        got = np.asarray(runner.infer(x)).astype(np.float32)
+            u8 = image_files_views(images, res, b) if images else random_views(b, res, seed + b * 7919 + res)
+            ref = reference.infer(views_for(reference, u8)).astype(np.float32)
+            cache[key] = (u8, ref, _project(ref, projector_weight, projector_bias))
+        u8, ref, ref_proj = cache[key]
+        got = np.asarray(runner.infer(views_for(runner, u8))).astype(np.float32)
         feat = metrics(ref, got)
         proj = metrics(ref_proj, _project(got, projector_weight, projector_bias))
         prec = runner.precision

@@ -40,6 +40,11 @@ DEFAULT_TOKEN_IDS = {
 #: Total spatial stride of the two 3x3/s2 downsampler convolutions.
 DOWNSAMPLE_STRIDE = 4
 
+#: The CLIP normalisation the tower was trained with: ``(x / 255 - mean) / std`` per RGB channel.
+#: Host preprocessing applies it (float-input artifacts) or the graph folds it into conv1 (uint8 input).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 #: Upper bounds far above any released tower (the release: width 1536, 47 layers, 16 heads, 728 px):
 #: a corrupt or hostile config.json must fail here, not build a model of a billion layers.

@@ -126,6 +126,7 @@ class OnnxFacts:
     metadata: dict[str, str]
     fp16_typed: bool
     sha256: str
+    output_dtype: str = ""  # the compute dtype; differs from input_dtype for uint8-input graphs
 
 
 def onnx_facts(path: str | Path) -> OnnxFacts:
@@ -153,7 +154,8 @@ def _facts(path: Path, model: Any) -> OnnxFacts:
     def dims(v) -> list[Any]:
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
-    fp16 = inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    # uint8-input graphs (normalisation folded into conv1) compute in their output's dtype.
+    fp16 = onnx.TensorProto.FLOAT16 in (inp.type.tensor_type.elem_type, out.type.tensor_type.elem_type)
     # FP16-typed = FP16 input and weights: our exports say so in their metadata; for other files,
     # most weight elements FP16 (the FP32 islands' RoPE tables are a small part even in tiny models).
     sizes = {t: 0 for t in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)}
@@ -174,6 +176,7 @@ def _facts(path: Path, model: Any) -> OnnxFacts:
         meta,
         fp16 and fp16_weights,
         _sha256_onnx(path, model),
+        onnx.helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type).name,
     )
 
 
@@ -353,7 +356,7 @@ def build_engine(
         precision=facts.metadata.get("precision", "fp16" if facts.fp16_typed else "fp32"),
         resolution=int(facts.metadata["resolution"]) if "resolution" in facts.metadata else shape[2],
         inputs={name: {"dtype": facts.input_dtype, "shape": ["batch", *shape[1:]]}},
-        outputs={facts.output_name: {"dtype": facts.input_dtype, "shape": out_shape}},
+        outputs={facts.output_name: {"dtype": facts.output_dtype, "shape": out_shape}},
         onnx_file=str(Path(onnx_path).resolve()),
         onnx_sha256=facts.sha256,
         onnx_metadata=facts.metadata,

@@ -37,7 +37,7 @@ from .checkpoint import TensorRef, _open, require_finite, vision_refs, weights_d
 from .config import Step37Config
 from .errors import CheckpointError, ExportError, InputError, OutputError, Step37Error
 from .files import check_output_dir, os_reason, refuse_inputs, remove_tree, temp_sibling
-from .model import PrecisionPolicy, Step37VisionModel, resample_posemb, rope_tables
+from .model import PrecisionPolicy, Step37VisionModel, fold_normalisation, resample_posemb, rope_tables
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_OPSETS = (18, 19, 20, 21)
 DEFAULT_OPSET = 18
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+#: ``--input``: ``float`` takes CLIP-normalised views in the graph's dtype; ``uint8`` takes the raw
+#: resized/padded views (0..255) and folds the normalisation into conv1.
+INPUT_KINDS = ("float", "uint8")
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_features"
 #: Models over this many bytes of weights keep them in external data (protobuf's limit is 2 GB).
@@ -65,6 +68,7 @@ class ExportResult:
     output_dim: int
     weight_bytes: int
     seconds: float
+    input_dtype: str = "float32"  # "float32", "float16" or "uint8" (metadata ``step37.input_dtype``)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -73,11 +77,14 @@ class ExportResult:
         return d
 
 
-def onnx_filename(precision: str, resolution: int) -> str:
-    return f"step37_vision_{precision}_{resolution}.onnx"
+def onnx_filename(precision: str, resolution: int, input_kind: str = "float") -> str:
+    suffix = "_uint8" if input_kind == "uint8" else ""
+    return f"step37_vision_{precision}_{resolution}{suffix}.onnx"
 
 
-def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: int) -> None:
+def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: int, input_kind: str = "float") -> None:
+    if input_kind not in INPUT_KINDS:
+        raise ExportError(f"--input must be one of {list(INPUT_KINDS)}, got {input_kind!r}")
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if opset not in SUPPORTED_OPSETS:
@@ -171,6 +178,10 @@ class WeightSource:
         gh, gw = self.grid
         if name in self.refs:
             return self._read(name).to(self.dtype)
+        if name in ("input_fold.weight", "input_fold.bias"):  # uint8 input: conv1 with the CLIP fold
+            weight, bias = fold_normalisation(self._read("conv1.weight"))
+            t = weight if name.endswith("weight") else bias
+            return t if self.policy.input_fold_fp32 else t.to(self.dtype)
         if name == "grid_posemb":
             pos = self._read("positional_embedding")
             return resample_posemb(pos, self.cfg.vision, gh, gw).to(self.dtype)
@@ -181,11 +192,12 @@ class WeightSource:
         raise ExportError(f"the traced graph has an initializer {name!r} that no checkpoint tensor provides")
 
 
-def _trace(model: Step37VisionModel, resolution: int, dtype: torch.dtype, opset: int):
+def _trace(model: Step37VisionModel, resolution: int, opset: int):
     """torch.export on the meta model, then the dynamo ONNX exporter (no constant folding: there
     is no data to fold on the meta device; ORT and TensorRT fold at load/build time)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    example = torch.empty(2, model.config.num_channels, resolution, resolution, device="meta", dtype=dtype)
+    shape = (2, model.config.num_channels, resolution, resolution)
+    example = torch.empty(shape, device="meta", dtype=model.input_dtype)
     try:
         ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
         program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=False, verbose=False)
@@ -243,14 +255,18 @@ def export_onnx(
     policy: PrecisionPolicy | None = None,
     progress: bool = False,
     external_data: bool | None = None,
+    input_kind: str = "float",
 ) -> ExportResult:
-    """Export one ONNX file for one precision and resolution; nothing partial is left on failure."""
+    """Export one ONNX file for one precision and resolution; nothing partial is left on failure.
+
+    ``input_kind="uint8"``: ``pixel_values`` is uint8 and the CLIP normalisation is folded into
+    conv1 (:class:`~step37_deploy.model.InputFold`; FP32 under the default precision policy)."""
     import onnx
     import onnx_ir as ir
 
     started = time.perf_counter()
     cfg = Step37Config.from_checkpoint(checkpoint_dir)
-    validate_request(cfg, precision, resolution, opset)
+    validate_request(cfg, precision, resolution, opset, input_kind)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "--out")
     policy = policy or PrecisionPolicy()
@@ -264,9 +280,11 @@ def export_onnx(
     check_config_matches(model, refs)
     model = model.to(dtype).eval().requires_grad_(False)
     model.set_precision_policy(policy).set_attention_impl("explicit").freeze_grid(*grid)
+    model.set_uint8_input(input_kind == "uint8")
+    input_dtype = str(model.input_dtype).removeprefix("torch.")
 
     log.info("tracing %s graph for %dx%d (grid %dx%d)", precision, resolution, resolution, *grid)
-    ir_model = _trace(model, resolution, dtype, opset)
+    ir_model = _trace(model, resolution, opset)
     digest = weights_digest(checkpoint_dir)
     fingerprint = weights_fingerprint(checkpoint_dir)
     source = WeightSource(refs, cfg, grid, dtype, policy)
@@ -275,7 +293,7 @@ def export_onnx(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit="B", unit_scale=True, desc=f"writing {onnx_filename(precision, resolution)}")
+        bar = tqdm(unit="B", unit_scale=True, desc=f"writing {onnx_filename(precision, resolution, input_kind)}")
     weight_bytes = _finalise_graph(
         ir_model, source, num_tokens, cfg.vision.output_dim, bar.update if bar is not None else None
     )
@@ -288,6 +306,7 @@ def export_onnx(
             META_PREFIX + "toolkit_version": __version__,
             META_PREFIX + "vision_config": json.dumps(cfg.vision.to_dict(), sort_keys=True),
             META_PREFIX + "precision": precision,
+            META_PREFIX + "input_dtype": input_dtype,
             META_PREFIX + "resolution": str(resolution),
             META_PREFIX + "num_tokens": str(num_tokens),
             META_PREFIX + "output_dim": str(cfg.vision.output_dim),
@@ -300,7 +319,7 @@ def export_onnx(
         }
     )
 
-    name = onnx_filename(precision, resolution)
+    name = onnx_filename(precision, resolution, input_kind)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = name + ".data" if use_external else None
     final = out_dir / name
@@ -348,6 +367,7 @@ def export_onnx(
         cfg.vision.output_dim,
         weight_bytes,
         seconds,
+        input_dtype,
     )
 
 

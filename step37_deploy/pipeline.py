@@ -35,7 +35,9 @@ def run_pipeline(
     build_engines: bool | None = None,
     progress: bool = False,
     seed: int = 0,
+    input_kind: str = "float",
 ) -> PipelineResult:
+    """``input_kind="uint8"``: the exports (and engines) take uint8 views, normalisation in the graph."""
     from .backends import OnnxrtRunner, TorchRunner, load_torch_model, session_from_onnx
     from .checkpoint import load_projector
     from .export import DEFAULT_OPSET
@@ -56,6 +58,7 @@ def run_pipeline(
                     res,
                     opset if opset is not None else DEFAULT_OPSET,
                     progress=progress,
+                    input_kind=input_kind,
                 )
             )
 
@@ -70,7 +73,8 @@ def run_pipeline(
 
     reference = TorchRunner(load_torch_model(str(checkpoint_dir), "fp32", progress=progress), name="torch-fp32")
     runners = [
-        OnnxrtRunner(session_from_onnx(e.onnx_path, "cpu"), name=f"onnxrt-cpu-{e.precision}") for e in result.exports
+        OnnxrtRunner(session_from_onnx(e.onnx_path, "cpu"), name=f"onnxrt-cpu-{e.precision}{_suffix(e)}")
+        for e in result.exports
     ] + engine_runners
     proj = load_projector(checkpoint_dir, "fp32")
     bias = proj.bias.detach().numpy() if proj.bias is not None else None
@@ -108,7 +112,11 @@ def build_pipeline_engines(
         paths.append(out)
         try:
             check_runtime_compat(read_manifest(out), out)
-            runners.append(TensorRTRunner(out, name=f"trt-{e.precision}"))
+            runners.append(TensorRTRunner(out, name=f"trt-{e.precision}{_suffix(e)}"))
         except (EngineError, BackendUnavailable) as exc:
             log.info("engine %s built ahead of time; not run here: %s", out.name, exc)
     return paths, runners
+
+
+def _suffix(e: ExportResult) -> str:
+    return "-uint8" if e.input_dtype == "uint8" else ""

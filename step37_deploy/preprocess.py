@@ -12,8 +12,10 @@ torchvision:
    ``min(short side, 504)``; every other large image uses 504.
 3. *Snap*: each side snaps to a multiple of the window, up when the remainder exceeds 20 % of it.
 
-The global view is the (padded) image resized to the normalised size and then to 728x728; crops
-are tiles of the image resized to the snapped size, row-major, each resized to 504x504.  All
+The global view is the (padded) image resized to the normalised size and then to 728x728 (for
+large images whose horizontal pass is shared with the crops, the second horizontal pass runs
+before the first vertical one: within one level, see ``_global_image``); crops are tiles of the
+image resized to the snapped size, row-major, each resized to 504x504.  All
 resizes are bilinear with antialiasing (Pillow's BILINEAR, which torchvision's antialiased bilinear
 reproduces).  Pixels are scaled to [0, 1] and normalised with the CLIP mean/std.
 
@@ -24,15 +26,19 @@ The token layout is ``Step3p7Processor``'s: per crop ``<patch_start>`` + 81 x ``
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import config
 from .config import DOWNSAMPLE_STRIDE, TokenIds
 from .errors import InputError
 
@@ -44,8 +50,8 @@ log = logging.getLogger(__name__)
 #: above twice its ``PIL.Image.MAX_IMAGE_PIXELS`` whatever this says).
 MAX_PIXELS = 89_478_485
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+CLIP_MEAN = np.array(config.CLIP_MEAN, dtype=np.float32)
+CLIP_STD = np.array(config.CLIP_STD, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,11 @@ class PreprocessConfig:
     max_image_size: int = 3024
     vision_patch: int = 14
     max_pixels: int = MAX_PIXELS  # decompression-bomb limit for image files/bytes (width x height)
+    #: Threads per image: 2 makes the crops (resize, tiling, normalisation) and the global view
+    #: overlap (Pillow and numpy release the GIL), which lowers one image's latency on an idle
+    #: machine but not the throughput of a loaded one (the service scales with instances, not this).
+    #: 1 (or less): everything on the calling thread.
+    threads: int = 1
 
     @property
     def image_tokens(self) -> int:
@@ -175,7 +186,8 @@ def _open_image(src: str | Path | bytes, max_pixels: int) -> Any:
             if getattr(im, "is_animated", False):  # checks for a 2nd frame; n_frames would scan them all
                 log.info("image %s is animated: using its first frame only", name)
             im.load()
-            return ImageOps.exif_transpose(im)  # a new image, upright, orientation tag removed
+            ImageOps.exif_transpose(im, in_place=True)  # upright, orientation tag removed; no 12 MP copy
+            return im
     except InputError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's hard limit (2 x MAX_IMAGE_PIXELS) hit inside open()
@@ -224,6 +236,12 @@ def _array_to_pil(arr: np.ndarray) -> Any:
 
 # -- the views ----------------------------------------------------------------------------------------
 
+#: ``pixel_dtype`` values of :func:`preprocess`: the input dtype an artifact declares.
+PIXEL_DTYPES = ("float32", "float16", "uint8")
+#: ``(x / 255 - mean) / std`` as one multiply-add per value, per channel, from uint8.
+_SCALE = (np.float32(1.0 / 255.0) / CLIP_STD).astype(np.float32).reshape(3, 1, 1)
+_OFFSET = (-CLIP_MEAN / CLIP_STD).astype(np.float32).reshape(3, 1, 1)
+
 
 def _resize(im: Any, width: int, height: int) -> Any:
     from PIL import Image
@@ -238,12 +256,55 @@ def normalise(images: Any) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis((x - CLIP_MEAN) / CLIP_STD, -1, -3))
 
 
+def normalise_views(views: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """uint8 views, channels first ([3, H, W] / [N, 3, H, W]) -> CLIP-normalised ``dtype``.
+
+    Every value is ``x * (1 / (255 * std_c)) - mean_c / std_c`` computed in FP32 and rounded once
+    to ``dtype``, in blocks of ~64 K values that stay in cache between the passes.  FP32 runs the
+    multiply-add directly; FP16 (written directly, no FP32 copy of the views) goes through a
+    256-entry lookup table per channel holding the same FP32 results rounded to FP16, because
+    numpy's FP32 -> FP16 conversion costs more than the gather (``scripts/bench_preprocess.py``)."""
+    views = np.asarray(views)
+    if views.dtype != np.uint8 or views.ndim not in (3, 4) or views.shape[-3] != 3:
+        raise InputError(f"views must be uint8 [3, H, W] or [N, 3, H, W], got {views.dtype} {views.shape}")
+    dtype = np.dtype(dtype)
+    out = np.empty(views.shape, dtype)
+    h, w = views.shape[-2:]
+    rows = max(1, min(h, (1 << 16) // max(w, 1)))
+    planes_in, planes_out = views.reshape(-1, h, w), out.reshape(-1, h, w)
+    lut = (np.multiply(np.arange(256, dtype=np.uint8), _SCALE.reshape(3, 1)) + _OFFSET.reshape(3, 1)).astype(dtype)
+    for i in range(planes_in.shape[0]):
+        c = i % 3
+        for r in range(0, h, rows):
+            src, dst = planes_in[i, r : r + rows], planes_out[i, r : r + rows]
+            if dtype == np.float32:
+                np.multiply(src, _SCALE[c, 0, 0], out=dst)
+                dst += _OFFSET[c, 0, 0]
+            else:
+                np.take(lut[c], src, out=dst)
+    return out
+
+
+def as_pixel_dtype(views: np.ndarray, dtype: Any) -> np.ndarray:
+    """uint8 views as an artifact's declared input dtype: unchanged for uint8 inputs, else normalised."""
+    return views if views.dtype == np.dtype(dtype) else normalise_views(views, dtype)
+
+
+def to_chw(im: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """A PIL RGB image as a uint8 [3, H, W] array (into ``out`` if given): Pillow splits the bands,
+    each copied as a contiguous plane, ~2x faster than transposing the interleaved array."""
+    out = np.empty((3, im.height, im.width), np.uint8) if out is None else out
+    for plane, band in zip(out, im.split(), strict=True):
+        plane[...] = np.asarray(band)
+    return out
+
+
 @dataclass
 class PreprocessedImage:
     """One image's model inputs and its place in the token sequence."""
 
-    global_view: np.ndarray  # [3, 728, 728] float32
-    crops: np.ndarray  # [N, 3, 504, 504] float32 (N may be 0)
+    global_view: np.ndarray  # [3, 728, 728] in the pixel dtype asked for (float32 by default)
+    crops: np.ndarray  # [N, 3, 504, 504] in the same dtype (N may be 0)
     plan: PatchPlan
     newline_mask: list[bool] = field(default_factory=list)
 
@@ -252,17 +313,111 @@ class PreprocessedImage:
         return int(self.crops.shape[0])
 
 
-def preprocess(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
-    """Global view + crops (+ plan and newline mask) of one image."""
+def _pad_square(im: Any) -> Any:
+    """Zero-pad to a square, image at the top left: black in uint8 space, before normalisation
+    (which is what makes the uint8-input graphs' folded normalisation exact)."""
     from PIL import Image
 
+    side = max(im.width, im.height)
+    padded = Image.new("RGB", (side, side), (0, 0, 0))
+    padded.paste(im, (0, 0))
+    return padded
+
+
+def _shared_pass(im: Any, plan: PatchPlan) -> Any:
+    """The horizontal pass shared by the global view and the crops, or ``None`` where there is none.
+
+    Pillow resamples horizontally, then vertically, through an 8-bit intermediate image.  When the
+    global-size and crop-size images have the same width and both need both passes (every large
+    landscape photo: 4000x3000 -> 3024x2268 and 3024x2520), the horizontal pass runs once:
+    ``wide`` is the image at that width and full height, the crop-size image is its vertical pass
+    (bit-identical to resizing the image directly), and :func:`_global_image` takes the global view
+    from it."""
+    (gw, gh), (cw, ch) = plan.global_size, plan.crop_size
+    if plan.window and gw == cw and gw != im.width and im.height not in (gh, ch):
+        return _resize(im, gw, im.height)
+    return None
+
+
+def _global_image(im: Any, wide: Any, plan: PatchPlan, cfg: PreprocessConfig) -> Any:
+    """The global view as a PIL image (``image_size`` square).
+
+    The reference resizes to the global size, then to the view: horizontal, vertical, horizontal,
+    vertical.  From the shared horizontal pass (``wide``, see :func:`_shared_pass`) the second
+    horizontal pass runs before the first vertical one instead (both passes are linear; only
+    where the 8-bit rounding happens moves), so the first vertical pass works on ``image_size``
+    columns instead of the global width's (3024): 1/4 of the work.  This changes pixels by at most
+    one level (12 % of the global view's values of the 12 MP benchmark photo, mean 0.12 level)
+    and stays within the recorded reference parity (``tests/test_preprocess.py``); the crops are
+    unchanged."""
+    (gw, gh), s = plan.global_size, cfg.image_size
+    if wide is None:
+        return _resize(_resize(im, gw, gh), s, s)
+    return _resize(_resize(_resize(wide, s, wide.height), s, gh), s, s)
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """Worker threads of :attr:`PreprocessConfig.threads` (the caller's thread is one of them); one
+    pool per process, since a forked child inherits the pool object but not its threads."""
+    return ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="preprocess")
+
+
+def _tiles(big: Any, plan: PatchPlan, cfg: PreprocessConfig) -> np.ndarray:
+    """The crops of the crop-size image, row-major, each resized to the patch size (a no-op when the
+    window is the patch size, the usual case), as uint8 [N, 3, P, P]."""
+    w, p = plan.window, cfg.patch_size
+    boxes = [
+        (left, top, min(left + w, big.width), min(top + w, big.height))
+        for top in range(0, big.height, w)
+        for left in range(0, big.width, w)
+    ]
+    out = np.empty((len(boxes), 3, p, p), np.uint8)
+    for tile, box in zip(out, boxes, strict=True):
+        to_chw(_resize(big.crop(box), p, p), out=tile)
+    return out
+
+
+def preprocess(
+    image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS, pixel_dtype: str = "float32"
+) -> PreprocessedImage:
+    """Global view + crops (+ plan and newline mask) of one image.
+
+    ``pixel_dtype`` is the input dtype of the artifact the views go to: ``"uint8"`` gives the
+    resized/padded RGB views (0..255) with no float conversion at all, for uint8-input artifacts
+    that normalise in the graph; ``"float32"``/``"float16"`` the CLIP-normalised views."""
+    if pixel_dtype not in PIXEL_DTYPES:
+        raise InputError(f"pixel_dtype must be one of {list(PIXEL_DTYPES)}, got {pixel_dtype!r}")
     im = to_rgb(image, cfg.max_pixels)
     plan = plan_patches(im.width, im.height, cfg)
-    if plan.square_pad:
-        side = max(im.width, im.height)
-        padded = Image.new("RGB", (side, side), (0, 0, 0))
-        padded.paste(im, (0, 0))
-        im = padded
+    im = _pad_square(im) if plan.square_pad else im
+    wide = _shared_pass(im, plan)
+    dtype = None if pixel_dtype == "uint8" else pixel_dtype
+
+    def make_global() -> np.ndarray:
+        view = to_chw(_global_image(im, wide, plan, cfg))
+        return view if dtype is None else normalise_views(view, dtype)
+
+    def make_crops() -> np.ndarray:
+        if not plan.window:
+            return np.zeros((0, 3, cfg.patch_size, cfg.patch_size), dtype or np.uint8)
+        tiles = _tiles(_resize(im if wide is None else wide, *plan.crop_size), plan, cfg)
+        return tiles if dtype is None else normalise_views(tiles, dtype)
+
+    if cfg.threads > 1 and plan.window:  # Pillow and numpy release the GIL: the two halves overlap
+        pending = _pool(cfg.threads, os.getpid()).submit(make_crops)
+        global_view = make_global()
+        return PreprocessedImage(global_view, pending.result(), plan, plan.newline_mask())
+    global_view, crops = make_global(), make_crops()
+    return PreprocessedImage(global_view, crops, plan, plan.newline_mask())
+
+
+def _preprocess_before_uint8(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
+    """The float32 path as it was before the uint8 rework (three full resizes, per-crop float
+    arithmetic), kept as the baseline of ``scripts/bench_preprocess.py`` and of a regression test."""
+    im = to_rgb(image, cfg.max_pixels)
+    plan = plan_patches(im.width, im.height, cfg)
+    im = _pad_square(im) if plan.square_pad else im
     global_view = normalise(_resize(_resize(im, *plan.global_size), cfg.image_size, cfg.image_size))
     crops = []
     if plan.window:

@@ -29,7 +29,7 @@ from .config import Step37Config, TokenIds
 from .errors import InputError, OutputError
 from .files import atomic_path, check_output_file, check_replaceable_json, refuse_inputs, write_json
 from .fusion import insert_features, insert_features_torch, project, project_torch
-from .preprocess import PreprocessConfig, image_layout, preprocess
+from .preprocess import PreprocessConfig, as_pixel_dtype, image_layout, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -268,10 +268,18 @@ class VisionEmbedder:
             raise InputError(f"views must be {self.pcfg.image_size} or {self.pcfg.patch_size} square, got {res}")
         return self._run(runner, pixel_values)
 
+    @property
+    def pixel_dtype(self) -> str:
+        """What :func:`preprocess` makes for these runners: their declared input dtype (``uint8``
+        for uint8-input artifacts: no float conversion on the host), or uint8 when the two differ
+        (then normalised per runner)."""
+        dtypes = {r.input_spec().dtype.name for r in (self.global_runner, self.crop_runner)}
+        return dtypes.pop() if len(dtypes) == 1 else "uint8"
+
     def embed_images(self, images: Sequence[Any]) -> list[ImageEmbedding]:
-        """Preprocess, run all global views and all crops in batches, project, and reassemble per
-        image in token order.  With the cache on, only images not in it are computed (each distinct
-        one once) and every result is a private copy."""
+        """Preprocess (to the runners' input dtype), run all global views and all crops in batches,
+        project, and reassemble per image in token order.  With the cache on, only images not in it
+        are computed (each distinct one once) and every result is a private copy."""
         if not self.cache.enabled:
             return self._embed_uncached(images)
         keys = [image_key(im) for im in images]
@@ -289,11 +297,13 @@ class VisionEmbedder:
         return [_copy_embedding(e) for e in out]  # type: ignore[arg-type]
 
     def _embed_uncached(self, images: Sequence[Any]) -> list[ImageEmbedding]:
-        pre = [preprocess(im, self.pcfg) for im in images]
+        pixel_dtype = self.pixel_dtype
+        pre = [preprocess(im, self.pcfg, pixel_dtype=pixel_dtype) for im in images]
         globals_ = np.stack([p.global_view for p in pre]) if pre else None
         crops = [p.crops for p in pre if p.num_crops]
-        gfeat = self._project(self.encode(globals_)) if pre else None
-        cfeat = self._project(self.encode(np.concatenate(crops))) if crops else None
+        gdtype, cdtype = self.global_runner.input_spec().dtype, self.crop_runner.input_spec().dtype
+        gfeat = self._project(self.encode(as_pixel_dtype(globals_, gdtype))) if pre else None
+        cfeat = self._project(self.encode(as_pixel_dtype(np.concatenate(crops), cdtype))) if crops else None
         out, k = [], 0
         for i, p in enumerate(pre):
             parts = []
