@@ -545,13 +545,18 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
                 cache = {"hits": embedder.cache.hits - h0, "misses": embedder.cache.misses - miss0}
                 run.in_process = measure(*local, cache)
             report.runs.append(run)
-            log.info(
-                "c=%d: %d requests, %.2f img/s, cache %s",
-                c,
-                run.server.requests,
-                run.server.throughput_ips,
-                run.server.cache,
-            )
+            for name, m in (("served", run.server), ("in-process", run.in_process)):
+                if m is not None:
+                    log.info(
+                        "%s c=%d: %d requests, %d failed, %.3f img/s, embedding cache hits %s misses %s",
+                        name,
+                        c,
+                        m.requests,
+                        m.failed,
+                        m.throughput_ips,
+                        m.cache.get("hits"),
+                        m.cache.get("misses"),
+                    )
     finally:
         client.close()
     return report
