@@ -285,6 +285,13 @@ def normalise_views(views: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
     return out
 
 
+def host_pixel_dtype(dtypes: Any) -> str:
+    """The ``pixel_dtype`` to preprocess to for towers declaring ``dtypes``: their common input
+    dtype, or uint8 when they differ (each then gets :func:`as_pixel_dtype` of the same views)."""
+    names = {np.dtype(d).name for d in dtypes}
+    return names.pop() if len(names) == 1 else "uint8"
+
+
 def as_pixel_dtype(views: np.ndarray, dtype: Any) -> np.ndarray:
     """uint8 views as an artifact's declared input dtype: unchanged for uint8 inputs, else normalised."""
     return views if views.dtype == np.dtype(dtype) else normalise_views(views, dtype)

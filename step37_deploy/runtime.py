@@ -29,7 +29,7 @@ from .config import Step37Config, TokenIds
 from .errors import InputError, OutputError
 from .files import atomic_path, check_output_file, check_replaceable_json, refuse_inputs, write_json
 from .fusion import insert_features, insert_features_torch, project, project_torch
-from .preprocess import PreprocessConfig, as_pixel_dtype, image_layout, preprocess
+from .preprocess import PreprocessConfig, as_pixel_dtype, host_pixel_dtype, image_layout, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,7 @@ class VisionEmbedder:
         """What :func:`preprocess` makes for these runners: their declared input dtype (``uint8``
         for uint8-input artifacts: no float conversion on the host), or uint8 when the two differ
         (then normalised per runner)."""
-        dtypes = {r.input_spec().dtype.name for r in (self.global_runner, self.crop_runner)}
-        return dtypes.pop() if len(dtypes) == 1 else "uint8"
+        return host_pixel_dtype(r.input_spec().dtype for r in (self.global_runner, self.crop_runner))
 
     def embed_images(self, images: Sequence[Any]) -> list[ImageEmbedding]:
         """Preprocess (to the runners' input dtype), run all global views and all crops in batches,

@@ -40,7 +40,7 @@ import step37_deploy
 from step37_deploy.config import TokenIds
 from step37_deploy.errors import InputError, Step37Error
 from step37_deploy.fusion import project, project_torch
-from step37_deploy.preprocess import PreprocessConfig, image_layout, preprocess
+from step37_deploy.preprocess import PreprocessConfig, as_pixel_dtype, host_pixel_dtype, image_layout, preprocess
 from step37_deploy.runtime import EmbeddingCache
 from step37_deploy.serving import contract as C
 from step37_deploy.serving.repository import read_record, verify_repository
@@ -88,13 +88,6 @@ def _gpu_projector(weight: np.ndarray, bias: np.ndarray | None, record: dict) ->
     return w, (torch.from_numpy(bias).to("cuda", dtype) if bias is not None else None)
 
 
-def to_tower_dtype(views: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The one place views meet the tower's ``pixel_values`` dtype (from the artifact)."""
-    if dtype == np.uint8:
-        raise InputError("uint8-input towers need the uint8 host path of preprocess (issue 11); not wired here yet")
-    return np.ascontiguousarray(views, dtype=dtype)
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from PIL import Image
@@ -122,6 +115,8 @@ class TritonPythonModel:
             int(res): (t["model"], np.dtype(t["input_dtype"]), int(t["max_batch_size"]))
             for res, t in record["towers"].items()
         }
+        # uint8-input towers get the uint8 views (normalised on the device); float towers their dtype.
+        self.pixel_dtype = host_pixel_dtype(dtype for _, dtype, _ in self.towers.values())
         for res, (name, _, _) in self.towers.items():
             if res not in (self.pcfg.image_size, self.pcfg.patch_size) or name != C.TOWER_MODELS.get(res):
                 raise ValueError(f"repository record names tower {name!r} for {res}: not the served contract")
@@ -184,7 +179,7 @@ class TritonPythonModel:
     async def _compute(self, request):
         raw = self._image_bytes(request)
         check_not_empty(raw)
-        pre = preprocess(raw, self.pcfg)  # pcfg.max_pixels is --max-image-pixels
+        pre = preprocess(raw, self.pcfg, pixel_dtype=self.pixel_dtype)  # pcfg.max_pixels is --max-image-pixels
         jobs = [self._tower(self.pcfg.image_size, pre.global_view[None])]
         if pre.num_crops:
             jobs.append(self._tower(self.pcfg.patch_size, pre.crops))
@@ -216,7 +211,7 @@ class TritonPythonModel:
     async def _tower(self, resolution: int, views: np.ndarray) -> np.ndarray:
         """Features of ``views`` from the tower model, in chunks of at most its ``max_batch_size``."""
         name, dtype, max_batch = self.towers[resolution]
-        x = to_tower_dtype(views, dtype)
+        x = np.ascontiguousarray(as_pixel_dtype(views, dtype))
         kwargs = {}
         if hasattr(pb_utils, "PreferredMemory"):  # features back in host memory, also from GPU towers
             kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
