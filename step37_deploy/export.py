@@ -231,8 +231,14 @@ def export_onnx(
     policy: PrecisionPolicy | None = None,
     progress: bool = False,
     external_data: bool | None = None,
+    calibrate: bool = True,
+    calibration_images: list[str] | None = None,
+    calibration_views: int | None = None,
 ) -> ExportResult:
-    """Export one ONNX file for one precision and resolution; nothing partial is left on failure."""
+    """Export one ONNX file for one precision and resolution; nothing partial is left on failure.
+
+    FP16 exports first calibrate activation ranges (``step37_deploy.calibrate``; ``calibrate=False``
+    skips it with a warning) and protect the tensors that would leave the FP16 range."""
     import onnx
     import onnx_ir as ir
 
@@ -251,6 +257,14 @@ def export_onnx(
         model = Step37VisionModel(cfg.vision)
     check_config_matches(model, refs)
     model = model.to(dtype).eval().requires_grad_(False)
+    protection = ranges = None
+    if precision == "fp16":
+        from .calibrate import DEFAULT_VIEWS, calibrate_for_export
+
+        protection, ranges = calibrate_for_export(
+            cfg, refs, resolution, calibrate, calibration_images, calibration_views or DEFAULT_VIEWS, progress
+        )
+        policy = protection.apply(policy)
     model.set_precision_policy(policy).set_attention_impl("explicit").freeze_grid(*grid)
 
     log.info("tracing %s graph for %dx%d (grid %dx%d)", precision, resolution, resolution, *grid)
@@ -285,6 +299,7 @@ def export_onnx(
             META_PREFIX + "torch_version": torch.__version__,
         }
     )
+    ir_model.metadata_props.update(_fp16_metadata(ir_model, cfg.vision.layers, protection, ranges))
 
     name = onnx_filename(precision, resolution)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
@@ -328,6 +343,50 @@ def export_onnx(
         weight_bytes,
         seconds,
     )
+
+
+def block_output_names(ir_model, layers: int) -> list[str] | None:
+    """The ONNX value that is each block's output, found from the exporter's module scopes (node
+    metadata ``namespace``): of the values produced inside ``transformer.resblocks.i`` and used
+    outside it, the last one produced (values computed once and shared, such as RoPE slices, come
+    earlier).  ``None`` (and a log line) when the scopes name no such value for some block."""
+    import re
+
+    import onnx_ir as ir
+
+    scope = re.compile(r"transformer\.resblocks\.(\d+)[.:]")
+    block_of: dict[int, int] = {}  # id(node) -> block index
+    nodes = list(ir.traversal.RecursiveGraphIterator(ir_model.graph))
+    for node in nodes:
+        m = scope.search(node.metadata_props.get("namespace", ""))
+        if m:
+            block_of[id(node)] = int(m.group(1))
+    found: dict[int, str] = {}
+    graph_outputs = {v.name for v in ir_model.graph.outputs}
+    for node in nodes:  # topological order: a later hit replaces an earlier one
+        i = block_of.get(id(node))
+        if i is None:
+            continue
+        for value in node.outputs:
+            if value.name in graph_outputs or any(block_of.get(id(u)) != i for u, _ in value.uses()):
+                found[i] = value.name
+    if sorted(found) != list(range(layers)):
+        log.info("block outputs not identifiable from the exporter's scopes (found blocks %s)", sorted(found))
+        return None
+    return [found[i] for i in range(layers)]
+
+
+def _fp16_metadata(ir_model, layers: int, protection, ranges) -> dict[str, str]:
+    """``step37.block_outputs`` always; for FP16 files the calibration's ranges and decision."""
+    meta = {}
+    names = block_output_names(ir_model, layers)
+    if names is not None:
+        meta[META_PREFIX + "block_outputs"] = json.dumps(names)
+    if protection is not None:
+        meta[META_PREFIX + "fp16_protection"] = json.dumps(protection.to_dict(), sort_keys=True)
+    if ranges is not None:
+        meta[META_PREFIX + "activation_ranges"] = json.dumps(ranges.to_dict(), sort_keys=True)
+    return meta
 
 
 def _check_inferred_output(path: Path, num_tokens: int, out_dim: int) -> None:

@@ -30,7 +30,10 @@ def run_pipeline(
     build_engines: bool | None = None,
     progress: bool = False,
     seed: int = 0,
+    **calibration,
 ) -> PipelineResult:
+    """``calibration``: ``calibrate``, ``calibration_images``, ``calibration_views`` for the FP16
+    exports (``export_onnx``'s arguments)."""
     from .backends import OnnxrtRunner, TorchRunner, load_torch_model, session_from_onnx
     from .checkpoint import load_projector
     from .export import DEFAULT_OPSET
@@ -40,7 +43,9 @@ def run_pipeline(
     for precision in precisions:
         for res in resolutions:
             result.exports.append(
-                export_onnx(checkpoint_dir, out_dir, precision, res, opset or DEFAULT_OPSET, progress=progress)
+                export_onnx(
+                    checkpoint_dir, out_dir, precision, res, opset or DEFAULT_OPSET, progress=progress, **calibration
+                )
             )
 
     engine_runners = []
