@@ -45,6 +45,13 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
         default=2,  # calibrate.DEFAULT_VIEWS; not imported here so that --help stays torch-free
         help="FP16: number of random calibration views when no --calibrate images are given (default 2)",
     )
+    p.add_argument(
+        "--calibration-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="FP16: dtype the calibration runs the tower in (default fp32; bf16 measures the same ranges "
+        "to ~1%% and is several times faster on CPUs with AMX)",
+    )
 
 
 def _calibration_kwargs(args: argparse.Namespace) -> dict:
@@ -52,6 +59,7 @@ def _calibration_kwargs(args: argparse.Namespace) -> dict:
         "calibrate": not args.no_calibrate,
         "calibration_images": args.calibrate,
         "calibration_views": args.calibration_views,
+        "calibration_dtype": args.calibration_dtype,
     }
 
 

@@ -234,6 +234,7 @@ def export_onnx(
     calibrate: bool = True,
     calibration_images: list[str] | None = None,
     calibration_views: int | None = None,
+    calibration_dtype: str = "fp32",
 ) -> ExportResult:
     """Export one ONNX file for one precision and resolution; nothing partial is left on failure.
 
@@ -262,7 +263,14 @@ def export_onnx(
         from .calibrate import DEFAULT_VIEWS, calibrate_for_export
 
         protection, ranges = calibrate_for_export(
-            cfg, refs, resolution, calibrate, calibration_images, calibration_views or DEFAULT_VIEWS, progress
+            cfg,
+            refs,
+            resolution,
+            calibrate,
+            calibration_images,
+            calibration_views or DEFAULT_VIEWS,
+            progress,
+            calibration_dtype,
         )
         policy = protection.apply(policy)
     model.set_precision_policy(policy).set_attention_impl("explicit").freeze_grid(*grid)

@@ -118,7 +118,14 @@ def test_cli_export_precision_options(tiny_fp32, tmp_path):
         == 0
     )
     policy = json.loads(read_metadata(out / "step37_vision_fp16_504.onnx")["precision_policy"])
-    assert policy == {"layernorm_fp32": True, "softmax_fp32": False, "rope_fp32": True, "residual_fp32": True}
+    assert policy == {
+        "layernorm_fp32": True,
+        "softmax_fp32": False,
+        "rope_fp32": True,
+        "residual_fp32": True,
+        "residual_fp32_blocks": None,
+        "downsampler_scales": [1.0, 1.0],
+    }
 
 
 def test_compare_with_image_files(tiny_fp32, exported, tmp_path):
