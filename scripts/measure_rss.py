@@ -2,7 +2,7 @@
 benchmark scripts and the RSS tests, so each measurement is a fresh process).
 
     python scripts/measure_rss.py load CHECKPOINT fp16
-    python scripts/measure_rss.py export CHECKPOINT OUT_DIR fp16 728
+    python scripts/measure_rss.py export CHECKPOINT OUT_DIR fp16 728 [calibrate|no-calibrate|calibrate-bf16]
     python scripts/measure_rss.py build ONNX OUT.plan 8.6,8.9
 """
 
@@ -33,8 +33,16 @@ def main() -> None:
     elif step == "export":
         from step37_deploy.export import export_onnx
 
-        ckpt, out_dir, precision, res = rest
-        r = export_onnx(ckpt, out_dir, precision, int(res))
+        ckpt, out_dir, precision, res, *mode = rest  # mode: FP16 calibration (default: calibrate, FP32)
+        mode = mode[0] if mode else "calibrate"
+        r = export_onnx(
+            ckpt,
+            out_dir,
+            precision,
+            int(res),
+            calibrate=mode != "no-calibrate",
+            calibration_dtype="bf16" if mode == "calibrate-bf16" else "fp32",
+        )
         out["weight_bytes"] = r.weight_bytes
         out["onnx"] = str(r.onnx_path)
     elif step == "build":
