@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +85,7 @@ class Protection:
         return self.residual_fp32_blocks is not None or self.downsampler_scales != (1.0, 1.0)
 
     def apply(self, policy: PrecisionPolicy) -> PrecisionPolicy:
-        from dataclasses import replace
-
+        """``policy`` with this protection added (a span already asked for is kept)."""
         span = policy.residual_fp32_blocks or self.residual_fp32_blocks
         return replace(policy, residual_fp32_blocks=span, downsampler_scales=self.downsampler_scales)
 

@@ -14,7 +14,10 @@ resampled position embedding and the RoPE cos/sin tables are constants of the fi
 spelled MatMul -> Softmax -> MatMul over all heads at once (no masks, nothing unrolled per head),
 the pattern TensorRT's MHA fusion matches.  The FP16 graph is FP16-typed (weights, activations,
 matmuls) with FP32 islands chosen by measurement (``docs/fp16.md``), so strongly typed TensorRT 11
-and TensorRT-RTX build it as-is.
+and TensorRT-RTX build it as-is.  Before tracing an FP16 graph, ``step37_deploy.calibrate`` measures
+activation ranges block by block (weights streamed, bounded memory like the export) and protects
+what would leave FP16's range; the metadata records the ranges, the decision and each block's
+output tensor (``step37.block_outputs``, for ``compare --per-block``).
 """
 
 from __future__ import annotations
