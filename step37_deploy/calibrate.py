@@ -153,6 +153,7 @@ def measure_ranges(
 
         def post(module: torch.nn.Module, args, output) -> None:
             module.to("meta")  # drop this module's weights before the next one is read
+            _return_freed_memory()
 
         return pre, post
 
@@ -205,6 +206,26 @@ def measure_ranges(
         downsampler_inputs=ds_in,
         output=out[0],
     )
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``).  Weights and activations of
+    1-32 MB land on glibc's heap once its mmap threshold has grown, and without a trim the freed
+    blocks pile up: +30 MB of RSS per full-preset block measured, 2.7 GB after 47 blocks instead of
+    0.8 GB.  A no-op where there is no glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _is_stem(name: str) -> bool:
