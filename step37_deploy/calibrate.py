@@ -16,8 +16,9 @@ exact power-of-two rescale of that convolution.  At-risk MLP hidden / attention 
 output / final output cannot be protected by the export: they are logged as warnings and recorded.
 
 Memory stays bounded like the export's: the tower is built on the meta device and each block's
-weights are read from the shards just before the block runs and dropped right after, so the peak
-is about one block (or ``vit_downsampler2``, the largest single module) plus the activations.
+weights are read from the shards just before the block runs and dropped right after; the two
+downsamplers (``vit_downsampler2`` is the largest module) run in slices of output channels read
+one slice at a time.  The peak is about one block plus the activations.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .checkpoint import TensorRef, iter_tensors
+from .checkpoint import TensorRef, _open, iter_tensors
 from .config import Step37Config
 from .errors import InputError
 from .model import PrecisionPolicy, Step37VisionModel
@@ -177,10 +179,12 @@ def measure_ranges(
         hooks.append(block.attn.register_forward_hook(record(blocks[i], "attn_out")))
         hooks.append(block.mlp.c_fc.register_forward_hook(record(blocks[i], "mlp_hidden")))
         hooks.append(block.mlp.register_forward_hook(record(blocks[i], "mlp_out")))
-    for k, conv in enumerate((model.vit_downsampler1, model.vit_downsampler2)):
-        pre, post = stream_weights(f"vit_downsampler{k + 1}.")
-        hooks.append(conv.register_forward_pre_hook(record(ds_in, k, use_input=True)))
-        hooks += [conv.register_forward_pre_hook(pre), conv.register_forward_hook(post)]
+    # The downsamplers are the largest modules (vit_downsampler2: 170 M parameters in the release):
+    # they run in slices of output channels, read from the shards one slice at a time.
+    for k in (1, 2):
+        conv = getattr(model, f"vit_downsampler{k}")
+        setattr(model, f"vit_downsampler{k}", _SlicedConv(conv, refs, f"vit_downsampler{k}.", dtype))
+        hooks.append(getattr(model, f"vit_downsampler{k}").register_forward_pre_hook(record(ds_in, k - 1, True)))
     hooks.append(model.vit_downsampler2.register_forward_hook(record(out, 0)))
     if bar is not None:
 
@@ -206,6 +210,39 @@ def measure_ranges(
         downsampler_inputs=ds_in,
         output=out[0],
     )
+
+
+class _SlicedConv(torch.nn.Module):
+    """A convolution computed in slices of output channels whose weights are read from the shards
+    slice by slice (``SLICE_BYTES`` each), so its full weight is never in memory at once."""
+
+    SLICE_BYTES = 64 << 20
+
+    def __init__(self, conv: torch.nn.Conv2d, refs: dict[str, TensorRef], prefix: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dtype = conv.stride, conv.padding, dtype
+        self.weight_ref, self.bias_ref = refs[prefix + "weight"], refs.get(prefix + "bias")
+
+    def _rows(self, ref: TensorRef, start: int, stop: int) -> torch.Tensor:
+        with _open(ref.shard) as f:
+            return f.get_slice(ref.key)[start:stop].to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import checkpoint
+
+        with _open(self.weight_ref.shard) as f:
+            shape = f.get_slice(self.weight_ref.key).get_shape()
+        for ref in (self.weight_ref, self.bias_ref):
+            if ref is not None and checkpoint._read_hook is not None:
+                checkpoint._read_hook(ref.key)
+        step = max(1, self.SLICE_BYTES // (math.prod(shape[1:]) * 4))
+        outs = []
+        for a in range(0, shape[0], step):
+            b = min(shape[0], a + step)
+            bias = self._rows(self.bias_ref, a, b) if self.bias_ref is not None else None
+            outs.append(F.conv2d(x, self._rows(self.weight_ref, a, b), bias, self.stride, self.padding))
+            _return_freed_memory()
+        return torch.cat(outs, dim=1)  # [B, C_out, H', W']
 
 
 def _return_freed_memory() -> None:
