@@ -2,7 +2,7 @@
 benchmark scripts and the RSS tests, so each measurement is a fresh process).
 
     python scripts/measure_rss.py load CHECKPOINT fp16
-    python scripts/measure_rss.py export CHECKPOINT OUT_DIR fp16 728 [calibrate|no-calibrate|calibrate-bf16]
+    python scripts/measure_rss.py export CHECKPOINT OUT_DIR fp16 728 [uint8] [calibrate|no-calibrate|calibrate-bf16]
     python scripts/measure_rss.py build ONNX OUT.plan 8.6,8.9
 """
 
@@ -33,13 +33,14 @@ def main() -> None:
     elif step == "export":
         from step37_deploy.export import export_onnx
 
-        ckpt, out_dir, precision, res, *mode = rest  # mode: FP16 calibration (default: calibrate, FP32)
-        mode = mode[0] if mode else "calibrate"
+        ckpt, out_dir, precision, res, *opts = rest  # [uint8] and an FP16 calibration mode (default: calibrate)
+        mode = next((o for o in opts if o != "uint8"), "calibrate")
         r = export_onnx(
             ckpt,
             out_dir,
             precision,
             int(res),
+            input_kind="uint8" if "uint8" in opts else "float",
             calibrate=mode != "no-calibrate",
             calibration_dtype="bf16" if mode == "calibrate-bf16" else "fp32",
         )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_projector, load_vision_model
+from typing import Any
+
 from .config import PRESETS, ProjectorConfig, Step37Config, TokenIds, VisionConfig
 from .errors import (
     BackendUnavailable,
@@ -39,3 +40,14 @@ __all__ = [
     "load_projector",
     "load_vision_model",
 ]
+
+#: Names served lazily (PEP 562): they import torch, and ``step37-deploy --help`` must not.
+_LAZY = {"load_projector": "checkpoint", "load_vision_model": "checkpoint"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
 from .files import write_json
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,12 @@ def summarise(name: str, samples: list[float], **extra: Any) -> Timing:
 
 
 def bench_runners(
-    runners: list, x: Any, warmup: int, iters: int, sync: Callable[[], None] | None = None, progress: bool = False
+    runners: list,
+    x: Any | Callable[[Any], Any],
+    warmup: int,
+    iters: int,
+    sync: Callable[[], None] | None = None,
+    progress: bool = False,
 ) -> list[Timing]:
     timings = []
     it = runners
@@ -94,7 +100,8 @@ def bench_runners(
         it = tqdm(runners, desc="benchmarking", unit="runner")
     for r in it:
         r.activate()
-        samples = time_fn(lambda r=r: r.infer(x), warmup, iters, sync)
+        inp = x(r) if callable(x) else x  # per runner: its declared input dtype
+        samples = time_fn(lambda r=r, inp=inp: r.infer(inp), warmup, iters, sync)
         timings.append(summarise(r.name, samples))
     base = timings[0].median_ms if timings else 1.0
     for t in timings:
@@ -106,30 +113,34 @@ def run_bench(args: Any, progress: bool) -> BenchResult:
     """``step37-deploy bench``: torch / ONNX Runtime / TensorRT runners on one batch, side by side."""
     import torch
 
+    from .backends.factory import runners_from_args
     from .checkpoint import load_projector
-    from .cli import _runners_from_args
-    from .compare import random_pixel_values
+    from .compare import random_views, views_for
     from .fusion import project
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.torch is None:
         args.torch = ["fp32"]
-    runners = _runners_from_args(args)
+    runners = runners_from_args(args)
     fixed = {r.resolution for r in [r.activate() for r in runners] if r.resolution}
     if len(fixed) > 1:
-        raise SystemExit(f"step37-deploy bench: the ONNX files/engines have different resolutions {sorted(fixed)}")
+        raise UsageError(f"bench: the ONNX files/engines have different resolutions {sorted(fixed)}")
     res = args.resolution or (fixed.pop() if fixed else 728)
     on_gpu = args.device.startswith("cuda") or args.provider == "cuda" or bool(args.engine)
-    x_np = random_pixel_values(args.batch, res, 0)
-    x: Any = torch.from_numpy(x_np).to(args.device) if on_gpu else x_np
+    views = random_views(args.batch, res, 0)
+
+    def x(runner: Any) -> Any:  # the same images, in the dtype each runner declares (uint8 or float)
+        arr = views_for(runner, views)
+        return torch.from_numpy(arr).to(args.device) if on_gpu else arr
+
     sync = torch.cuda.synchronize if on_gpu and torch.cuda.is_available() else None
     result = BenchResult(args.batch, res)
     result.timings = bench_runners(runners, x, args.warmup, args.iters, sync, progress)
 
     # Projector cost beside the tower cost of each runner.
     proj = load_projector(args.checkpoint, "fp32")
-    feats = np.asarray(runners[0].infer(x_np)).astype(np.float32)
+    feats = np.asarray(runners[0].infer(views_for(runners[0], views))).astype(np.float32)
     w = proj.weight.detach().numpy()
     b = proj.bias.detach().numpy() if proj.bias is not None else None
     p_np = statistics.median(time_fn(lambda: project(feats, w, b), args.warmup, args.iters))
@@ -147,7 +158,52 @@ def run_bench(args: Any, progress: bool) -> BenchResult:
     for t in result.timings:
         t.extra["projector_share"] = p_used / (p_used + t.median_ms)
     if args.insertion:
-        from .fusion import bench_insertion
-
         result.notes.update(bench_insertion(warmup=args.warmup, iters=args.iters))
     return result
+
+
+def bench_insertion(
+    seq: int = 32768, hidden: int = 4096, group_rows: int = 1024, warmup: int = 2, iters: int = 10
+) -> dict[str, float]:
+    """Insertion into a [seq, 1, hidden] FP16 buffer vs a plain memcpy of the same bytes, one run.
+
+    The buffer holds ``seq // (group_rows + 1)`` flagged groups; insertion (in place) writes all
+    their rows.  The memcpy baseline copies the same number of bytes between two contiguous
+    arrays.  Reported: both bandwidths (GB/s) and their ratio, for numpy and torch (CPU).
+    """
+    import torch
+
+    from .fusion import insert_features, insert_features_torch
+
+    rng = np.random.default_rng(0)
+    n_groups = seq // (group_rows + 1)
+    ids = np.zeros((1, seq), dtype=np.int64)
+    flag, ph = 7, 9
+    for g in range(n_groups):
+        s = g * (group_rows + 1)
+        ids[0, s] = flag
+        ids[0, s + 1 : s + 1 + group_rows] = ph
+    emb = rng.standard_normal((seq, 1, hidden), dtype=np.float32).astype(np.float16)
+    feats = rng.standard_normal((n_groups, group_rows, hidden), dtype=np.float32).astype(np.float16)
+    nbytes = feats.nbytes
+    src = feats.reshape(-1).copy()
+    dst = np.empty_like(src)
+
+    def timed(fn: Callable[[], Any]) -> float:  # median seconds
+        return statistics.median(time_fn(fn, warmup, iters)) / 1e3
+
+    t_copy = timed(lambda: np.copyto(dst, src))
+    t_ins = timed(lambda: insert_features(emb, feats, ids, flag, ph, inplace=True))
+    emb_t, feats_t, ids_t = torch.from_numpy(emb), torch.from_numpy(feats), torch.from_numpy(ids)
+    src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
+    t_copy_t = timed(lambda: dst_t.copy_(src_t))
+    t_ins_t = timed(lambda: insert_features_torch(emb_t, feats_t, ids_t, flag, ph, inplace=True))
+    return {
+        "insertion bytes": nbytes,
+        "numpy memcpy GB/s": round(nbytes / t_copy / 1e9, 3),
+        "numpy insertion GB/s": round(nbytes / t_ins / 1e9, 3),
+        "numpy insertion / memcpy bandwidth": round(t_copy / t_ins, 3),
+        "torch memcpy GB/s": round(nbytes / t_copy_t / 1e9, 3),
+        "torch insertion GB/s": round(nbytes / t_ins_t / 1e9, 3),
+        "torch insertion / memcpy bandwidth": round(t_copy_t / t_ins_t, 3),
+    }

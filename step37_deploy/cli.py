@@ -1,27 +1,105 @@
 """``step37-deploy``: the command line over the pipeline stages.
 
-Every long command shows progress bars and logs at INFO; ``--quiet`` silences both.  Errors the
-user can cause (:class:`~step37_deploy.errors.Step37Error`) print one line and exit with status 2;
-a missed accuracy threshold exits with status 1.
+Every long command shows progress bars and logs at INFO; ``--quiet`` silences both.  Exit status:
+0 success; 1 a missed accuracy threshold; 2 an error the user can cause (a bad argument or file:
+:class:`~step37_deploy.errors.Step37Error`, one line naming it); 3 anything unexpected (one line
+``internal error``, the traceback with ``--verbose``).  Heavy modules (torch, onnx, TensorRT) are
+imported inside the commands, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import math
 import sys
+import traceback
 import warnings
-from pathlib import Path
+from collections.abc import Callable
 
-from .errors import Step37Error, ThresholdError
+from .errors import Step37Error, ThresholdError, UsageError
 
 log = logging.getLogger("step37_deploy")
 
 
+EXIT_OK, EXIT_THRESHOLD, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to every option's help unless the text already states its default
+    or the option is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.required:
+            return text
+        return super()._get_help_string(action) or ""
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging; tracebacks of internal errors")
+
+
+# -- argument types: a bad number is an argparse error (exit 2) naming the option ------------------
+def int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lo`` (and <= ``hi``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(lo: float, hi: float, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+            raise argparse.ArgumentTypeError(f"must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = int_at_least(1)
+NON_NEGATIVE = int_at_least(0)
+
+
+def _add_runner_options(p: argparse.ArgumentParser, torch_default: list[str] | None, torch_help: str) -> None:
+    """The runners ``compare`` and ``bench`` take (built by ``backends.factory.runners_from_args``)."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder: reference and projector (required)")
+    p.add_argument("--onnx", action="append", default=[], help="ONNX file, repeatable (default: none)")
+    p.add_argument("--engine", action="append", default=[], help="TensorRT engine, repeatable (default: none)")
+    p.add_argument("--torch", action="append", default=torch_default, choices=["fp32", "fp16", "bf16"], help=torch_help)
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
+    p.add_argument("--device", default="cpu", help="torch device for the --torch runners (cpu, cuda)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads per runner (default: all cores)")
+
+
+def _add_input_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        choices=["float", "uint8"],
+        default="float",
+        help="pixel_values the graph takes: float (CLIP-normalised views, default) or uint8 "
+        "(raw 0..255 views; the normalisation is folded into conv1, the host skips the float conversion)",
+    )
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -67,29 +145,43 @@ def _parse_batch_profile(text: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(x) for x in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch must be MIN:OPT:MAX integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be MIN:OPT:MAX integers, got {text!r}") from None
     if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"--batch must be MIN:OPT:MAX, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be MIN:OPT:MAX, got {text!r}")
     return parts  # type: ignore[return-value]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="step37-deploy", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="step37-deploy",
+        description=__doc__.splitlines()[0],
+        epilog="exit status: 0 ok, 1 accuracy threshold missed, 2 bad argument or input, 3 internal error",
+    )
+    # Every subcommand (those added later included) shows each option's default in its --help.
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter),
+    )
 
     p = sub.add_parser("make-checkpoint", help="write a synthetic checkpoint in the release layout")
-    p.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny", help="model size")
+    p.add_argument("--out", required=True, help="checkpoint folder to create (required)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="tensor dtype on disk")
+    p.add_argument("--shards", type=POSITIVE, default=2, help="number of safetensors shards")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed of the weights")
     p.add_argument(
         "--decoy-ratio",
-        type=float,
+        type=float_in(0, 100),
         default=1.25,  # synthetic.DECOY_RATIO; not imported here so that --help stays torch-free
-        help="decoy language-model bytes per vision byte (default 1.25; 0 for none)",
+        help="decoy language-model bytes per vision byte, 0 for none",
     )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a checkpoint this command wrote (anything else is refused)",
+    )
     p.add_argument(
         "--massive-activations",
         action="store_true",
@@ -99,11 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("export", help="export the vision tower to ONNX (one file per resolution)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default="engines")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp16")
-    p.add_argument("--resolution", type=int, action="append", help="728 (global view) and/or 504 (crops)")
-    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (required)")
+    p.add_argument("--out", default="engines", help="output folder")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp16", help="graph precision")
+    p.add_argument(
+        "--resolution",
+        type=POSITIVE,
+        action="append",
+        help="728 (global view) and/or 504 (crops), repeatable (default: both)",
+    )
+    p.add_argument("--opset", type=POSITIVE, default=None, help="ONNX opset, 18..21 (default: 18)")
     p.add_argument(
         "--fp32-residual",
         action="store_true",
@@ -114,30 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="FP16 graph: softmax in FP16, a cast-free MatMul-Softmax-MatMul (see docs/fp16.md)",
     )
+    _add_input_option(p)
     _add_calibration(p)
     _add_common(p)
 
     p = sub.add_parser("compare", help="accuracy report of ONNX files / engines against PyTorch FP32")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--onnx", action="append", default=[], help="ONNX file (repeatable)")
-    p.add_argument("--engine", action="append", default=[], help="TensorRT engine (repeatable)")
+    _add_runner_options(p, [], "also compare eager PyTorch in this dtype, repeatable (default: none)")
+    p.add_argument("--batch", type=POSITIVE, action="append", help="batch sizes, repeatable (default: 1 and 3)")
     p.add_argument(
-        "--torch",
+        "--resolution",
+        type=POSITIVE,
         action="append",
-        default=[],
-        choices=["fp32", "fp16", "bf16"],
-        help="also compare eager PyTorch in this dtype",
+        help="resolutions to compare, repeatable (default: each runner's own, else 728 and 504)",
     )
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
-    p.add_argument("--device", default="cpu", help="torch device for the --torch runners (cpu, cuda)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 3)")
-    p.add_argument("--resolution", type=int, action="append")
-    p.add_argument("--images", nargs="*", help="image files instead of random images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the report here (atomically)")
-    p.add_argument("--cos-min", type=float, default=None, help="override the min cosine threshold")
-    p.add_argument("--rel-l2", type=float, default=None, help="override the relative L2 threshold")
+    p.add_argument("--images", nargs="*", help="image files instead of random images (default: random images)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the random images")
+    p.add_argument("--json", default=None, help="write the report here, atomically (default: not written)")
+    p.add_argument(
+        "--cos-min", type=float, default=None, help="override the min cosine threshold (default: per precision)"
+    )
+    p.add_argument(
+        "--rel-l2", type=float, default=None, help="override the relative L2 threshold (default: per precision)"
+    )
     p.add_argument(
         "--per-block",
         action="store_true",
@@ -147,64 +242,85 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("pipeline", help="export both resolutions (+ engines) and write the accuracy report")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default="engines")
-    p.add_argument("--precision", action="append", choices=["fp32", "fp16"])
-    p.add_argument("--resolution", type=int, action="append")
-    p.add_argument("--batch", type=int, action="append")
-    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (required)")
+    p.add_argument("--out", default="engines", help="output folder")
+    p.add_argument("--precision", action="append", choices=["fp32", "fp16"], help="repeatable (default: fp32 and fp16)")
+    p.add_argument("--resolution", type=POSITIVE, action="append", help="repeatable (default: 728 and 504)")
+    p.add_argument("--batch", type=POSITIVE, action="append", help="compare batch sizes, repeatable (default: 1 and 3)")
+    p.add_argument("--opset", type=POSITIVE, default=None, help="ONNX opset, 18..21 (default: 18)")
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT build even if a flavour is installed")
+    _add_input_option(p)
     _add_calibration(p)
     _add_common(p)
 
     p = sub.add_parser("build", help="build a TensorRT engine from an FP16-typed ONNX file")
-    p.add_argument("--onnx", required=True)
-    p.add_argument("--out", required=True, help="engines/NAME.plan")
-    p.add_argument("--batch", type=_parse_batch_profile, default=(1, 1, 8), help="MIN:OPT:MAX")
-    p.add_argument("--timing-cache", default=None)
-    p.add_argument("--workspace", type=float, default=None, help="GiB")
-    p.add_argument("--opt-level", type=int, default=None)
+    p.add_argument("--onnx", required=True, help="FP16-typed ONNX file from export (required)")
+    p.add_argument("--out", required=True, help="engine file, e.g. engines/NAME.plan; NAME.plan.json beside it")
+    p.add_argument("--batch", type=_parse_batch_profile, default="1:1:8", help="optimisation profile MIN:OPT:MAX")
+    p.add_argument(
+        "--timing-cache",
+        default=None,
+        help="TensorRT timing cache to read if present and (re)write after the build (default: none)",
+    )
+    p.add_argument(
+        "--workspace",
+        type=float_in(0, 1 << 20, lo_open=True),
+        default=None,
+        help="workspace limit in GiB (default: TensorRT's)",
+    )
+    p.add_argument(
+        "--opt-level",
+        type=int_at_least(0, 5),
+        default=None,
+        help="builder optimisation level 0..5 (default: TensorRT's)",
+    )
     p.add_argument(
         "--compute-capability",
         action="append",
         default=None,
-        help="X.Y; TensorRT-RTX ahead-of-time targets (repeatable)",
+        help="X.Y; TensorRT-RTX ahead-of-time targets, repeatable (default: this GPU, else 8.6 and 8.9)",
     )
     p.add_argument("--allow-fp32", action="store_true", help="accept an FP32-typed graph")
     _add_common(p)
 
     p = sub.add_parser("inspect", help="print an engine's manifest (and TensorRT's inspector output)")
-    p.add_argument("engine")
+    p.add_argument("engine", help="engine file with its NAME.plan.json manifest beside it")
     _add_common(p)
 
     p = sub.add_parser("bench", help="latency of backends side by side, as ratios")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--onnx", action="append", default=[])
-    p.add_argument("--engine", action="append", default=[])
-    p.add_argument("--torch", action="append", default=None, choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--device", default="cpu", help="torch device for the torch runners")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
+    _add_runner_options(
+        p, None, "eager PyTorch in this dtype, repeatable; the first runner is the baseline (default: fp32)"
+    )
+    p.add_argument("--batch", type=POSITIVE, default=1, help="batch size")
+    p.add_argument(
+        "--resolution", type=POSITIVE, default=None, help="input resolution (default: the files' own, else 728)"
+    )
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed calls per runner")
+    p.add_argument("--iters", type=POSITIVE, default=10, help="timed calls per runner")
     p.add_argument("--insertion", action="store_true", help="also benchmark insertion vs memcpy")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the result here, atomically (default: not written)")
     _add_common(p)
 
     p = sub.add_parser("embed", help="image(s) -> projected features per image + token layout")
-    p.add_argument("--backend", choices=["trt", "onnx", "torch"], required=True)
+    p.add_argument("--backend", choices=["trt", "onnx", "torch"], required=True, help="runner kind (required)")
     p.add_argument(
         "--artifacts",
         required=True,
         nargs="+",
-        help="checkpoint dir (projector, tokens) and, for onnx/trt, the 728 and 504 files",
+        help="checkpoint dir (projector, tokens) and, for onnx/trt, the 728 and 504 files (required)",
     )
-    p.add_argument("--image", action="append", required=True)
-    p.add_argument("--out", required=True, help="FILE.npy (a .json with the token layout is written beside it)")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--image", action="append", required=True, help="image file, repeatable (required)")
+    p.add_argument(
+        "--out", required=True, help="FILE.npy (required); FILE.json with the token layout is written beside it"
+    )
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
+    p.add_argument("--batch", type=POSITIVE, default=8, help="views per runner call")
+    p.add_argument(
+        "--max-pixels",
+        type=POSITIVE,
+        default=89_478_485,  # preprocess.MAX_PIXELS; not imported here so that --help stays light
+        help="refuse images with more pixels (width x height) than this before decoding them",
+    )
     _add_common(p)
     return parser
 
@@ -221,18 +337,32 @@ def _setup_logging(args: argparse.Namespace) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args)
     progress = not args.quiet
     try:
         return COMMANDS[args.command](args, progress)
     except ThresholdError as exc:
-        print(f"step37-deploy: {exc}", file=sys.stderr)
-        return 1
+        print(f"step37-deploy: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_THRESHOLD
     except Step37Error as exc:
-        print(f"step37-deploy: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"step37-deploy: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("step37-deploy: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else " (run with --verbose for the traceback)"
+        print(f"step37-deploy: internal error: {type(exc).__name__}: {_one_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _cmd_make_checkpoint(args: argparse.Namespace, progress: bool) -> int:
@@ -264,9 +394,10 @@ def _cmd_export(args: argparse.Namespace, progress: bool) -> int:
             args.out,
             args.precision,
             res,
-            args.opset or DEFAULT_OPSET,
+            args.opset if args.opset is not None else DEFAULT_OPSET,
             policy=policy,
             progress=progress,
+            input_kind=args.input,
             **_calibration_kwargs(args),
         )
         print(r.onnx_path)
@@ -283,45 +414,34 @@ def _reference_and_projector(checkpoint: str, progress: bool = False):
     return ref, proj.weight.detach().numpy(), bias
 
 
-def _runners_from_args(args: argparse.Namespace) -> list:
-    """Runners named on the command line; eager torch first, so it is the baseline in ``bench``."""
-    from .backends import OnnxrtRunner, TorchRunner, load_torch_model, session_from_onnx
+def _check_report_path(args: argparse.Namespace, keys: set[str]) -> None:
+    """``--json``: a writable file that is none of the command's inputs and, if it exists, a report
+    of this command (JSON with ``keys``), checked before any work."""
+    from .files import check_output_file, check_replaceable_json, refuse_inputs
 
-    runners = []
-    for dtype in args.torch or []:
-        device = getattr(args, "device", "cpu")
-        runners.append(
-            TorchRunner(
-                load_torch_model(args.checkpoint, dtype, device, progress=not args.quiet),
-                name=f"torch-{dtype}-{device}",
-                threads=args.threads,
-            )
+    if args.json:
+        check_output_file(args.json, "--json")
+        refuse_inputs(
+            {"--json": args.json},
+            {
+                "--checkpoint": args.checkpoint,
+                "--onnx": args.onnx,
+                "--engine": args.engine,
+                "--images": getattr(args, "images", None) or [],
+            },
         )
-    for path in args.onnx:
-        runners.append(
-            OnnxrtRunner(
-                session_from_onnx(path, args.provider, args.threads),
-                name=f"onnxrt-{args.provider}:{Path(path).name}",
-                provider=args.provider,
-            )
-        )
-    for path in args.engine:
-        from .backends.tensorrt import TensorRTRunner
-
-        runners.append(TensorRTRunner(path, name=f"trt:{Path(path).name}"))
-    return runners
+        check_replaceable_json(args.json, "--json", keys)
 
 
 def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:
+    from .backends.factory import runners_from_args
     from .compare import DEFAULT_THRESHOLDS, Thresholds, check, compare
 
-    runners = _runners_from_args(args)
-    if not runners:
-        raise SystemExit("step37-deploy compare: give at least one --onnx, --engine or --torch")
+    if not (args.onnx or args.engine or args.torch):
+        raise UsageError("compare: give at least one --onnx, --engine or --torch")
+    _check_report_path(args, {"passed", "rows"})
     if args.per_block and len(args.onnx) != 1:
-        from .errors import InputError
-
-        raise InputError(f"--per-block compares one ONNX file block by block; {len(args.onnx)} --onnx given")
+        raise UsageError(f"--per-block compares one ONNX file block by block; {len(args.onnx)} --onnx given")
     thresholds = None
     if args.cos_min is not None or args.rel_l2 is not None:
         thresholds = {
@@ -331,6 +451,7 @@ def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:
             )
             for k, v in DEFAULT_THRESHOLDS.items()
         }
+    runners = runners_from_args(args)  # after the thresholds: a bad --cos-min fails before any loading
     ref, w, b = _reference_and_projector(args.checkpoint, progress)
     report = compare(
         ref, runners, w, b, args.batch or [1, 3], args.resolution, args.seed, args.images, thresholds, progress
@@ -348,12 +469,12 @@ def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _per_block(args: argparse.Namespace, ref) -> dict:
-    from .compare import case_inputs, per_block
+    from .compare import case_views, per_block
     from .export import read_metadata
 
     meta = read_metadata(args.onnx[0])
     res = int(meta.get("resolution") or (args.resolution or [728])[0])
-    x = case_inputs(res, (args.batch or [1])[0], args.seed, args.images)
+    x = case_views(res, (args.batch or [1])[0], args.seed, args.images)
     return per_block(args.onnx[0], ref.activate().model, x, args.provider, args.threads)
 
 
@@ -370,6 +491,7 @@ def _cmd_pipeline(args: argparse.Namespace, progress: bool) -> int:
         args.opset,
         build_engines=False if args.no_engines else None,
         progress=progress,
+        input_kind=args.input,
         **_calibration_kwargs(args),
     )
     for e in result.exports:
@@ -408,6 +530,7 @@ def _cmd_inspect(args: argparse.Namespace, progress: bool) -> int:
 def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
     from .bench import run_bench
 
+    _check_report_path(args, {"timings", "notes"})
     result = run_bench(args, progress)
     print(result.table())
     if args.json:

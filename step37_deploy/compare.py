@@ -9,26 +9,37 @@ both sides, so the projector itself adds no error).  A threshold per precision d
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .backends.base import Runner
-from .errors import InputError, ThresholdError
+from .errors import InputError, ThresholdError, UsageError
 from .files import write_json
 from .fusion import project
-from .preprocess import PreprocessConfig, normalise, preprocess, to_rgb
+from .preprocess import PreprocessConfig, as_pixel_dtype, normalise_views, preprocess, to_chw, to_rgb
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Pass criteria for one precision (features and projected features alike)."""
+    """Pass criteria for one precision (features and projected features alike).
+
+    Validated on construction: a NaN threshold would make every comparison fail (or, written the
+    other way round, pass), ``cos_min`` above 1 can never be met and at -1 or below always is,
+    and a negative ``rel_l2`` can never be met."""
 
     cos_min: float
     rel_l2: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.cos_min, (int, float)) and math.isfinite(self.cos_min) and -1 < self.cos_min <= 1):
+            raise UsageError(f"--cos-min (cos_min) must be a finite number in (-1, 1], got {self.cos_min!r}")
+        if not (isinstance(self.rel_l2, (int, float)) and math.isfinite(self.rel_l2) and self.rel_l2 >= 0):
+            raise UsageError(f"--rel-l2 (rel_l2) must be a finite number >= 0, got {self.rel_l2!r}")
 
 
 #: Defaults per precision.  FP32 graphs differ from eager PyTorch only by kernel order; FP16 ones
@@ -57,39 +68,55 @@ def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     }
 
 
-def random_pixel_values(batch: int, resolution: int, seed: int) -> np.ndarray:
-    """Random uint8 images normalised with CLIP mean/std, [B, 3, R, R] FP32 (realistic range)."""
+def random_views(batch: int, resolution: int, seed: int) -> np.ndarray:
+    """Random uint8 images as views [B, 3, R, R] uint8 (what uint8-input artifacts take)."""
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 256, size=(batch, resolution, resolution, 3), dtype=np.uint8)
-    return normalise(img)
+    return np.ascontiguousarray(img.transpose(0, 3, 1, 2))
 
 
-def image_files_pixel_values(paths: list[str], resolution: int, batch: int) -> np.ndarray:
-    """Real model inputs from image files, as the runtime makes them: the 728x728 global views for
-    a 728 runner, the 504x504 crops for a 504 runner (an image with no crops contributes its
-    global view resized to 504); repeated to fill ``batch``."""
+def random_pixel_values(batch: int, resolution: int, seed: int) -> np.ndarray:
+    """:func:`random_views` normalised with CLIP mean/std, [B, 3, R, R] FP32 (realistic range)."""
+    return normalise_views(random_views(batch, resolution, seed))
+
+
+def image_files_views(paths: list[str], resolution: int, batch: int) -> np.ndarray:
+    """Real model inputs from image files as uint8 views, as the runtime makes them: the 728x728
+    global views for a 728 runner, the 504x504 crops for a 504 runner (an image with no crops
+    contributes its global view resized to 504); repeated to fill ``batch``."""
     from PIL import Image
 
     pcfg = PreprocessConfig()
     views = []
     for p in paths:
         im = to_rgb(p)  # read once, converted like the reference
-        pre = preprocess(im, pcfg)
+        pre = preprocess(im, pcfg, pixel_dtype="uint8")
         if resolution == pcfg.image_size:
             views.append(pre.global_view[None])
         elif resolution == pcfg.patch_size and pre.num_crops:
             views.append(pre.crops)
         else:
-            views.append(normalise(im.resize((resolution, resolution), Image.BILINEAR))[None])
+            views.append(to_chw(im.resize((resolution, resolution), Image.BILINEAR))[None])
     x = np.concatenate(views)
     return np.ascontiguousarray(np.concatenate([x] * -(-batch // len(x)))[:batch])
 
 
-def case_inputs(resolution: int, batch: int, seed: int, images: list[str] | None = None) -> np.ndarray:
-    """The inputs of one compare case: the image files' views, else seeded random images."""
+def case_views(resolution: int, batch: int, seed: int, images: list[str] | None = None) -> np.ndarray:
+    """The uint8 views of one compare case: the image files', else seeded random images."""
     if images:
-        return image_files_pixel_values(images, resolution, batch)
-    return random_pixel_values(batch, resolution, seed + batch * 7919 + resolution)
+        return image_files_views(images, resolution, batch)
+    return random_views(batch, resolution, seed + batch * 7919 + resolution)
+
+
+def image_files_pixel_values(paths: list[str], resolution: int, batch: int) -> np.ndarray:
+    """:func:`image_files_views`, CLIP-normalised FP32."""
+    return normalise_views(image_files_views(paths, resolution, batch))
+
+
+def views_for(runner: Runner, views: np.ndarray) -> np.ndarray:
+    """uint8 views [B, 3, R, R] as the input dtype ``runner`` declares: as they are for
+    uint8-input artifacts, CLIP-normalised FP32/FP16 for float ones."""
+    return as_pixel_dtype(views, runner.input_spec().dtype)
 
 
 @dataclass
@@ -171,8 +198,15 @@ def compare(
     thresholds: dict[str, Thresholds] | None = None,
     progress: bool = False,
 ) -> Report:
-    """Compare ``runners`` with ``reference`` at each resolution a runner supports and each batch."""
+    """Compare ``runners`` with ``reference`` at each resolution a runner supports and each batch.
+
+    A comparison with zero cases (no runner, no batch, or no runner serving any asked resolution)
+    is a :class:`UsageError`: a report that checked nothing must never read as a pass."""
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    if not runners:
+        raise UsageError("compare: no runner to compare with the reference")
+    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise UsageError(f"compare: --batch sizes must be positive integers, got {batches}")
     report = Report()
     reference.activate()
     jobs = []
@@ -184,20 +218,28 @@ def compare(
         for res in res_list:
             for b in batches:
                 jobs.append((runner, res, b))
+    if not jobs:
+        served = ", ".join(f"{r.name}: {r.resolution or 'any'}" for r in runners)
+        raise UsageError(
+            f"compare: zero cases: no runner serves the asked resolution(s) {resolutions} ({served}); "
+            "ask for a resolution a runner was exported for, or leave --resolution out"
+        )
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="comparing", unit="case")
+    # The same images for every runner, each in the input dtype it declares (uint8 views, or
+    # normalised FP32/FP16 ones).
     cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for runner, res, b in jobs:
         key = (res, b)
         if key not in cache:
-            x = case_inputs(res, b, seed, images)
-            ref = reference.infer(x).astype(np.float32)
-            cache[key] = (x, ref, _project(ref, projector_weight, projector_bias))
-        x, ref, ref_proj = cache[key]
-        got = np.asarray(runner.infer(x)).astype(np.float32)
+            u8 = case_views(res, b, seed, images)
+            ref = reference.infer(views_for(reference, u8)).astype(np.float32)
+            cache[key] = (u8, ref, _project(ref, projector_weight, projector_bias))
+        u8, ref, ref_proj = cache[key]
+        got = np.asarray(runner.infer(views_for(runner, u8))).astype(np.float32)
         feat = metrics(ref, got)
         proj = metrics(ref_proj, _project(got, projector_weight, projector_bias))
         prec = runner.precision
@@ -292,11 +334,12 @@ def reference_block_outputs(model, pixel_values: np.ndarray) -> tuple[np.ndarray
 def per_block(
     onnx_path: str | Path,
     reference_model,
-    pixel_values: np.ndarray,
+    views: np.ndarray,
     provider: str = "cpu",
     threads: int | None = None,
 ) -> dict:
-    """Every block's output of an ONNX file against the FP32 reference's, on ``pixel_values``.
+    """Every block's output of an ONNX file against the FP32 reference's, on uint8 ``views``
+    [B, 3, R, R] (fed to the file in the dtype its input declares, uint8 included).
 
     Returns ``{"onnx", "batch", "per_block": [{"block", "cos_min", "rel_l2", "max_abs",
     "max_abs_onnx", "finite"}], "first_divergent_block"}``; ``max_abs`` is the reference's (FP32)
@@ -312,10 +355,10 @@ def per_block(
         path, names = _onnx_with_block_outputs(onnx_path, Path(tmp))
         session = session_from_onnx(path, provider, threads)()
         inp = session.get_inputs()[0]
-        want = np.float16 if inp.type == "tensor(float16)" else np.float32
-        got = session.run(names, {inp.name: np.ascontiguousarray(pixel_values, dtype=want)})
+        want = {"tensor(float16)": np.float16, "tensor(uint8)": np.uint8}.get(inp.type, np.float32)
+        got = session.run(names, {inp.name: np.ascontiguousarray(as_pixel_dtype(views, want))})
         del session
-    _, ref = reference_block_outputs(reference_model, pixel_values)
+    _, ref = reference_block_outputs(reference_model, normalise_views(views))
     if len(ref) != len(got):
         raise InputError(f"{onnx_path} has {len(got)} blocks but the checkpoint's tower has {len(ref)}")
     rows = []
@@ -335,7 +378,7 @@ def per_block(
         )
     return {
         "onnx": str(onnx_path),
-        "batch": int(pixel_values.shape[0]),
+        "batch": int(views.shape[0]),
         "per_block": rows,
         "first_divergent_block": first_divergent_block(rows),
     }

@@ -9,6 +9,7 @@ write is byte-compatible with what the release ships and what ``transformers`` r
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -17,6 +18,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .files import read_json
+from .inputs import require_file
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,23 @@ DEFAULT_TOKEN_IDS = {
 
 #: Total spatial stride of the two 3x3/s2 downsampler convolutions.
 DOWNSAMPLE_STRIDE = 4
+
+#: The CLIP normalisation the tower was trained with: ``(x / 255 - mean) / std`` per RGB channel.
+#: Host preprocessing applies it (float-input artifacts) or the graph folds it into conv1 (uint8 input).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+#: Upper bounds far above any released tower (the release: width 1536, 47 layers, 16 heads, 728 px):
+#: a corrupt or hostile config.json must fail here, not build a model of a billion layers.
+_SANITY_LIMITS = {
+    "width": 1 << 16,
+    "layers": 1024,
+    "heads": 1024,
+    "num_channels": 16,
+    "image_size": 1 << 14,
+    "patch_size": 1024,
+}
 
 
 @dataclass(frozen=True)
@@ -98,8 +117,13 @@ class VisionConfig:
     def validate(self) -> None:
         problems = []
         for name in ("width", "layers", "heads", "num_channels", "image_size", "patch_size"):
-            if int(getattr(self, name)) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+            value = int(getattr(self, name))
+            if value <= 0:
+                problems.append(f"{name} must be positive, got {value}")
+            elif value > _SANITY_LIMITS[name]:
+                problems.append(f"{name} {value} is beyond any vision tower (at most {_SANITY_LIMITS[name]})")
+        if self.mlp_ratio > 64:
+            problems.append(f"mlp_ratio {self.mlp_ratio} is beyond any vision tower (at most 64)")
         if self.heads > 0 and self.width % self.heads:
             problems.append(f"width {self.width} is not divisible by heads {self.heads}")
         elif self.use_rope2d and self.heads > 0 and self.head_dim % 4:
@@ -117,8 +141,13 @@ class VisionConfig:
 
     # -- (de)serialisation ----------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
-        """Read a ``vision_config`` block (release field names; ``transformers`` names accepted too)."""
+    def from_dict(cls, raw: dict[str, Any], source: str = "vision_config") -> VisionConfig:
+        """Read a ``vision_config`` block (release field names; ``transformers`` names accepted too).
+
+        Every field is type-checked (``"1536"``, ``null`` or a list for ``width`` is a
+        :class:`ConfigError` naming ``source`` and the field, not a ``TypeError`` deep in the model)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source} must be an object, got {_json_type(raw)}")
         data = dict(raw)
         aliases = {
             "hidden_size": "width",
@@ -136,12 +165,12 @@ class VisionConfig:
         rope = data.get("rope_parameters")
         if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in data:
             data["rope_theta"] = rope["rope_theta"]
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
+        known = {f.name: f.type for f in fields(cls)}
+        kwargs = {k: _typed(f"{source}.{k}", v, known[k]) for k, v in data.items() if k in known}
         try:
             return cls(**kwargs)
-        except TypeError as exc:  # pragma: no cover - dataclass signature errors
-            raise ConfigError(f"bad vision config: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Release-style dict (``ues_cls_token`` spelled as the release spells it)."""
@@ -149,6 +178,36 @@ class VisionConfig:
         out["ues_cls_token"] = out.pop("use_cls_token")
         out["model_type"] = "perception_encoder"
         return out
+
+
+def _json_type(value: Any) -> str:
+    """``value`` as the JSON it was read from (``null``, ``"1536"``, ``[1, 2]``), cut at 40 characters."""
+    try:
+        return json.dumps(value)[:40]
+    except (TypeError, ValueError):
+        return repr(value)[:40]
+
+
+def _typed(name: str, value: Any, annotation: str) -> Any:
+    """``value`` checked against a field's annotation (``int``, ``float``, ``bool``, ``str``,
+    ``X | None``); integral floats are accepted as ints, numbers are never parsed from strings."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    kind = kinds[0]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int":
+        ok = number and (isinstance(value, int) or value.is_integer())
+    elif kind == "float":
+        ok = number and math.isfinite(value)
+    elif kind == "bool":
+        ok = isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        what = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}[kind]
+        raise ConfigError(f"{name} must be {what}, got {_json_type(value)}")
+    return {"int": int, "float": float, "bool": bool, "str": str}[kind](value)
 
 
 def _down(n: int) -> int:
@@ -181,9 +240,21 @@ class TokenIds:
         return {tok: getattr(self, _attr(tok)) for tok in SPECIAL_TOKENS}
 
     @classmethod
-    def from_mapping(cls, mapping: dict[str, int], source: str) -> TokenIds:
-        kwargs = {_attr(tok): int(mapping[tok]) for tok in SPECIAL_TOKENS if tok in mapping}
+    def from_mapping(cls, mapping: dict[str, Any], source: str) -> TokenIds:
+        kwargs = {
+            _attr(tok): _token_id(mapping[tok], f"{source}: id of {tok}") for tok in SPECIAL_TOKENS if tok in mapping
+        }
         return cls(**kwargs, source=source)
+
+
+def _token_id(value: Any, what: str) -> int:
+    """A non-negative integer token id (JSON int, or the decimal string keys of
+    ``added_tokens_decoder``), else :class:`ConfigError` naming ``what``."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{what} must be a non-negative integer, got {_json_type(value)}")
+    return value
 
 
 def _attr(token: str) -> str:
@@ -200,13 +271,22 @@ class Step37Config:
     text_hidden_size: int = 4096
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Step37Config:
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> Step37Config:
+        """``source`` (the file's path) names the file in every error."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source} must hold a JSON object, got {_json_type(raw)}")
         if "vision_config" not in raw:
-            raise ConfigError("config.json has no 'vision_config' block; is this a step3p7 checkpoint?")
-        vision = VisionConfig.from_dict(raw["vision_config"])
+            raise ConfigError(f"{source} has no 'vision_config' block; is this a step3p7 checkpoint?")
+        vision = VisionConfig.from_dict(raw["vision_config"], f"{source}: vision_config")
         text = raw.get("text_config") or {}
-        hidden = int(text.get("hidden_size", raw.get("hidden_size", 4096)))
-        projector = ProjectorConfig(vision.output_dim, hidden, bool(raw.get("projector_bias", False)))
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: text_config must be an object, got {_json_type(text)}")
+        hidden_key = "text_config.hidden_size" if "hidden_size" in text else "hidden_size"
+        hidden = _typed(f"{source}: {hidden_key}", text.get("hidden_size", raw.get("hidden_size", 4096)), "int")
+        if hidden <= 0:
+            raise ConfigError(f"{source}: {hidden_key} must be positive, got {hidden}")
+        bias = _typed(f"{source}: projector_bias", raw.get("projector_bias", False), "bool")
+        projector = ProjectorConfig(vision.output_dim, hidden, bias)
         return cls(vision=vision, projector=projector, text_hidden_size=hidden)
 
     @classmethod
@@ -214,9 +294,8 @@ class Step37Config:
         """Read ``config.json`` and the tokenizer's special-token ids from a checkpoint folder."""
         root = Path(checkpoint_dir)
         path = root / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path} does not exist")
-        cfg = cls.from_dict(read_json(path))
+        require_file(path, ConfigError, "config")
+        cfg = cls.from_dict(read_json(path), str(path))
         return replace(cfg, tokens=read_token_ids(root))
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,18 +338,24 @@ def read_token_ids(checkpoint_dir: str | Path) -> TokenIds:
     found: dict[str, int] = {}
     source = None
     tc = root / "tokenizer_config.json"
-    if tc.is_file():
+    if require_file(tc, ConfigError, "tokenizer config", missing_ok=True):
         decoder = read_json(tc).get("added_tokens_decoder", {}) or {}
+        if not isinstance(decoder, dict):
+            raise ConfigError(f"{tc}: added_tokens_decoder must be an object, got {_json_type(decoder)}")
         for idx, entry in decoder.items():
             content = entry.get("content") if isinstance(entry, dict) else None
-            if content in SPECIAL_TOKENS:
-                found[content] = int(idx)
+            if isinstance(content, str) and content in SPECIAL_TOKENS:
+                found[content] = _token_id(idx, f"{tc}: added_tokens_decoder key of {content}")
         source = str(tc)
     tj = root / "tokenizer.json"
-    if tj.is_file() and len(found) < len(SPECIAL_TOKENS):
-        for entry in read_json(tj).get("added_tokens", []) or []:
-            if entry.get("content") in SPECIAL_TOKENS:
-                found.setdefault(entry["content"], int(entry["id"]))
+    if len(found) < len(SPECIAL_TOKENS) and require_file(tj, ConfigError, "tokenizer", missing_ok=True):
+        added = read_json(tj).get("added_tokens", []) or []
+        if not isinstance(added, list):
+            raise ConfigError(f"{tj}: added_tokens must be a list, got {_json_type(added)}")
+        for entry in added:
+            content = entry.get("content") if isinstance(entry, dict) else None
+            if isinstance(content, str) and content in SPECIAL_TOKENS:
+                found.setdefault(content, _token_id(entry.get("id"), f"{tj}: id of {content}"))
         source = str(tj)
     if not found:
         log.info("no tokenizer files with image tokens in %s; using default token ids", root)

@@ -25,13 +25,15 @@ import logging
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import BackendUnavailable, EngineError
-from .files import atomic_path, read_json
+from .files import atomic_path, check_output_file, read_json, refuse_inputs, temp_sibling
+from .inputs import onnx_external_files, require_file
 
 log = logging.getLogger(__name__)
 
@@ -125,26 +127,36 @@ class OnnxFacts:
     metadata: dict[str, str]
     fp16_typed: bool
     sha256: str
+    output_dtype: str = ""  # the compute dtype; differs from input_dtype for uint8-input graphs
 
 
 def onnx_facts(path: str | Path) -> OnnxFacts:
     import onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise EngineError(f"ONNX file {path} does not exist")
+    require_file(path, EngineError, "ONNX file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise EngineError(f"{path} is not an ONNX model TensorRT can parse: {exc}") from exc
     if len(model.graph.input) != 1 or len(model.graph.output) != 1:
         raise EngineError(f"{path} must have one input and one output (a step37 vision export)")
+    try:
+        return _facts(path, model)
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # e.g. an element type numpy has not
+        raise EngineError(f"{path} is not a step37 vision export: {exc}") from exc
+
+
+def _facts(path: Path, model: Any) -> OnnxFacts:
+    import onnx
+
     inp, out = model.graph.input[0], model.graph.output[0]
 
     def dims(v) -> list[Any]:
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
-    fp16 = inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    # uint8-input graphs (normalisation folded into conv1) compute in their output's dtype.
+    fp16 = onnx.TensorProto.FLOAT16 in (inp.type.tensor_type.elem_type, out.type.tensor_type.elem_type)
     # FP16-typed = FP16 input and weights: our exports say so in their metadata; for other files,
     # most weight elements FP16 (the FP32 islands' RoPE tables are a small part even in tiny models).
     sizes = {t: 0 for t in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)}
@@ -165,6 +177,7 @@ def onnx_facts(path: str | Path) -> OnnxFacts:
         meta,
         fp16 and fp16_weights,
         _sha256_onnx(path, model),
+        onnx.helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type).name,
     )
 
 
@@ -186,11 +199,9 @@ def _sha256_file(path: Path, h: Any | None = None) -> Any:
 def _sha256_onnx(path: Path, model: Any) -> str:
     """Digest of the ONNX file and its external-data files (the weights are part of identity)."""
     h = _sha256_file(path)
-    locations = sorted({e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"})
-    for loc in locations:
-        data = path.parent / loc
+    for data in onnx_external_files(model, path, EngineError):
         if not data.is_file():
-            raise EngineError(f"{path} refers to external data {loc} which does not exist beside it")
+            raise EngineError(f"{path} refers to external data {data.name} which does not exist beside it")
         _sha256_file(data, h)
     return h.hexdigest()
 
@@ -217,6 +228,9 @@ class Manifest:
     build_seconds: float
     builder: dict[str, Any] = field(default_factory=dict)
     format: str = "step37-engine-manifest/1"
+    #: The source ONNX's metadata (``step37.`` dropped): vision-weights digest and fingerprint,
+    #: source checkpoint, precision... so that a server can check the engine against its checkpoint.
+    onnx_metadata: dict[str, str] = field(default_factory=dict)
     #: What the builder did (``fusion_facts``): fused attention count, accumulators, activation memory.
     fusion: dict[str, Any] = field(default_factory=dict)
     #: The ONNX file's FP16 protection decision (``step37.fp16_protection``), None for older files.
@@ -246,6 +260,7 @@ def build_engine(
     """Build one engine + manifest; returns the manifest as a dict."""
     opts = opts or BuildOptions()
     opts.validate()
+    check_build_outputs(onnx_path, out_path, opts.timing_cache)
     facts = onnx_facts(onnx_path)
     if opts.require_fp16 and not facts.fp16_typed:
         raise EngineError(
@@ -259,6 +274,8 @@ def build_engine(
             "no TensorRT flavour is installed: pip install '.[trt]' (GPU) or '.[rtx]' (any machine)"
         )
     trt = trt_module(flavour)
+    if opts.timing_cache:
+        check_timing_cache(trt, opts.timing_cache)
     gpu = _current_gpu()
     ccs = list(opts.compute_capabilities or [])
     if flavour == "tensorrt":
@@ -300,8 +317,13 @@ def build_engine(
         config_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(opts.workspace_gib * (1 << 30))}
     if opts.opt_level is not None:
         config_kwargs["builder_optimization_level"] = opts.opt_level
+    # The timing cache goes in and out through open files: given paths, Polygraphy would rewrite
+    # the cache in place and leave NAME.lock beside it; the new cache is renamed into place instead.
+    cache_in = None
     if opts.timing_cache and Path(opts.timing_cache).is_file():
-        config_kwargs["load_timing_cache"] = opts.timing_cache
+        cache_in = config_kwargs["load_timing_cache"] = open(opts.timing_cache, "rb")  # noqa: SIM115
+    cache_tmp = temp_sibling(opts.timing_cache) if opts.timing_cache else None
+    cache_out = open(cache_tmp, "w+b") if cache_tmp is not None else None  # noqa: SIM115
     if flavour == "tensorrt_rtx":
         from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
 
@@ -312,14 +334,20 @@ def build_engine(
     network = pgtrt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     started = time.perf_counter()
     bar = _Spinner(f"building {Path(out_path).name}") if progress else None
+    engine_bytes = None
     try:
         with _CapturedBuilderLog() as build_log:
-            engine_bytes = pgtrt.EngineBytesFromNetwork(network, config, save_timing_cache=opts.timing_cache)()
+            engine_bytes = pgtrt.EngineBytesFromNetwork(network, config, save_timing_cache=cache_out)()
     except PolygraphyException as exc:
         raise EngineError(f"TensorRT could not build {onnx_path}: {exc}") from exc
     finally:
         if bar is not None:
             bar.close()
+        for fh in (cache_in, cache_out):
+            if fh is not None:
+                fh.close()
+        if cache_tmp is not None and engine_bytes is None:  # failed: no new cache either
+            cache_tmp.unlink(missing_ok=True)
     if engine_bytes is None:
         raise EngineError(f"TensorRT returned no engine for {onnx_path} (see the log above)")
     data = memoryview(engine_bytes)  # no copy of a multi-GB engine
@@ -335,9 +363,10 @@ def build_engine(
         precision=facts.metadata.get("precision", "fp16" if facts.fp16_typed else "fp32"),
         resolution=int(facts.metadata["resolution"]) if "resolution" in facts.metadata else shape[2],
         inputs={name: {"dtype": facts.input_dtype, "shape": ["batch", *shape[1:]]}},
-        outputs={facts.output_name: {"dtype": facts.input_dtype, "shape": out_shape}},
+        outputs={facts.output_name: {"dtype": facts.output_dtype, "shape": out_shape}},
         onnx_file=str(Path(onnx_path).resolve()),
         onnx_sha256=facts.sha256,
+        onnx_metadata=facts.metadata,
         engine_sha256=hashlib.sha256(data).hexdigest(),
         engine_bytes=data.nbytes,
         toolkit_version=__version__,
@@ -352,9 +381,67 @@ def build_engine(
         fusion=fusion,
         fp16_protection=_json_or_none(facts.metadata.get("fp16_protection")),
     )
-    _write_atomic_pair(Path(out_path), data, asdict(manifest))
+    try:
+        _write_atomic_pair(Path(out_path), data, asdict(manifest))
+        if cache_tmp is not None and cache_tmp.stat().st_size:
+            os.replace(cache_tmp, opts.timing_cache)
+    finally:
+        if cache_tmp is not None:
+            cache_tmp.unlink(missing_ok=True)
     log.info("built %s (%.1f MB) in %.1fs for %s", out_path, data.nbytes / 1e6, seconds, targets)
     return asdict(manifest)
+
+
+def check_build_outputs(onnx_path: str | Path, out_path: str | Path, timing_cache: str | None) -> None:
+    """Before any work: the engine, its manifest and the timing cache are writable files, none of
+    them is the ONNX input (or its external data), and an existing ``--out`` is an engine this tool
+    built (its manifest beside it); anything else would be destroyed by the build."""
+    out_path = Path(out_path)
+    outputs = {"--out": out_path, "the manifest": manifest_path(out_path)}
+    for label, path in outputs.items():
+        check_output_file(path, label)
+    if timing_cache:
+        check_output_file(timing_cache, "--timing-cache")
+        for label, path in outputs.items():
+            if Path(timing_cache).resolve() == path.resolve():
+                raise EngineError(f"--timing-cache {timing_cache} is the same file as {label}")
+        outputs["--timing-cache"] = Path(timing_cache)
+    refuse_inputs(outputs, {"--onnx": onnx_path})
+    mpath = manifest_path(out_path)
+    if (out_path.exists() or mpath.exists()) and not _is_step37_manifest(mpath):
+        raise EngineError(
+            f"--out {out_path}: {out_path.name if out_path.exists() else mpath.name} exists and is not from an engine "
+            f"built by step37-deploy (no step37 manifest {mpath.name}): refusing to replace it"
+        )
+
+
+def _is_step37_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("step37-engine-manifest/")
+
+
+def check_timing_cache(trt: Any, path: str | Path) -> None:
+    """An existing ``--timing-cache`` must be a timing cache: the build rewrites it, so any other
+    file given there by mistake (the ONNX, an engine, notes) would be destroyed.  TensorRT turns
+    bytes it cannot read into an empty cache, so a file is a cache when it is the empty cache or
+    does not read back as empty."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EngineError(f"--timing-cache {path} cannot be read: {exc.strerror}") from exc
+    config = trt.Builder(trt.Logger(trt.Logger.INTERNAL_ERROR)).create_builder_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TensorRT-RTX: timing caches are no-ops
+        empty = bytes(config.create_timing_cache(b"").serialize())
+        read_back = bytes(config.create_timing_cache(data).serialize())
+    if data != empty and read_back == empty:
+        raise EngineError(f"--timing-cache {path} exists but is not a TensorRT timing cache: refusing to replace it")
 
 
 class _Spinner:
@@ -385,21 +472,61 @@ def _write_atomic_pair(engine_path: Path, data: bytes | memoryview, manifest: di
 def read_manifest(engine_path: str | Path) -> dict[str, Any]:
     engine_path = Path(engine_path)
     mpath = manifest_path(engine_path)
-    if not engine_path.is_file():
-        raise EngineError(f"engine {engine_path} does not exist")
-    if not mpath.is_file():
+    require_file(engine_path, EngineError, "engine")
+    if not require_file(mpath, EngineError, "engine manifest", missing_ok=True):
         raise EngineError(f"engine {engine_path} has no manifest ({mpath.name}); rebuild it with step37-deploy build")
     manifest = read_json(mpath, EngineError)
     required = {"flavour", "trt_version", "targets", "profile", "engine_sha256", "engine_bytes", "inputs", "outputs"}
     missing = sorted(required - set(manifest))
     if missing:
         raise EngineError(f"manifest {mpath} lacks {missing}; it is not a step37 engine manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise EngineError(f"manifest {mpath} is not a valid step37 engine manifest: {problem}")
     return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """The first field of a manifest that later code could not use, or ``None``."""
+    for key in ("flavour", "trt_version", "engine_sha256"):
+        if not isinstance(m[key], str):
+            return f"{key} must be a string, got {m[key]!r:.40}"
+    if isinstance(m["engine_bytes"], bool) or not isinstance(m["engine_bytes"], int) or m["engine_bytes"] < 0:
+        return f"engine_bytes must be a byte count, got {m['engine_bytes']!r:.40}"
+    if not isinstance(m["targets"], dict) or not isinstance(m["targets"].get("compute_capabilities", []), list):
+        return "targets must be an object with a compute_capabilities list"
+    for key, rank in (("inputs", 4), ("outputs", 3)):  # [batch, 3, H, W] -> [batch, tokens, dim]
+        io = m[key]
+        if not isinstance(io, dict) or len(io) != 1:
+            return f"{key} must map exactly one tensor name to its dtype and shape"
+        (spec,) = io.values()
+        if not isinstance(spec, dict) or spec.get("dtype") not in ("float32", "float16", "uint8"):
+            return f"{key}: dtype must be float32, float16 or uint8"
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or len(shape) != rank or not all(d == "batch" or _is_count(d) for d in shape):
+            return f"{key}: shape must be a list of {rank} sizes or 'batch'"
+    (name,) = m["inputs"]
+    profile = m["profile"]
+    shapes = profile.get(name) if isinstance(profile, dict) else None
+    if not (
+        isinstance(shapes, list)
+        and len(shapes) == 3
+        and all(isinstance(s, list) and s and all(map(_is_count, s)) for s in shapes)
+    ):
+        return f"profile must give [min, opt, max] shapes of input {name!r}"
+    return None
+
+
+def _is_count(d: object) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
 
 
 def verify_engine_file(engine_path: str | Path, manifest: dict[str, Any]) -> bytes:
     """The engine bytes, after checking size and digest against the manifest (truncation etc.)."""
-    data = Path(engine_path).read_bytes()
+    try:
+        data = Path(engine_path).read_bytes()
+    except OSError as exc:
+        raise EngineError(f"engine {engine_path} cannot be read: {exc.strerror or exc}") from None
     if len(data) != manifest["engine_bytes"]:
         raise EngineError(
             f"engine {engine_path} has {len(data)} bytes but its manifest says "
@@ -437,54 +564,37 @@ def check_runtime_compat(manifest: dict[str, Any], engine_path: str | Path = "en
 
 
 def inspect_engine(engine_path: str | Path) -> str:
-    """Manifest, plus TensorRT's engine inspector output where the engine can be deserialised here."""
+    """Manifest, plus TensorRT's engine inspector output where the engine can be deserialised here.
+
+    A bad manifest, or an engine file that does not match it (truncated, corrupt, replaced),
+    raises :class:`EngineError`: an inspection that could not vouch for the file must not pass.
+    Only *where* it can run is informational: with no matching TensorRT or GPU here, the
+    inspector's layer listing is skipped with a line saying why."""
     manifest = read_manifest(engine_path)
-    text = json.dumps(manifest, indent=2) + "\n\n" + fusion_summary(manifest.get("fusion") or {})
+    data = verify_engine_file(engine_path, manifest)
+    text = (
+        json.dumps(manifest, indent=2) + f"\n\n# engine file verified: {len(data)} bytes, sha256 matches the manifest"
+    )
+    text += "\n\n" + fusion_summary(manifest.get("fusion") or {})
     if manifest.get("fp16_protection"):
         p = manifest["fp16_protection"]
         text += "\nFP16 protection: " + (
             "; ".join(p.get("reasons") or []) or "none needed" if p.get("calibrated") else "not calibrated"
         )
     try:
-        data = verify_engine_file(engine_path, manifest)
         trt = check_runtime_compat(manifest, engine_path)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(data)
-        inspector = engine.create_engine_inspector()
-        info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-        text += "\n\n# TensorRT engine inspector\n" + info
     except (EngineError, BackendUnavailable) as exc:
-        text += f"\n\n# TensorRT engine inspector not run: {exc}"
-    return text
+        return text + f"\n\n# TensorRT engine inspector not run: {exc}"
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise EngineError(f"TensorRT could not deserialise engine {engine_path} (see its log above)")
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    return text + "\n\n# TensorRT engine inspector\n" + info
 
 
 def engine_filename(onnx_name: str) -> str:
     return Path(onnx_name).name.removesuffix(".onnx") + ".plan"
-
-
-def build_pipeline_engines(
-    exports: list[Any], out_dir: Path, required: bool = False, progress: bool = False
-) -> tuple[list[Path], list[Any]]:
-    """Engines for the pipeline's FP16 exports when a flavour is installed; runners where they can run."""
-    flavour = detect_flavour()
-    if flavour is None:
-        if required:
-            raise BackendUnavailable("no TensorRT flavour is installed")
-        log.info("no TensorRT flavour installed: skipping engine builds")
-        return [], []
-    paths, runners = [], []
-    for e in exports:
-        out = Path(out_dir) / engine_filename(e.onnx_path.name)
-        build_engine(e.onnx_path, out, BuildOptions(batch=(1, 2, 8), flavour=flavour), progress=progress)
-        paths.append(out)
-        try:
-            from .backends.tensorrt import TensorRTRunner
-
-            check_runtime_compat(read_manifest(out), out)
-            runners.append(TensorRTRunner(out, name=f"trt-{e.precision}"))
-        except (EngineError, BackendUnavailable) as exc:
-            log.info("engine %s built ahead of time; not run here: %s", out.name, exc)
-    return paths, runners
 
 
 # -- what the builder did: attention fusion, accumulators, activation memory ------------------------

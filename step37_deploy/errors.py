@@ -42,3 +42,12 @@ class PlaceholderError(Step37Error, ValueError):
 
 class ThresholdError(Step37Error):
     """An accuracy report missed a threshold."""
+
+
+class OutputError(Step37Error):
+    """An output cannot be written: a directory where a file goes, an unwritable folder, a full
+    disk, or a path that is one of the command's own inputs or a file this tool did not write."""
+
+
+class UsageError(Step37Error, ValueError):
+    """Command-line arguments that cannot work together (e.g. ``compare`` with nothing to compare)."""

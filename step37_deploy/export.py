@@ -26,21 +26,21 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import TensorRef, _open, vision_refs, weights_digest
+from .checkpoint import TensorRef, _open, require_finite, vision_refs, weights_digest, weights_fingerprint
 from .config import Step37Config
-from .errors import CheckpointError, ExportError
-from .model import PrecisionPolicy, Step37VisionModel, resample_posemb, rope_tables
+from .errors import CheckpointError, ExportError, InputError, OutputError, Step37Error
+from .files import check_output_dir, os_reason, refuse_inputs, remove_tree, temp_sibling
+from .model import PrecisionPolicy, Step37VisionModel, fold_normalisation, resample_posemb, rope_tables
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_OPSETS = (18, 19, 20, 21)
 DEFAULT_OPSET = 18
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+#: ``--input``: ``float`` takes CLIP-normalised views in the graph's dtype; ``uint8`` takes the raw
+#: resized/padded views (0..255) and folds the normalisation into conv1.
+INPUT_KINDS = ("float", "uint8")
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_features"
 #: Models over this many bytes of weights keep them in external data (protobuf's limit is 2 GB).
@@ -68,6 +71,7 @@ class ExportResult:
     output_dim: int
     weight_bytes: int
     seconds: float
+    input_dtype: str = "float32"  # "float32", "float16" or "uint8" (metadata ``step37.input_dtype``)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,11 +80,14 @@ class ExportResult:
         return d
 
 
-def onnx_filename(precision: str, resolution: int) -> str:
-    return f"step37_vision_{precision}_{resolution}.onnx"
+def onnx_filename(precision: str, resolution: int, input_kind: str = "float") -> str:
+    suffix = "_uint8" if input_kind == "uint8" else ""
+    return f"step37_vision_{precision}_{resolution}{suffix}.onnx"
 
 
-def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: int) -> None:
+def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: int, input_kind: str = "float") -> None:
+    if input_kind not in INPUT_KINDS:
+        raise ExportError(f"--input must be one of {list(INPUT_KINDS)}, got {input_kind!r}")
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if opset not in SUPPORTED_OPSETS:
@@ -93,13 +100,17 @@ def validate_request(cfg: Step37Config, precision: str, resolution: int, opset: 
         )
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise ExportError(f"output folder {out_dir} is not writable: {exc}") from exc
+def _cause(exc: BaseException | None, kind: type[BaseException]) -> Any:
+    """The ``kind`` error behind ``exc`` (the exporter and onnx_ir wrap them), if any."""
+    while exc is not None:
+        if isinstance(exc, kind):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    return _cause(exc, OSError)
 
 
 def header_shapes(refs: dict[str, TensorRef]) -> dict[str, tuple[int, ...]]:
@@ -159,9 +170,21 @@ class WeightSource:
             return f.get_tensor(ref.key).float()
 
     def value(self, name: str) -> torch.Tensor:
+        """The initializer as it goes into the file, refused when it holds NaN/Inf (checked here,
+        while it is in memory anyway: no extra pass over the weights)."""
+        t = self._value(name)
+        ref = self.refs.get(name if name != "grid_posemb" else "positional_embedding")
+        require_finite(t, ref.key if ref else name, ref.shard if ref else "(computed)", f" as {self.dtype}")
+        return t
+
+    def _value(self, name: str) -> torch.Tensor:
         gh, gw = self.grid
         if name in self.refs:
             return self._read(name).to(self.dtype)
+        if name in ("input_fold.weight", "input_fold.bias"):  # uint8 input: conv1 with the CLIP fold
+            weight, bias = fold_normalisation(self._read("conv1.weight"))
+            t = weight if name.endswith("weight") else bias
+            return t if self.policy.input_fold_fp32 else t.to(self.dtype)
         if name == "grid_posemb":
             pos = self._read("positional_embedding")
             return resample_posemb(pos, self.cfg.vision, gh, gw).to(self.dtype)
@@ -172,11 +195,12 @@ class WeightSource:
         raise ExportError(f"the traced graph has an initializer {name!r} that no checkpoint tensor provides")
 
 
-def _trace(model: Step37VisionModel, resolution: int, dtype: torch.dtype, opset: int):
+def _trace(model: Step37VisionModel, resolution: int, opset: int):
     """torch.export on the meta model, then the dynamo ONNX exporter (no constant folding: there
     is no data to fold on the meta device; ORT and TensorRT fold at load/build time)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    example = torch.empty(2, model.config.num_channels, resolution, resolution, device="meta", dtype=dtype)
+    shape = (2, model.config.num_channels, resolution, resolution)
+    example = torch.empty(shape, device="meta", dtype=model.input_dtype)
     try:
         ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
         program = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=False, verbose=False)
@@ -234,6 +258,7 @@ def export_onnx(
     policy: PrecisionPolicy | None = None,
     progress: bool = False,
     external_data: bool | None = None,
+    input_kind: str = "float",
     calibrate: bool = True,
     calibration_images: list[str] | None = None,
     calibration_views: int | None = None,
@@ -241,6 +266,8 @@ def export_onnx(
 ) -> ExportResult:
     """Export one ONNX file for one precision and resolution; nothing partial is left on failure.
 
+    ``input_kind="uint8"``: ``pixel_values`` is uint8 and the CLIP normalisation is folded into
+    conv1 (:class:`~step37_deploy.model.InputFold`; FP32 under the default precision policy).
     FP16 exports first calibrate activation ranges (``step37_deploy.calibrate``; ``calibrate=False``
     skips it with a warning) and protect the tensors that would leave the FP16 range."""
     import onnx
@@ -248,9 +275,9 @@ def export_onnx(
 
     started = time.perf_counter()
     cfg = Step37Config.from_checkpoint(checkpoint_dir)
-    validate_request(cfg, precision, resolution, opset)
+    validate_request(cfg, precision, resolution, opset, input_kind)
     out_dir = Path(out_dir)
-    _check_writable(out_dir)
+    check_output_dir(out_dir, "--out")
     policy = policy or PrecisionPolicy()
     dtype = PRECISIONS[precision]
     grid = cfg.vision.grid(resolution, resolution)
@@ -277,17 +304,20 @@ def export_onnx(
         )
         policy = protection.apply(policy)
     model.set_precision_policy(policy).set_attention_impl("explicit").freeze_grid(*grid)
+    model.set_uint8_input(input_kind == "uint8")
+    input_dtype = str(model.input_dtype).removeprefix("torch.")
 
     log.info("tracing %s graph for %dx%d (grid %dx%d)", precision, resolution, resolution, *grid)
-    ir_model = _trace(model, resolution, dtype, opset)
+    ir_model = _trace(model, resolution, opset)
     digest = weights_digest(checkpoint_dir)
+    fingerprint = weights_fingerprint(checkpoint_dir)
     source = WeightSource(refs, cfg, grid, dtype, policy)
 
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit="B", unit_scale=True, desc=f"writing {onnx_filename(precision, resolution)}")
+        bar = tqdm(unit="B", unit_scale=True, desc=f"writing {onnx_filename(precision, resolution, input_kind)}")
     weight_bytes = _finalise_graph(
         ir_model, source, num_tokens, cfg.vision.output_dim, bar.update if bar is not None else None
     )
@@ -300,11 +330,13 @@ def export_onnx(
             META_PREFIX + "toolkit_version": __version__,
             META_PREFIX + "vision_config": json.dumps(cfg.vision.to_dict(), sort_keys=True),
             META_PREFIX + "precision": precision,
+            META_PREFIX + "input_dtype": input_dtype,
             META_PREFIX + "resolution": str(resolution),
             META_PREFIX + "num_tokens": str(num_tokens),
             META_PREFIX + "output_dim": str(cfg.vision.output_dim),
             META_PREFIX + "source_checkpoint": str(Path(checkpoint_dir).resolve()),
             META_PREFIX + "vision_weights_sha256": digest,
+            META_PREFIX + "vision_weights_fingerprint": fingerprint,
             META_PREFIX + "precision_policy": json.dumps(asdict(policy), sort_keys=True),
             META_PREFIX + "opset": str(opset),
             META_PREFIX + "torch_version": torch.__version__,
@@ -312,10 +344,13 @@ def export_onnx(
     )
     ir_model.metadata_props.update(_fp16_metadata(ir_model, cfg.vision.layers, protection, ranges))
 
-    name = onnx_filename(precision, resolution)
+    name = onnx_filename(precision, resolution, input_kind)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = name + ".data" if use_external else None
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=out_dir))
+    final = out_dir / name
+    outputs = {"output": final, "external data": out_dir / data_name if data_name else None}
+    refuse_inputs(outputs, {"--checkpoint": checkpoint_dir})
+    tmp_dir = temp_sibling(final, directory=True)
     try:
         tmp_onnx = tmp_dir / name
         if use_external:
@@ -324,22 +359,26 @@ def export_onnx(
             ir.save(ir_model, tmp_onnx)
         if bar is not None:
             bar.close()
-        # Validate by path (works past protobuf's 2 GB limit), then infer shapes.
+        # Validate by path (works past protobuf's 2 GB limit), then infer shapes on the graph in
+        # memory (weights stay on disk: an inferred copy written to a full disk came out truncated
+        # and silent, then failed to parse as "corrupt").
         onnx.checker.check_model(str(tmp_onnx))
-        inferred = tmp_dir / ("inferred-" + name)
-        onnx.shape_inference.infer_shapes_path(str(tmp_onnx), str(inferred))
-        _check_inferred_output(inferred, num_tokens, cfg.vision.output_dim)
-        inferred.unlink()
-        final = out_dir / name
+        graph_only = onnx.load(str(tmp_onnx), load_external_data=False)
+        _check_inferred_output(onnx.shape_inference.infer_shapes(graph_only), num_tokens, cfg.vision.output_dim)
+        del graph_only
         if data_name:
             os.replace(tmp_dir / data_name, out_dir / data_name)
         os.replace(tmp_onnx, final)
-    except ExportError:
+    except Step37Error:  # e.g. NaN weights found while writing: already says which tensor
         raise
     except Exception as exc:
+        if (typed := _cause(exc, Step37Error)) is not None:  # NaN weights met while onnx_ir streams them
+            raise typed from None
+        if (os_exc := _os_error(exc)) is not None:
+            raise OutputError(f"writing {final} failed: {os_reason(os_exc)}") from exc
         raise ExportError(f"writing {name} failed: {exc}") from exc
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        remove_tree(tmp_dir)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
@@ -353,6 +392,7 @@ def export_onnx(
         cfg.vision.output_dim,
         weight_bytes,
         seconds,
+        input_dtype,
     )
 
 
@@ -400,10 +440,7 @@ def _fp16_metadata(ir_model, layers: int, protection, ranges) -> dict[str, str]:
     return meta
 
 
-def _check_inferred_output(path: Path, num_tokens: int, out_dim: int) -> None:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
+def _check_inferred_output(m: Any, num_tokens: int, out_dim: int) -> None:
     (out,) = m.graph.output
     dims = out.type.tensor_type.shape.dim
     got = [d.dim_param or d.dim_value for d in dims]
@@ -415,5 +452,12 @@ def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The ``step37.*`` metadata of an exported file (without loading its weights)."""
     import onnx
 
-    m = onnx.load(str(onnx_path), load_external_data=False)
+    from .inputs import onnx_external_files, require_file
+
+    require_file(onnx_path, InputError, "ONNX file")
+    try:
+        m = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise InputError(f"{onnx_path} is not an ONNX model: {str(exc)[:200]}") from None
+    onnx_external_files(m, onnx_path, InputError)  # whoever loads it next must not read outside its folder
     return {p.key[len(META_PREFIX) :]: p.value for p in m.metadata_props if p.key.startswith(META_PREFIX)}

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ProjectorConfig, VisionConfig
+from .config import CLIP_MEAN, CLIP_STD, ProjectorConfig, VisionConfig
 from .errors import InputError
 
 
@@ -35,8 +35,8 @@ class PrecisionPolicy:
     """Which parts of the tower compute in FP32 when the weights are FP16/BF16.
 
     The defaults were chosen by measurement (``docs/fp16.md``): LayerNorm statistics, softmax and
-    the RoPE rotation in FP32; the residual stream stays in the weights' dtype.  The last two
-    fields are set by the export's activation-range calibration (``step37_deploy.calibrate``) where
+    the RoPE rotation in FP32; the residual stream stays in the weights' dtype.  Two fields
+    are set by the export's activation-range calibration (``step37_deploy.calibrate``) where
     a tensor would leave the FP16 range: ``residual_fp32_blocks`` keeps the residual stream in FP32
     for blocks ``[start, stop)`` only (the span where a massive channel lives), and
     ``downsampler_scales`` divides each downsampler's input by a power of two before its FP16
@@ -49,6 +49,8 @@ class PrecisionPolicy:
     residual_fp32: bool = False
     residual_fp32_blocks: tuple[int, int] | None = None
     downsampler_scales: tuple[float, float] = (1.0, 1.0)
+    #: uint8-input graphs: conv1 with the folded CLIP normalisation, and its constant, in FP32.
+    input_fold_fp32: bool = True
 
 
 #: The variants measured in docs/fp16.md (``scripts/gpu_bench.py``, ``scripts/fp16_policy_onnx.py``).
@@ -58,7 +60,7 @@ PRECISION_POLICIES = {
     "LayerNorm FP16": PrecisionPolicy(layernorm_fp32=False),
     "softmax FP16": PrecisionPolicy(softmax_fp32=False),
     "RoPE FP16": PrecisionPolicy(rope_fp32=False),
-    "all FP16": PrecisionPolicy(False, False, False, False),
+    "all FP16": PrecisionPolicy(False, False, False, False, input_fold_fp32=False),
 }
 
 
@@ -162,6 +164,45 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     out1 = x1 * cos - x2 * sin
     out2 = x2 * cos + x1 * sin
     return torch.stack([out1, out2], dim=-1).flatten(-2)  # [B, H, N, D]
+
+
+def fold_normalisation(conv_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv1's weight and a per-output-channel constant for uint8 pixels, in FP32 (folded in FP64).
+
+    conv1 is linear and has no bias, so ``conv1((x / 255 - mean) / std)`` equals
+    ``conv(x, W / (255 * std_c)) + b`` with ``b_o = -sum_{c,i,j} W[o, c, i, j] * mean_c / std_c``.
+    The square padding is black in uint8 space, before normalisation, so the fold is exact.
+    """
+    w = conv_weight.detach().double()  # [C, 3, p, p]
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float64, device=w.device).view(1, -1, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float64, device=w.device).view(1, -1, 1, 1)
+    return (w / (255.0 * std)).float(), -(w * (mean / std)).sum((1, 2, 3)).float()
+
+
+class InputFold(nn.Module):
+    """uint8 pixels [B, 3, H, W] -> patch embeddings [B, C, Gh, Gw]: conv1 with the CLIP
+    normalisation folded in (:func:`fold_normalisation`), so the host sends raw pixels.
+
+    ``weight``/``bias`` are buffers outside the state dict (the checkpoint holds conv1's weight);
+    with ``fp32`` they stay FP32 and the convolution and constant run in FP32 whatever the tower's
+    dtype (the unfolded sum is not centred: FP16 would lose the cancellation against the constant).
+    """
+
+    def __init__(self, conv1: nn.Conv2d, fp32: bool = True) -> None:
+        super().__init__()
+        self.stride = conv1.stride
+        dtype = torch.float32 if fp32 else conv1.weight.dtype
+        if conv1.weight.is_meta:  # export: the values come from the checkpoint, one tensor at a time
+            weight = torch.empty(conv1.weight.shape, dtype=dtype, device="meta")
+            bias = torch.empty(conv1.weight.shape[0], dtype=dtype, device="meta")
+        else:
+            weight, bias = fold_normalisation(conv1.weight)
+        self.register_buffer("weight", weight.to(dtype), persistent=False)
+        self.register_buffer("bias", bias.to(dtype), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        x = F.conv2d(pixel_values.to(self.weight.dtype), self.weight, stride=self.stride)  # [B, C, Gh, Gw]
+        return (x + self.bias[:, None, None]).to(out_dtype)
 
 
 class Attention(nn.Module):
@@ -275,6 +316,7 @@ class Step37VisionModel(nn.Module):
         self.vit_downsampler1 = nn.Conv2d(w, 2 * w, kernel_size=3, stride=2, padding=1)
         self.vit_downsampler2 = nn.Conv2d(2 * w, 4 * w, kernel_size=3, stride=2, padding=1)
         self._policy = PrecisionPolicy()
+        self.input_fold: InputFold | None = None
 
     # -- configuration of numerics / export form ------------------------------------------------
     @property
@@ -290,6 +332,18 @@ class Step37VisionModel(nn.Module):
                 m.policy = policy
             elif isinstance(m, Transformer):
                 m.residual_fp32_blocks = tuple(policy.residual_fp32_blocks) if policy.residual_fp32_blocks else None
+        return self
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """What ``pixel_values`` must be: uint8 pixels with :meth:`set_uint8_input`, else floats."""
+        return torch.uint8 if self.input_fold is not None else self.dtype
+
+    def set_uint8_input(self, enabled: bool = True) -> Step37VisionModel:
+        """Take raw uint8 pixels (0..255, RGB, resized/padded views before normalisation) and apply
+        the CLIP normalisation inside the model, folded into conv1 (:class:`InputFold`).  Call it
+        after the dtype and precision policy are set."""
+        self.input_fold = InputFold(self.conv1, self._policy.input_fold_fp32) if enabled else None
         return self
 
     def set_attention_impl(self, impl: str) -> Step37VisionModel:
@@ -345,7 +399,10 @@ class Step37VisionModel(nn.Module):
                 f"pixel_values must have {cfg.num_channels} channels, got {pixel_values.shape[1]} "
                 f"(shape {tuple(pixel_values.shape)})"
             )
-        if not pixel_values.is_floating_point():
+        if self.input_fold is not None:
+            if pixel_values.dtype != torch.uint8:
+                raise InputError(f"this model takes uint8 pixels (0..255), got {pixel_values.dtype}")
+        elif not pixel_values.is_floating_point():
             raise InputError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
         h, w = int(pixel_values.shape[2]), int(pixel_values.shape[3])
         if h % cfg.patch_size or w % cfg.patch_size or h == 0 or w == 0:
@@ -356,7 +413,10 @@ class Step37VisionModel(nn.Module):
         """Patchify + position + blocks (+ ln_post); returns patch tokens [B, Gh*Gw, width]."""
         cfg = self.config
         grid_h, grid_w = self.check_input(pixel_values)
-        x = self.conv1(pixel_values.to(self.dtype))  # [B, C, Gh, Gw]
+        if self.input_fold is not None:
+            x = self.input_fold(pixel_values, self.dtype)  # [B, C, Gh, Gw]
+        else:
+            x = self.conv1(pixel_values.to(self.dtype))  # [B, C, Gh, Gw]
         x = x.flatten(2).transpose(1, 2)  # [B, N, C]
         if cfg.use_cls_token:
             cls = self.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(x.shape[0], 1, -1)

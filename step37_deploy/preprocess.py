@@ -25,17 +25,28 @@ The token layout is ``Step3p7Processor``'s: per crop ``<patch_start>`` + 81 x ``
 from __future__ import annotations
 
 import io
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import config
 from .config import DOWNSAMPLE_STRIDE, TokenIds
 from .errors import InputError
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+log = logging.getLogger(__name__)
+
+#: Largest image (width x height) decoded by default: Pillow's own decompression-bomb threshold
+#: (~89.5 MP, a 0.27 GB RGB buffer).  Larger images are refused with an :class:`InputError` before
+#: their pixels are decoded; ``PreprocessConfig.max_pixels`` changes it (Pillow itself refuses
+#: above twice its ``PIL.Image.MAX_IMAGE_PIXELS`` whatever this says).
+MAX_PIXELS = 89_478_485
+
+CLIP_MEAN = np.array(config.CLIP_MEAN, dtype=np.float32)
+CLIP_STD = np.array(config.CLIP_STD, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class PreprocessConfig:
     patch_size: int = 504
     max_image_size: int = 3024
     vision_patch: int = 14
+    max_pixels: int = MAX_PIXELS  # decompression-bomb limit for image files/bytes (width x height)
 
     @property
     def image_tokens(self) -> int:
@@ -108,21 +120,25 @@ def plan_patches(width: int, height: int, cfg: PreprocessConfig = DEFAULT_PREPRO
 # -- image loading ------------------------------------------------------------------------------------
 
 
-def to_rgb(image: Any) -> Any:
+def to_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Any:
     """A PIL RGB image from a path, bytes, PIL image or uint8 array, converted like the reference:
     transparency (alpha band, or a palette/LA/PA ``transparency`` entry) is composited onto white;
-    grayscale, palette, CMYK, 16-bit and the rest go through Pillow's ``convert("RGB")``."""
-    from PIL import Image, UnidentifiedImageError
+    grayscale, palette, CMYK and the rest go through Pillow's ``convert("RGB")``.
+
+    Files and bytes are read like ``transformers.image_utils.load_image``: the EXIF orientation is
+    applied (``ImageOps.exif_transpose``), so a portrait photo stored sideways is planned and cut
+    upright.  Images over ``max_pixels`` are refused before decoding (:class:`InputError` with
+    both numbers).  Animated images (GIF, APNG, WebP) give their first frame, with a log line.
+
+    Where this deliberately differs from the reference: 16-bit images (Pillow modes ``I;16*`` and
+    ``I``, e.g. 16-bit grayscale PNGs) are scaled to 8 bits (``v * 255 / 65535``, rounded).
+    ``load_image``'s ``convert("RGB")`` clips them to 0..255, so almost every pixel of a 16-bit
+    image becomes white; feeding the model that is never what a caller means.  (Float images,
+    mode ``F``, have no fixed range and go through ``convert("RGB")`` like the reference.)"""
+    from PIL import Image
 
     if isinstance(image, (str, Path, bytes)):
-        src = io.BytesIO(image) if isinstance(image, bytes) else image
-        try:
-            with Image.open(src) as im:
-                im.load()
-                image = im.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            name = "<bytes>" if isinstance(image, bytes) else str(image)
-            raise InputError(f"cannot read image {name}: {exc}") from exc
+        image = _open_image(image, max_pixels)
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
@@ -131,11 +147,61 @@ def to_rgb(image: Any) -> Any:
         raise InputError(f"image has zero size ({image.width}x{image.height})")
     if image.mode == "RGB":
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            image = _to_8bit(image)
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:  # e.g. "conversion from La to L not supported"
+        raise InputError(f"image of mode {image.mode} cannot be converted to RGB: {exc}") from None
+
+
+def _open_image(src: str | Path | bytes, max_pixels: int) -> Any:
+    """Decode a file or bytes: size checked before the pixels are decoded, EXIF orientation
+    applied, first frame of an animation."""
+    from PIL import Image, ImageOps
+
+    name = "<bytes>" if isinstance(src, bytes) else str(src)
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            pixels = im.width * im.height
+            if pixels > max_pixels:
+                raise InputError(
+                    f"image {name} is {im.width}x{im.height} = {pixels} pixels, over the limit of {max_pixels} "
+                    "(a decompression bomb, or raise PreprocessConfig.max_pixels)"
+                )
+            if getattr(im, "is_animated", False):  # checks for a 2nd frame; n_frames would scan them all
+                log.info("image %s is animated: using its first frame only", name)
+            im.load()
+            return ImageOps.exif_transpose(im)  # a new image, upright, orientation tag removed
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's hard limit (2 x MAX_IMAGE_PIXELS) hit inside open()
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0)) or max_pixels
+        raise InputError(f"image {name} is {size}, over the limit of {limit} (a decompression bomb)") from None
+    except Exception as exc:  # a decoder fed untrusted bytes fails in many ways (EOFError, struct.error...)
+        raise InputError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_8bit(image: Any) -> Any:
+    """16-bit grayscale (``I;16*``, or ``I`` as older Pillow opens 16-bit PNGs) -> ``L`` by
+    scaling 0..65535 to 0..255, not clipping."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    scaled = np.clip(arr.astype(np.float64), 0, 65535) * (255.0 / 65535.0)
+    out = Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+    if image.info.get("transparency") is not None:  # a 16-bit grayscale PNG's tRNS value
+        t = image.info["transparency"]
+        if isinstance(t, int):
+            alpha = np.where(arr == t, 0, 255).astype(np.uint8)
+            out = Image.merge("LA", (out, Image.fromarray(alpha, "L")))
+    return out
 
 
 def _array_to_pil(arr: np.ndarray) -> Any:
@@ -159,6 +225,12 @@ def _array_to_pil(arr: np.ndarray) -> Any:
 
 # -- the views ----------------------------------------------------------------------------------------
 
+#: ``pixel_dtype`` values of :func:`preprocess`: the input dtype an artifact declares.
+PIXEL_DTYPES = ("float32", "float16", "uint8")
+#: ``(x / 255 - mean) / std`` as one multiply-add per value, per channel, from uint8.
+_SCALE = (np.float32(1.0 / 255.0) / CLIP_STD).astype(np.float32).reshape(3, 1, 1)
+_OFFSET = (-CLIP_MEAN / CLIP_STD).astype(np.float32).reshape(3, 1, 1)
+
 
 def _resize(im: Any, width: int, height: int) -> Any:
     from PIL import Image
@@ -173,12 +245,55 @@ def normalise(images: Any) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis((x - CLIP_MEAN) / CLIP_STD, -1, -3))
 
 
+def normalise_views(views: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """uint8 views, channels first ([3, H, W] / [N, 3, H, W]) -> CLIP-normalised ``dtype``.
+
+    Every value is ``x * (1 / (255 * std_c)) - mean_c / std_c`` computed in FP32 and rounded once
+    to ``dtype``, in blocks of ~64 K values that stay in cache between the passes.  FP32 runs the
+    multiply-add directly; FP16 (written directly, no FP32 copy of the views) goes through a
+    256-entry lookup table per channel holding the same FP32 results rounded to FP16, because
+    numpy's FP32 -> FP16 conversion costs more than the gather (``scripts/bench_preprocess.py``)."""
+    views = np.asarray(views)
+    if views.dtype != np.uint8 or views.ndim not in (3, 4) or views.shape[-3] != 3:
+        raise InputError(f"views must be uint8 [3, H, W] or [N, 3, H, W], got {views.dtype} {views.shape}")
+    dtype = np.dtype(dtype)
+    out = np.empty(views.shape, dtype)
+    h, w = views.shape[-2:]
+    rows = max(1, min(h, (1 << 16) // max(w, 1)))
+    planes_in, planes_out = views.reshape(-1, h, w), out.reshape(-1, h, w)
+    lut = (np.multiply(np.arange(256, dtype=np.uint8), _SCALE.reshape(3, 1)) + _OFFSET.reshape(3, 1)).astype(dtype)
+    for i in range(planes_in.shape[0]):
+        c = i % 3
+        for r in range(0, h, rows):
+            src, dst = planes_in[i, r : r + rows], planes_out[i, r : r + rows]
+            if dtype == np.float32:
+                np.multiply(src, _SCALE[c, 0, 0], out=dst)
+                dst += _OFFSET[c, 0, 0]
+            else:
+                np.take(lut[c], src, out=dst)
+    return out
+
+
+def as_pixel_dtype(views: np.ndarray, dtype: Any) -> np.ndarray:
+    """uint8 views as an artifact's declared input dtype: unchanged for uint8 inputs, else normalised."""
+    return views if views.dtype == np.dtype(dtype) else normalise_views(views, dtype)
+
+
+def to_chw(im: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """A PIL RGB image as a uint8 [3, H, W] array (into ``out`` if given): Pillow splits the bands,
+    each copied as a contiguous plane, ~2x faster than transposing the interleaved array."""
+    out = np.empty((3, im.height, im.width), np.uint8) if out is None else out
+    for plane, band in zip(out, im.split(), strict=True):
+        plane[...] = np.asarray(band)
+    return out
+
+
 @dataclass
 class PreprocessedImage:
     """One image's model inputs and its place in the token sequence."""
 
-    global_view: np.ndarray  # [3, 728, 728] float32
-    crops: np.ndarray  # [N, 3, 504, 504] float32 (N may be 0)
+    global_view: np.ndarray  # [3, 728, 728] in the pixel dtype asked for (float32 by default)
+    crops: np.ndarray  # [N, 3, 504, 504] in the same dtype (N may be 0)
     plan: PatchPlan
     newline_mask: list[bool] = field(default_factory=list)
 
@@ -187,17 +302,75 @@ class PreprocessedImage:
         return int(self.crops.shape[0])
 
 
-def preprocess(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
-    """Global view + crops (+ plan and newline mask) of one image."""
+def _pad_square(im: Any) -> Any:
+    """Zero-pad to a square, image at the top left: black in uint8 space, before normalisation
+    (which is what makes the uint8-input graphs' folded normalisation exact)."""
     from PIL import Image
 
-    im = to_rgb(image)
+    side = max(im.width, im.height)
+    padded = Image.new("RGB", (side, side), (0, 0, 0))
+    padded.paste(im, (0, 0))
+    return padded
+
+
+def _resized(im: Any, plan: PatchPlan) -> tuple[Any, Any]:
+    """The image at the global size and at the crop size (``None`` without crops).
+
+    Pillow resamples horizontally first, then vertically, through an 8-bit intermediate image; when
+    both targets have the same width (every large landscape image, 4000x3000 -> 3024x2268 and
+    3024x2520), the horizontal pass is done once and shared, with bit-identical results."""
+    (gw, gh), (cw, ch) = plan.global_size, plan.crop_size
+    if plan.window and gw == cw and gw != im.width and im.height not in (gh, ch):
+        wide = _resize(im, gw, im.height)
+        return _resize(wide, gw, gh), _resize(wide, cw, ch)
+    return _resize(im, gw, gh), (_resize(im, cw, ch) if plan.window else None)
+
+
+def _tiles(big: Any, plan: PatchPlan, cfg: PreprocessConfig) -> np.ndarray:
+    """The crops of the crop-size image, row-major, each resized to the patch size (a no-op when the
+    window is the patch size, the usual case), as uint8 [N, 3, P, P]."""
+    w, p = plan.window, cfg.patch_size
+    boxes = [
+        (left, top, min(left + w, big.width), min(top + w, big.height))
+        for top in range(0, big.height, w)
+        for left in range(0, big.width, w)
+    ]
+    out = np.empty((len(boxes), 3, p, p), np.uint8)
+    for tile, box in zip(out, boxes, strict=True):
+        to_chw(_resize(big.crop(box), p, p), out=tile)
+    return out
+
+
+def preprocess(
+    image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS, pixel_dtype: str = "float32"
+) -> PreprocessedImage:
+    """Global view + crops (+ plan and newline mask) of one image.
+
+    ``pixel_dtype`` is the input dtype of the artifact the views go to: ``"uint8"`` gives the
+    resized/padded RGB views (0..255) with no float conversion at all, for uint8-input artifacts
+    that normalise in the graph; ``"float32"``/``"float16"`` the CLIP-normalised views."""
+    if pixel_dtype not in PIXEL_DTYPES:
+        raise InputError(f"pixel_dtype must be one of {list(PIXEL_DTYPES)}, got {pixel_dtype!r}")
+    im = to_rgb(image, cfg.max_pixels)
     plan = plan_patches(im.width, im.height, cfg)
-    if plan.square_pad:
-        side = max(im.width, im.height)
-        padded = Image.new("RGB", (side, side), (0, 0, 0))
-        padded.paste(im, (0, 0))
-        im = padded
+    im = _pad_square(im) if plan.square_pad else im
+    global_img, crop_img = _resized(im, plan)
+    global_view = to_chw(_resize(global_img, cfg.image_size, cfg.image_size))
+    if crop_img is not None:
+        crops = _tiles(crop_img, plan, cfg)
+    else:
+        crops = np.zeros((0, 3, cfg.patch_size, cfg.patch_size), np.uint8)
+    if pixel_dtype != "uint8":
+        global_view, crops = normalise_views(global_view, pixel_dtype), normalise_views(crops, pixel_dtype)
+    return PreprocessedImage(global_view, crops, plan, plan.newline_mask())
+
+
+def _preprocess_before_uint8(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PreprocessedImage:
+    """The float32 path as it was before the uint8 rework (three full resizes, per-crop float
+    arithmetic), kept as the baseline of ``scripts/bench_preprocess.py`` and of a regression test."""
+    im = to_rgb(image, cfg.max_pixels)
+    plan = plan_patches(im.width, im.height, cfg)
+    im = _pad_square(im) if plan.square_pad else im
     global_view = normalise(_resize(_resize(im, *plan.global_size), cfg.image_size, cfg.image_size))
     crops = []
     if plan.window:

@@ -19,10 +19,10 @@ import numpy as np
 
 from .backends.base import Runner
 from .config import Step37Config, TokenIds
-from .errors import InputError
-from .files import atomic_path, write_json
+from .errors import InputError, OutputError
+from .files import atomic_path, check_output_file, check_replaceable_json, refuse_inputs, write_json
 from .fusion import insert_features, insert_features_torch, project, project_torch
-from .preprocess import PreprocessConfig, image_layout, preprocess
+from .preprocess import PreprocessConfig, as_pixel_dtype, image_layout, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,13 @@ class VisionEmbedder:
         device: str = "cpu",
         dtype: str = "fp32",
         batch_size: int = 8,
+        preprocess_cfg: PreprocessConfig | None = None,
     ) -> VisionEmbedder:
         """``backend``: ``"torch"`` (tower from the checkpoint), ``"onnx"`` or ``"trt"`` (the 728 and
         504 files in ``files``, told apart by their metadata/manifest).  The checkpoint always
-        provides the projector and the token ids."""
-        from .checkpoint import load_projector
+        provides the projector and the token ids, so each file must hold that checkpoint's vision
+        weights (:func:`~step37_deploy.checkpoint.check_artifact_source`, a typed error naming both)."""
+        from .checkpoint import check_artifact_source, load_projector
 
         cfg = Step37Config.from_checkpoint(checkpoint)
         if backend == "torch":
@@ -94,6 +96,7 @@ class VisionEmbedder:
         elif backend in ("onnx", "trt"):
             runners = {}
             for f in files:
+                check_artifact_source(checkpoint, f, _recorded_metadata(backend, f))
                 if backend == "onnx":
                     from .backends import OnnxrtRunner, session_from_onnx
 
@@ -124,7 +127,7 @@ class VisionEmbedder:
             b = b.to(dev, w.dtype) if b is not None else None
         else:
             w, b = w.numpy(), (b.numpy() if b is not None else None)
-        return cls(g, c, w, b, cfg.tokens, batch_size)
+        return cls(g, c, w, b, cfg.tokens, batch_size, preprocess_cfg)
 
     # -- inference --------------------------------------------------------------------------------
     def _project(self, feats: Any) -> Any:
@@ -154,14 +157,24 @@ class VisionEmbedder:
             raise InputError(f"views must be {self.pcfg.image_size} or {self.pcfg.patch_size} square, got {res}")
         return self._run(runner, pixel_values)
 
+    @property
+    def pixel_dtype(self) -> str:
+        """What :func:`preprocess` makes for these runners: their declared input dtype (``uint8``
+        for uint8-input artifacts: no float conversion on the host), or uint8 when the two differ
+        (then normalised per runner)."""
+        dtypes = {r.input_spec().dtype.name for r in (self.global_runner, self.crop_runner)}
+        return dtypes.pop() if len(dtypes) == 1 else "uint8"
+
     def embed_images(self, images: Sequence[Any]) -> list[ImageEmbedding]:
-        """Preprocess, run all global views and all crops in batches, project, and reassemble per
-        image in token order."""
-        pre = [preprocess(im, self.pcfg) for im in images]
+        """Preprocess (to the runners' input dtype), run all global views and all crops in batches,
+        project, and reassemble per image in token order."""
+        pixel_dtype = self.pixel_dtype
+        pre = [preprocess(im, self.pcfg, pixel_dtype=pixel_dtype) for im in images]
         globals_ = np.stack([p.global_view for p in pre]) if pre else None
         crops = [p.crops for p in pre if p.num_crops]
-        gfeat = self._project(self.encode(globals_)) if pre else None
-        cfeat = self._project(self.encode(np.concatenate(crops))) if crops else None
+        gdtype, cdtype = self.global_runner.input_spec().dtype, self.crop_runner.input_spec().dtype
+        gfeat = self._project(self.encode(as_pixel_dtype(globals_, gdtype))) if pre else None
+        cfeat = self._project(self.encode(as_pixel_dtype(np.concatenate(crops), cdtype))) if crops else None
         out, k = [], 0
         for i, p in enumerate(pre):
             parts = []
@@ -216,6 +229,19 @@ class VisionEmbedder:
         )
 
 
+def _recorded_metadata(backend: str, path: str | Path) -> dict[str, str]:
+    """What an ONNX file (its ``step37.*`` metadata) or an engine (its manifest's copy of its
+    ONNX's) says about the weights it was made from; read without loading any weights."""
+    if backend == "onnx":
+        from .export import read_metadata
+
+        return read_metadata(path)
+    from .engine import read_manifest
+
+    recorded = read_manifest(path).get("onnx_metadata", {})
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def _cat(parts: list[Any]) -> Any:
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)
@@ -226,8 +252,12 @@ def _cat(parts: list[Any]) -> Any:
 
 def embed_command(args: Any, progress: bool) -> None:
     """``step37-deploy embed``: features per image to FILE.npy, layout to FILE.json (both atomic)."""
+    out, side = check_embed_outputs(args.out, args.artifacts, args.image)
     checkpoint, *files = args.artifacts
-    emb = VisionEmbedder.from_artifacts(checkpoint, args.backend, files, provider=args.provider, batch_size=args.batch)
+    pcfg = PreprocessConfig(max_pixels=getattr(args, "max_pixels", PreprocessConfig.max_pixels))
+    emb = VisionEmbedder.from_artifacts(
+        checkpoint, args.backend, files, provider=args.provider, batch_size=args.batch, preprocess_cfg=pcfg
+    )
     results = emb.embed_images(args.image)
     feats = [
         np.asarray(r.features.float().cpu() if hasattr(r.features, "cpu") else r.features, np.float32) for r in results
@@ -246,9 +276,32 @@ def embed_command(args: Any, progress: bool) -> None:
             }
         )
         start += len(f)
-    out = Path(args.out)
     with atomic_path(out, suffix=".npy") as tmp:
         np.save(tmp, all_feats)
-    side = out.with_suffix(".json")
     write_json(side, {"hidden_size": int(all_feats.shape[-1]), "images": layout})
     log.info("wrote %s %s and %s", out, all_feats.shape, side)
+
+
+def check_embed_outputs(out: str | Path, artifacts: Sequence[str], images: Sequence[str]) -> tuple[Path, Path]:
+    """``--out FILE.npy`` and its layout ``FILE.json``, checked before any work: a ``.npy`` name (so
+    the two cannot be one file), writable, none of the inputs, and an existing file only where it
+    is what this command writes (a ``.npy`` array, a layout JSON)."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise OutputError(f"--out {out} must name a .npy file (the token layout is written beside it as .json)")
+    side = out.with_suffix(".json")
+    check_output_file(out, "--out")
+    check_output_file(side, "the layout file")
+    refuse_inputs({"--out": out, "the layout file": side}, {"--artifacts": artifacts, "--image": images})
+    if out.is_file() and _head(out, 6) != b"\x93NUMPY":
+        raise OutputError(f"--out {out} exists and is not a .npy array: refusing to replace it")
+    check_replaceable_json(side, "the layout file", {"hidden_size", "images"})
+    return out, side
+
+
+def _head(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""

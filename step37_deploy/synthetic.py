@@ -9,7 +9,9 @@ Decoys are zeros and, where the file system can (Linux ``fallocate`` hole punchi
 btrfs, tmpfs), their byte ranges are turned into holes after each shard is written: the files keep
 the release layout and size, reading a decoy still costs page cache and RSS, but the disk holds
 only the vision bytes (3.9 GB instead of 8.8 GB for the ``full`` preset).
-The folder appears atomically: everything is written to a temporary sibling and renamed.
+The folder appears atomically: everything is written to a temporary sibling and renamed.  Its
+``synthetic.json`` lists every file written: ``--overwrite`` replaces only such a folder, holding
+nothing else, and refuses any other (a user's folder given by mistake is never deleted).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,12 +31,16 @@ from safetensors.torch import save_file
 
 from .checkpoint import INDEX_FILE, parse_dtype, read_header
 from .config import SPECIAL_TOKENS, Step37Config, preset
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
+from .files import apply_umask, check_output_dir, ensure_dir, os_reason, replace_dir, temp_sibling
 
 log = logging.getLogger(__name__)
 
 #: Decoy bytes relative to the vision tower's bytes.
 DECOY_RATIO = 1.25
+#: The marker file: what wrote the folder and every file it holds.
+MARKER = "synthetic.json"
+WRITTEN_BY = "step37-deploy make-checkpoint"
 
 
 def vision_shapes(cfg: Step37Config) -> dict[str, tuple[int, ...]]:
@@ -160,9 +165,12 @@ def make_checkpoint(
         raise CheckpointError(f"--shards must be >= 1, got {shards}")
     if not 0 <= decoy_ratio <= 100:
         raise CheckpointError(f"decoy ratio must be in [0, 100], got {decoy_ratio}")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; remove it or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"--out {out} already exists; remove it or pass --overwrite")
+        check_replaceable(out)
+    check_output_dir(out.parent, "--out", out)
+    ensure_dir(out.parent, f"--out {out}")
     itemsize = torch.empty((), dtype=tdtype).element_size()
 
     real = vision_shapes(cfg)
@@ -195,7 +203,7 @@ def make_checkpoint(
     shard_decoys = [sum(math.prod(sh) for _, sh, real in g if not real) * itemsize for g in groups]
     check_free_space(out.parent, total - sum(shard_decoys) + max(shard_decoys))
     sparse = True
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_sibling(out, directory=True)
     try:
         gen = torch.Generator().manual_seed(seed)
         weight_map: dict[str, str] = {}
@@ -220,6 +228,7 @@ def make_checkpoint(
                 tensors[key] = torch.zeros(8, dtype=tdtype)
                 weight_map[key] = fname
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            apply_umask(tmp / fname)  # safetensors creates 0600
             if sparse and not punch_holes(tmp / fname, [k for k, _, real in group if not real]):
                 sparse = False  # this file system keeps the zeros: the rest must fit in full
                 check_free_space(tmp, sum(math.prod(sh) for g in groups[i + 1 :] for _, sh, _ in g) * itemsize)
@@ -232,27 +241,62 @@ def make_checkpoint(
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(cfg), indent=2))
-        (tmp / "synthetic.json").write_text(
-            json.dumps(
-                {
-                    "preset": preset_name,
-                    "dtype": dtype,
-                    "seed": seed,
-                    "shards": shards,
-                    "massive_activations": massive_activations,
-                },
-                indent=2,
-            )
-        )
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is normally shared
+        files = sorted([*(p.name for p in tmp.iterdir()), MARKER])
+        marker = {
+            "written_by": WRITTEN_BY,
+            "preset": preset_name,
+            "dtype": dtype,
+            "seed": seed,
+            "shards": shards,
+            "massive_activations": massive_activations,
+        }
+        (tmp / MARKER).write_text(json.dumps({**marker, "files": files}, indent=2))
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
+            log.warning("replacing %s, a synthetic checkpoint this tool wrote (%s)", out, _describe(out))
+        replace_dir(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"could not write the checkpoint {out}: {os_reason(exc)}") from exc
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote synthetic %s checkpoint to %s (%d shards, %.1f MB)", preset_name, out, shards, total / 1e6)
     return out
+
+
+def _marker(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ok = isinstance(data, dict) and data.get("written_by") == WRITTEN_BY and isinstance(data.get("files"), list)
+    return data if ok else None
+
+
+def _describe(folder: Path) -> str:
+    m = _marker(folder) or {}
+    return f"preset {m.get('preset')}, {m.get('dtype')}, {len(m.get('files', []))} files"
+
+
+def check_replaceable(out: Path) -> None:
+    """``--overwrite`` may replace ``out`` only when this tool wrote it and it holds nothing else."""
+    if out.is_symlink() or not out.is_dir():
+        raise OutputError(
+            f"--out {out} is not a folder this tool wrote (it is a file or a link): refusing to replace it"
+        )
+    marker = _marker(out)
+    if marker is None:
+        raise OutputError(
+            f"--out {out} was not written by step37-deploy make-checkpoint (no valid {MARKER}): "
+            "refusing to replace it; choose another folder or remove it yourself"
+        )
+    try:
+        extra = sorted(set(os.listdir(out)) - set(marker["files"]))
+    except OSError as exc:
+        raise OutputError(f"--out {out} cannot be listed: {os_reason(exc)}") from exc
+    if extra:
+        raise OutputError(
+            f"--out {out} holds files this tool did not write ({', '.join(extra[:5])}"
+            f"{' ...' if len(extra) > 5 else ''}): refusing to replace it"
+        )
 
 
 #: Head room kept free beside a new checkpoint (the JSON files, the file system's own needs).

@@ -50,3 +50,17 @@ def edit_config(ckpt: Path, **vision_changes) -> None:
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["vision_config"].update(vision_changes)
     (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="session")
+def exported_uint8(tiny_fp32, tmp_path_factory) -> dict[tuple[str, int], Path]:
+    """The tiny checkpoint exported with uint8 input (normalisation folded into conv1), both
+    precisions and resolutions."""
+    from step37_deploy.export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-uint8")
+    return {
+        (p, r): export_onnx(tiny_fp32, out, p, r, input_kind="uint8").onnx_path
+        for p in ("fp32", "fp16")
+        for r in (728, 504)
+    }

@@ -125,6 +125,7 @@ def test_cli_export_precision_options(tiny_fp32, tmp_path):
         "residual_fp32": True,
         "residual_fp32_blocks": None,
         "downsampler_scales": [1.0, 1.0],
+        "input_fold_fp32": True,
     }
 
 

@@ -76,6 +76,12 @@ def test_rtx_ahead_of_time_build_and_manifest(engines, res):
     assert manifest["engine_sha256"] == hashlib.sha256(data).hexdigest() and manifest["engine_bytes"] == len(data)
     assert manifest["builder"]["strongly_typed"] is True and manifest["toolkit_version"]
     assert not list(plan.parent.glob(".*"))  # no temporary files left
+    # the ONNX's weights identity travels with the engine, for the serving-side checkpoint check
+    from step37_deploy.checkpoint import check_artifact_source
+    from step37_deploy.export import read_metadata
+
+    assert manifest["onnx_metadata"] == read_metadata(onnx_path)
+    check_artifact_source(read_metadata(onnx_path)["source_checkpoint"], plan, manifest["onnx_metadata"])
 
 
 def test_timing_cache_written_and_reused(engines, tmp_path):

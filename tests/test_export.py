@@ -9,7 +9,7 @@ import torch
 from step37_deploy import load_vision_model
 from step37_deploy.backends import OnnxrtRunner, session_from_onnx
 from step37_deploy.compare import metrics, random_pixel_values
-from step37_deploy.errors import CheckpointError, ExportError, InputError
+from step37_deploy.errors import CheckpointError, ExportError, InputError, OutputError
 from step37_deploy.export import export_onnx, read_metadata
 from step37_deploy.synthetic import make_checkpoint
 
@@ -127,7 +127,7 @@ def test_bad_requests(tiny_fp32, tmp_path, kwargs, words):
 def test_unwritable_output(tiny_fp32, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ExportError, match="not writable"):
+    with pytest.raises(OutputError, match=f"{blocker} is not a directory"):
         export_onnx(tiny_fp32, blocker / "sub", "fp32", 504)
 
 

@@ -14,12 +14,13 @@ from step37_deploy.backends import OnnxrtRunner, TorchRunner, session_from_onnx
 from step37_deploy.calibrate import FP16_MAX, measure_ranges, threshold
 from step37_deploy.cli import main
 from step37_deploy.compare import (
-    case_inputs,
+    case_views,
     compare,
     first_divergent_block,
     metrics,
     per_block,
     random_pixel_values,
+    random_views,
 )
 from step37_deploy.config import Step37Config
 from step37_deploy.errors import InputError
@@ -71,7 +72,7 @@ def test_without_calibration_fp16_overflows_in_onnxruntime(massive):
 def test_per_block_names_the_block_where_the_channel_leaves_fp16(massive):
     ck, plain, _, ref = massive
     block, _ = massive_channels(Step37Config.from_checkpoint(ck))
-    result = per_block(plain, ref, random_pixel_values(1, RES, 1))
+    result = per_block(plain, ref, random_views(1, RES, 1))
     rows = result["per_block"]
     first_over = next(r["block"] for r in rows if r["max_abs"] > FP16_MAX)
     assert first_over == block == result["first_divergent_block"]
@@ -95,7 +96,7 @@ def test_calibrated_export_protects_and_passes(massive):
     runner = OnnxrtRunner(session_from_onnx(calibrated), name="calibrated")
     report = compare(TorchRunner(ref), [runner], *_projector(ck), [1, 2], [RES])
     assert report.passed and min(r.features["cos_min"] for r in report.rows) >= 0.9995
-    assert per_block(calibrated, ref, random_pixel_values(1, RES, 1))["first_divergent_block"] is None
+    assert per_block(calibrated, ref, random_views(1, RES, 1))["first_divergent_block"] is None
 
 
 def _projector(ck):
@@ -115,7 +116,7 @@ def test_per_block_names_a_perturbed_block(exported, tiny_fp32, tmp_path, block)
     broken = tmp_path / src.name
     onnx.save(model, str(broken))
     ref = load_vision_model(tiny_fp32, "fp32")
-    x = random_pixel_values(1, RES, 2)
+    x = random_views(1, RES, 2)
     assert per_block(broken, ref, x)["first_divergent_block"] == block
     before, listing = src.read_bytes(), sorted(src.parent.iterdir())
     assert per_block(src, ref, x)["first_divergent_block"] is None
@@ -200,4 +201,4 @@ def test_per_block_refuses_file_without_block_outputs(exported, tiny_fp32, tmp_p
     old = tmp_path / "old.onnx"
     onnx.save(model, str(old))
     with pytest.raises(InputError, match="does not name its block outputs"):
-        per_block(old, load_vision_model(tiny_fp32, "fp32"), case_inputs(RES, 1, 0))
+        per_block(old, load_vision_model(tiny_fp32, "fp32"), case_views(RES, 1, 0))

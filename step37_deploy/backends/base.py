@@ -78,8 +78,9 @@ class Runner(abc.ABC):
 
     @property
     def precision(self) -> str:
-        """The precision its accuracy is judged by (``fp32``, ``fp16`` or ``bf16``)."""
-        return "fp16" if self.input_spec().dtype == np.float16 else "fp32"
+        """The precision its accuracy is judged by (``fp32``, ``fp16`` or ``bf16``): the output's
+        dtype, which is the compute dtype for float and uint8 inputs alike."""
+        return "fp16" if self.output_spec().dtype == np.float16 else "fp32"
 
     @property
     def resolution(self) -> int | None:
@@ -99,6 +100,10 @@ class Runner(abc.ABC):
             raise InputError(f"pixel_values must be [B, 3, H, W], got shape {shape}")
         spec.check(shape)
         kind = getattr(pixel_values, "dtype", None)
+        if spec.dtype == np.uint8:  # uint8-input artifact: raw 0..255 views, normalised in the graph
+            if str(kind).removeprefix("torch.") != "uint8":
+                raise InputError(f"{self.name} takes uint8 pixels (0..255, not normalised), got {kind}")
+            return
         is_float = (
             pixel_values.is_floating_point()
             if hasattr(pixel_values, "is_floating_point")

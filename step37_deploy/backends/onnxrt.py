@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, InputError
+from ..inputs import require_file
 from .base import Runner, TensorSpec
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 
 
 def session_from_onnx(
@@ -22,8 +23,7 @@ def session_from_onnx(
     def load():
         import onnxruntime as ort
 
-        if not Path(path).is_file():
-            raise InputError(f"ONNX file {path} does not exist")
+        require_file(path, InputError, "ONNX file")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -39,12 +39,22 @@ def session_from_onnx(
             providers = ["CPUExecutionProvider"]
         else:
             raise InputError(f"ONNX Runtime provider must be 'cpu' or 'cuda', got {provider!r}")
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # ORT's pybind errors (InvalidProtobuf, InvalidGraph, Fail...) share no base
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"ONNX Runtime cannot load {path}: {first}") from None
         if provider == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
             raise BackendUnavailable("ONNX Runtime could not start its CUDA provider on this machine")
         return sess
 
     return load
+
+
+def _torch_dtype(dtype: np.dtype) -> Any:
+    import torch
+
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 class OnnxrtRunner(Runner):
@@ -93,19 +103,19 @@ class OnnxrtRunner(Runner):
     def _infer_torch(self, x, want: np.dtype):
         import torch
 
-        tdtype = torch.float16 if want == np.float16 else torch.float32
+        tdtype = _torch_dtype(want)
         if x.device.type != "cuda" or self.provider != "cuda":
             out = self.session.run([self._out.name], {self._in.name: x.detach().cpu().to(tdtype).numpy()})[0]
             return torch.from_numpy(out).to(x.device)
         # IO binding: no host round trip for CUDA tensors.
         x = x.detach().to(tdtype).contiguous()
         b = x.shape[0]
-        out_shape = (b, *self.output_spec().shape[1:])
-        y = torch.empty(out_shape, dtype=tdtype, device=x.device)
+        out_spec = self.output_spec()
+        y = torch.empty((b, *out_spec.shape[1:]), dtype=_torch_dtype(out_spec.dtype), device=x.device)
         binding = self.session.io_binding()
         dev = x.device.index or 0
         binding.bind_input(self._in.name, "cuda", dev, want, tuple(x.shape), x.data_ptr())
-        binding.bind_output(self._out.name, "cuda", dev, want, tuple(y.shape), y.data_ptr())
+        binding.bind_output(self._out.name, "cuda", dev, out_spec.dtype, tuple(y.shape), y.data_ptr())
         torch.cuda.current_stream().synchronize()
         self.session.run_with_iobinding(binding)
         return y

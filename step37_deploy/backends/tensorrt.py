@@ -23,7 +23,7 @@ from ..engine import check_runtime_compat, read_manifest, verify_engine_file
 from ..errors import EngineError, InputError
 from .base import Runner, TensorSpec
 
-_NP = {"float16": np.float16, "float32": np.float32}
+_NP = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
 
 
 class TensorRTRunner(Runner):
@@ -53,7 +53,9 @@ class TensorRTRunner(Runner):
         if self.context is None:
             raise EngineError(f"TensorRT could not create an execution context for {self.engine_path}")
         self._device = torch.device("cuda", torch.cuda.current_device())
-        self._dtype = torch.float16 if self._in_meta["dtype"] == "float16" else torch.float32
+        #: uint8-input engines take the raw views; the output dtype is the engine's compute dtype.
+        self._in_dtype = torch.from_numpy(np.empty(0, self.input_spec().dtype)).dtype
+        self._dtype = torch.from_numpy(np.empty(0, self.output_spec().dtype)).dtype
         if self.cuda_graph_batch:
             self._capture(self.cuda_graph_batch)
 
@@ -86,7 +88,7 @@ class TensorRTRunner(Runner):
         as_numpy = isinstance(pixel_values, np.ndarray)
         x = torch.from_numpy(pixel_values) if as_numpy else pixel_values
         self.validate(x)
-        x = x.to(device=self._device, dtype=self._dtype, non_blocking=True).contiguous()
+        x = x.to(device=self._device, dtype=self._in_dtype, non_blocking=True).contiguous()
         with self._lock:
             if self._graph is not None and x.shape[0] == self.cuda_graph_batch:
                 y = self._replay(x)
@@ -123,7 +125,7 @@ class TensorRTRunner(Runner):
                 f"CUDA-graph batch {batch} is outside the engine profile {self.min_batch}..{self.max_batch}"
             )
         spec = self.input_spec()
-        self._static_in = torch.zeros((batch, *spec.shape[1:]), dtype=self._dtype, device=self._device)
+        self._static_in = torch.zeros((batch, *spec.shape[1:]), dtype=self._in_dtype, device=self._device)
         stream = torch.cuda.Stream(self._device)
         with torch.cuda.stream(stream):
             self._enqueue(self._static_in)  # warm-up: TensorRT allocates lazily on the first enqueue

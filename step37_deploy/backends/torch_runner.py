@@ -12,14 +12,15 @@ from .base import Runner, TensorSpec
 
 
 def load_torch_model(
-    checkpoint_dir: str, dtype: str = "fp32", device: str = "cpu", progress: bool = False
+    checkpoint_dir: str, dtype: str = "fp32", device: str = "cpu", progress: bool = False, uint8_input: bool = False
 ) -> Callable[[], torch.nn.Module]:
-    """Loader: returns a callable that loads the tower from a checkpoint when the runner activates."""
+    """Loader: returns a callable that loads the tower from a checkpoint when the runner activates
+    (``uint8_input``: the model takes raw uint8 views, normalisation folded into conv1)."""
 
     def load() -> torch.nn.Module:
         from ..checkpoint import load_vision_model
 
-        return load_vision_model(checkpoint_dir, dtype=dtype, progress=progress).to(device)
+        return load_vision_model(checkpoint_dir, dtype=dtype, progress=progress).to(device).set_uint8_input(uint8_input)
 
     return load
 
@@ -66,19 +67,21 @@ class TorchRunner(Runner):
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
 
     def input_spec(self) -> TensorSpec:
-        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
-        return TensorSpec("pixel_values", np.dtype(np_dtype), (None, 3, None, None))
+        if self.model.input_dtype == torch.uint8:
+            return TensorSpec("pixel_values", np.dtype(np.uint8), (None, 3, None, None))
+        return TensorSpec("pixel_values", self.output_spec().dtype, (None, 3, None, None))
 
     def output_spec(self) -> TensorSpec:
         cfg = self.model.config
-        return TensorSpec("image_features", self.input_spec().dtype, (None, None, cfg.output_dim))
+        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        return TensorSpec("image_features", np.dtype(np_dtype), (None, None, cfg.output_dim))
 
     @torch.inference_mode()
     def infer(self, pixel_values: Any) -> Any:
         as_numpy = isinstance(pixel_values, np.ndarray)
         x = torch.from_numpy(pixel_values) if as_numpy else pixel_values
         self.validate(x)
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = x.to(device=self.device, dtype=self.model.input_dtype)
         if self.device.type == "cuda" and self.dtype == torch.float32:
             cudnn = torch.backends.cudnn
             with cudnn.flags(
