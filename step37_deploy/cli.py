@@ -119,7 +119,7 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--calibration-views",
-        type=int,
+        type=POSITIVE,
         default=2,  # calibrate.DEFAULT_VIEWS; not imported here so that --help stays torch-free
         help="FP16: number of random calibration views when no --calibrate images are given (default 2)",
     )
