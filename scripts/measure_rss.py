@@ -2,7 +2,7 @@
 benchmark scripts and the RSS tests, so each measurement is a fresh process).
 
     python scripts/measure_rss.py load CHECKPOINT fp16
-    python scripts/measure_rss.py export CHECKPOINT OUT_DIR fp16 728 [uint8]
+    python scripts/measure_rss.py export CHECKPOINT OUT_DIR fp16 728 [uint8] [calibrate|no-calibrate|calibrate-bf16]
     python scripts/measure_rss.py build ONNX OUT.plan 8.6,8.9
 """
 
@@ -33,8 +33,17 @@ def main() -> None:
     elif step == "export":
         from step37_deploy.export import export_onnx
 
-        ckpt, out_dir, precision, res, *kind = rest
-        r = export_onnx(ckpt, out_dir, precision, int(res), input_kind=kind[0] if kind else "float")
+        ckpt, out_dir, precision, res, *opts = rest  # [uint8] and an FP16 calibration mode (default: calibrate)
+        mode = next((o for o in opts if o != "uint8"), "calibrate")
+        r = export_onnx(
+            ckpt,
+            out_dir,
+            precision,
+            int(res),
+            input_kind="uint8" if "uint8" in opts else "float",
+            calibrate=mode != "no-calibrate",
+            calibration_dtype="bf16" if mode == "calibrate-bf16" else "fp32",
+        )
         out["weight_bytes"] = r.weight_bytes
         out["onnx"] = str(r.onnx_path)
     elif step == "build":

@@ -102,6 +102,45 @@ def _add_input_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    """FP16 export's activation-range calibration (step37_deploy.calibrate)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--calibrate",
+        nargs="+",
+        metavar="IMAGE",
+        default=None,
+        help="FP16: calibrate activation ranges on these images (default: seeded random CLIP-normalised views)",
+    )
+    g.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="FP16: skip the activation-range calibration and its overflow protection (default: calibrate)",
+    )
+    p.add_argument(
+        "--calibration-views",
+        type=POSITIVE,
+        default=2,  # calibrate.DEFAULT_VIEWS; not imported here so that --help stays torch-free
+        help="FP16: number of random calibration views when no --calibrate images are given (default 2)",
+    )
+    p.add_argument(
+        "--calibration-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="FP16: dtype the calibration runs the tower in (default fp32; bf16 measures the same ranges "
+        "to ~1%% and is several times faster on CPUs with AMX)",
+    )
+
+
+def _calibration_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "calibrate": not args.no_calibrate,
+        "calibration_images": args.calibrate,
+        "calibration_views": args.calibration_views,
+        "calibration_dtype": args.calibration_dtype,
+    }
+
+
 def _parse_batch_profile(text: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(x) for x in text.split(":"))
@@ -214,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace --out if it is a checkpoint this command wrote (anything else is refused)",
     )
+    p.add_argument(
+        "--massive-activations",
+        action="store_true",
+        help="stress checkpoint: a few residual channels far above FP16's range from an early block on "
+        "(default off; see docs/fp16.md)",
+    )
     _add_common(p)
 
     p = sub.add_parser("export", help="export the vision tower to ONNX (one file per resolution)")
@@ -238,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="FP16 graph: softmax in FP16, a cast-free MatMul-Softmax-MatMul (see docs/fp16.md)",
     )
     _add_input_option(p)
+    _add_calibration(p)
     _add_common(p)
 
     p = sub.add_parser("compare", help="accuracy report of ONNX files / engines against PyTorch FP32")
@@ -258,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rel-l2", type=float, default=None, help="override the relative L2 threshold (default: per precision)"
     )
+    p.add_argument(
+        "--per-block",
+        action="store_true",
+        help="also compare every block's output of the (one) --onnx file with PyTorch FP32 and name the "
+        "first divergent block (default off; uses the first --batch and the file's resolution)",
+    )
     _add_common(p)
 
     p = sub.add_parser("pipeline", help="export both resolutions (+ engines) and write the accuracy report")
@@ -269,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=POSITIVE, default=None, help="ONNX opset, 18..21 (default: 18)")
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT build even if a flavour is installed")
     _add_input_option(p)
+    _add_calibration(p)
     _add_common(p)
 
     p = sub.add_parser("build", help="build a TensorRT engine from an FP16-typed ONNX file")
@@ -500,6 +553,7 @@ def _cmd_make_checkpoint(args: argparse.Namespace, progress: bool) -> int:
         progress=progress,
         overwrite=args.overwrite,
         decoy_ratio=args.decoy_ratio,
+        massive_activations=args.massive_activations,
     )
     print(out)
     return 0
@@ -520,6 +574,7 @@ def _cmd_export(args: argparse.Namespace, progress: bool) -> int:
             policy=policy,
             progress=progress,
             input_kind=args.input,
+            **_calibration_kwargs(args),
         )
         print(r.onnx_path)
     return 0
@@ -561,6 +616,8 @@ def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:
     if not (args.onnx or args.engine or args.torch):
         raise UsageError("compare: give at least one --onnx, --engine or --torch")
     _check_report_path(args, {"passed", "rows"})
+    if args.per_block and len(args.onnx) != 1:
+        raise UsageError(f"--per-block compares one ONNX file block by block; {len(args.onnx)} --onnx given")
     thresholds = None
     if args.cos_min is not None or args.rel_l2 is not None:
         thresholds = {
@@ -576,10 +633,25 @@ def _cmd_compare(args: argparse.Namespace, progress: bool) -> int:
         ref, runners, w, b, args.batch or [1, 3], args.resolution, args.seed, args.images, thresholds, progress
     )
     print(report.table())
+    if args.per_block:
+        from .compare import per_block_table
+
+        report.per_block = _per_block(args, ref)
+        print(per_block_table(report.per_block))
     if args.json:
         report.write_json(args.json)
     check(report)
     return 0
+
+
+def _per_block(args: argparse.Namespace, ref) -> dict:
+    from .compare import case_views, per_block
+    from .export import read_metadata
+
+    meta = read_metadata(args.onnx[0])
+    res = int(meta.get("resolution") or (args.resolution or [728])[0])
+    x = case_views(res, (args.batch or [1])[0], args.seed, args.images)
+    return per_block(args.onnx[0], ref.activate().model, x, args.provider, args.threads)
 
 
 def _cmd_pipeline(args: argparse.Namespace, progress: bool) -> int:
@@ -596,6 +668,7 @@ def _cmd_pipeline(args: argparse.Namespace, progress: bool) -> int:
         build_engines=False if args.no_engines else None,
         progress=progress,
         input_kind=args.input,
+        **_calibration_kwargs(args),
     )
     for e in result.exports:
         print(f"onnx    {e.onnx_path}")

@@ -101,6 +101,13 @@ def image_files_views(paths: list[str], resolution: int, batch: int) -> np.ndarr
     return np.ascontiguousarray(np.concatenate([x] * -(-batch // len(x)))[:batch])
 
 
+def case_views(resolution: int, batch: int, seed: int, images: list[str] | None = None) -> np.ndarray:
+    """The uint8 views of one compare case: the image files', else seeded random images."""
+    if images:
+        return image_files_views(images, resolution, batch)
+    return random_views(batch, resolution, seed + batch * 7919 + resolution)
+
+
 def image_files_pixel_values(paths: list[str], resolution: int, batch: int) -> np.ndarray:
     """:func:`image_files_views`, CLIP-normalised FP32."""
     return normalise_views(image_files_views(paths, resolution, batch))
@@ -127,13 +134,18 @@ class Row:
 @dataclass
 class Report:
     rows: list[Row] = field(default_factory=list)
+    #: ``compare --per-block``: the result of :func:`per_block` (its keys join the JSON report).
+    per_block: dict | None = None
 
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.rows)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "rows": [asdict(r) for r in self.rows]}
+        d = {"passed": self.passed, "rows": [asdict(r) for r in self.rows]}
+        if self.per_block is not None:
+            d.update(self.per_block)
+        return d
 
     def table(self) -> str:
         head = (
@@ -223,7 +235,7 @@ def compare(
     for runner, res, b in jobs:
         key = (res, b)
         if key not in cache:
-            u8 = image_files_views(images, res, b) if images else random_views(b, res, seed + b * 7919 + res)
+            u8 = case_views(res, b, seed, images)
             ref = reference.infer(views_for(reference, u8)).astype(np.float32)
             cache[key] = (u8, ref, _project(ref, projector_weight, projector_bias))
         u8, ref, ref_proj = cache[key]
@@ -249,3 +261,139 @@ def check(report: Report) -> None:
     if not report.passed:
         failed = [f"{r.backend}@{r.resolution}x{r.batch}" for r in report.rows if not r.passed]
         raise ThresholdError(f"accuracy thresholds missed by: {', '.join(failed)}")
+
+
+# -- per-block divergence (compare --per-block) ----------------------------------------------------
+#: A block is the first divergent one when its output is not finite, or its relative L2 error
+#: exceeds DIVERGENCE_JUMP x the largest error of the blocks before it (at least DIVERGENCE_FLOOR,
+#: the FP16 rounding level of one block): FP16 rounding makes the error creep up slowly from block
+#: to block, a real problem (an overflow, a wrong weight) makes it jump by orders of magnitude.
+DIVERGENCE_JUMP = 10.0
+DIVERGENCE_FLOOR = 1e-3
+
+
+def first_divergent_block(rows: list[dict]) -> int | None:
+    """The first block whose error jumps (rule above), or ``None``."""
+    worst = DIVERGENCE_FLOOR
+    for row in rows:
+        if not row["finite"] or row["rel_l2"] > DIVERGENCE_JUMP * worst:
+            return row["block"]
+        worst = max(worst, row["rel_l2"])
+    return None
+
+
+def _onnx_with_block_outputs(onnx_path: Path, tmp_dir: Path) -> tuple[Path, list[str]]:
+    """A copy of ``onnx_path`` in ``tmp_dir`` whose graph also outputs every block's output (named
+    in the export's ``step37.block_outputs`` metadata).  External data is symlinked, not copied;
+    the user's file is only read."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "step37.block_outputs" not in meta:
+        raise InputError(
+            f"{onnx_path} does not name its block outputs (metadata step37.block_outputs): "
+            "re-export it with this version of step37-deploy to use --per-block"
+        )
+    names = json.loads(meta["step37.block_outputs"])
+    known = {o for n in model.graph.node for o in n.output}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise InputError(f"{onnx_path}: block outputs {missing} named in its metadata are not in its graph")
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    locations = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+    for loc in locations:
+        src = (onnx_path.parent / loc).resolve()
+        if not src.is_relative_to(onnx_path.parent.resolve()) or not src.is_file():
+            raise InputError(f"{onnx_path}: external data {loc} is missing or outside the file's folder")
+        (tmp_dir / loc).symlink_to(src)
+    out = tmp_dir / onnx_path.name
+    onnx.save(model, str(out))
+    return out, names
+
+
+def reference_block_outputs(model, pixel_values: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The FP32 PyTorch tower's features and every block's output (forward hooks)."""
+    import torch
+
+    outs: list[np.ndarray] = []
+    hooks = [
+        b.register_forward_hook(lambda _m, _a, y: outs.append(y.float().numpy())) for b in model.transformer.resblocks
+    ]
+    try:
+        with torch.inference_mode():
+            feats = model(torch.from_numpy(pixel_values).float()).float().numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return feats, outs
+
+
+def per_block(
+    onnx_path: str | Path,
+    reference_model,
+    views: np.ndarray,
+    provider: str = "cpu",
+    threads: int | None = None,
+) -> dict:
+    """Every block's output of an ONNX file against the FP32 reference's, on uint8 ``views``
+    [B, 3, R, R] (fed to the file in the dtype its input declares, uint8 included).
+
+    Returns ``{"onnx", "batch", "per_block": [{"block", "cos_min", "rel_l2", "max_abs",
+    "max_abs_onnx", "finite"}], "first_divergent_block"}``; ``max_abs`` is the reference's (FP32)
+    max |activation| of the block output, ``max_abs_onnx`` the file's (inf where it overflowed)."""
+    import tempfile
+
+    from .backends.onnxrt import session_from_onnx
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise InputError(f"ONNX file {onnx_path} does not exist")
+    with tempfile.TemporaryDirectory(prefix="step37-per-block-") as tmp:
+        path, names = _onnx_with_block_outputs(onnx_path, Path(tmp))
+        session = session_from_onnx(path, provider, threads)()
+        inp = session.get_inputs()[0]
+        want = {"tensor(float16)": np.float16, "tensor(uint8)": np.uint8}.get(inp.type, np.float32)
+        got = session.run(names, {inp.name: np.ascontiguousarray(as_pixel_dtype(views, want))})
+        del session
+    _, ref = reference_block_outputs(reference_model, normalise_views(views))
+    if len(ref) != len(got):
+        raise InputError(f"{onnx_path} has {len(got)} blocks but the checkpoint's tower has {len(ref)}")
+    rows = []
+    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            m = metrics(r, np.asarray(g, dtype=np.float32))
+            g_abs = np.abs(np.asarray(g, dtype=np.float64))
+        rows.append(
+            {
+                "block": i,
+                "cos_min": m["cos_min"],
+                "rel_l2": m["rel_l2"],
+                "max_abs": float(np.abs(r).max()),
+                "max_abs_onnx": float(np.nanmax(g_abs)) if not np.isnan(g_abs).all() else float("nan"),
+                "finite": bool(np.isfinite(g).all()),
+            }
+        )
+    return {
+        "onnx": str(onnx_path),
+        "batch": int(views.shape[0]),
+        "per_block": rows,
+        "first_divergent_block": first_divergent_block(rows),
+    }
+
+
+def per_block_table(result: dict) -> str:
+    """The per-block report as text, the first divergent block marked."""
+    first = result["first_divergent_block"]
+    lines = [f"per-block: {Path(result['onnx']).name} vs PyTorch FP32 (batch {result['batch']})"]
+    lines.append(f"{'block':>5}  {'cos min':>10}  {'rel L2':>9}  {'max |x| ref':>11}  {'max |x| onnx':>12}")
+    for r in result["per_block"]:
+        mark = "  <- first divergent" if r["block"] == first else ""
+        lines.append(
+            f"{r['block']:>5}  {r['cos_min']:>10.7f}  {r['rel_l2']:>9.3e}  {r['max_abs']:>11.4g}  "
+            f"{r['max_abs_onnx']:>12.4g}{mark}"
+        )
+    lines.append(f"first divergent block: {first if first is not None else 'none'}")
+    return "\n".join(lines)

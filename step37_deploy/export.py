@@ -14,7 +14,10 @@ resampled position embedding and the RoPE cos/sin tables are constants of the fi
 spelled MatMul -> Softmax -> MatMul over all heads at once (no masks, nothing unrolled per head),
 the pattern TensorRT's MHA fusion matches.  The FP16 graph is FP16-typed (weights, activations,
 matmuls) with FP32 islands chosen by measurement (``docs/fp16.md``), so strongly typed TensorRT 11
-and TensorRT-RTX build it as-is.
+and TensorRT-RTX build it as-is.  Before tracing an FP16 graph, ``step37_deploy.calibrate`` measures
+activation ranges block by block (weights streamed, bounded memory like the export) and protects
+what would leave FP16's range; the metadata records the ranges, the decision and each block's
+output tensor (``step37.block_outputs``, for ``compare --per-block``).
 """
 
 from __future__ import annotations
@@ -256,11 +259,17 @@ def export_onnx(
     progress: bool = False,
     external_data: bool | None = None,
     input_kind: str = "float",
+    calibrate: bool = True,
+    calibration_images: list[str] | None = None,
+    calibration_views: int | None = None,
+    calibration_dtype: str = "fp32",
 ) -> ExportResult:
     """Export one ONNX file for one precision and resolution; nothing partial is left on failure.
 
     ``input_kind="uint8"``: ``pixel_values`` is uint8 and the CLIP normalisation is folded into
-    conv1 (:class:`~step37_deploy.model.InputFold`; FP32 under the default precision policy)."""
+    conv1 (:class:`~step37_deploy.model.InputFold`; FP32 under the default precision policy).
+    FP16 exports first calibrate activation ranges (``step37_deploy.calibrate``; ``calibrate=False``
+    skips it with a warning) and protect the tensors that would leave the FP16 range."""
     import onnx
     import onnx_ir as ir
 
@@ -279,6 +288,21 @@ def export_onnx(
         model = Step37VisionModel(cfg.vision)
     check_config_matches(model, refs)
     model = model.to(dtype).eval().requires_grad_(False)
+    protection = ranges = None
+    if precision == "fp16":
+        from .calibrate import DEFAULT_VIEWS, calibrate_for_export
+
+        protection, ranges = calibrate_for_export(
+            cfg,
+            refs,
+            resolution,
+            calibrate,
+            calibration_images,
+            calibration_views or DEFAULT_VIEWS,
+            progress,
+            calibration_dtype,
+        )
+        policy = protection.apply(policy)
     model.set_precision_policy(policy).set_attention_impl("explicit").freeze_grid(*grid)
     model.set_uint8_input(input_kind == "uint8")
     input_dtype = str(model.input_dtype).removeprefix("torch.")
@@ -318,6 +342,7 @@ def export_onnx(
             META_PREFIX + "torch_version": torch.__version__,
         }
     )
+    ir_model.metadata_props.update(_fp16_metadata(ir_model, cfg.vision.layers, protection, ranges))
 
     name = onnx_filename(precision, resolution, input_kind)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
@@ -369,6 +394,50 @@ def export_onnx(
         seconds,
         input_dtype,
     )
+
+
+def block_output_names(ir_model, layers: int) -> list[str] | None:
+    """The ONNX value that is each block's output, found from the exporter's module scopes (node
+    metadata ``namespace``): of the values produced inside ``transformer.resblocks.i`` and used
+    outside it, the last one produced (values computed once and shared, such as RoPE slices, come
+    earlier).  ``None`` (and a log line) when the scopes name no such value for some block."""
+    import re
+
+    import onnx_ir as ir
+
+    scope = re.compile(r"transformer\.resblocks\.(\d+)[.:]")
+    block_of: dict[int, int] = {}  # id(node) -> block index
+    nodes = list(ir.traversal.RecursiveGraphIterator(ir_model.graph))
+    for node in nodes:
+        m = scope.search(node.metadata_props.get("namespace", ""))
+        if m:
+            block_of[id(node)] = int(m.group(1))
+    found: dict[int, str] = {}
+    graph_outputs = {v.name for v in ir_model.graph.outputs}
+    for node in nodes:  # topological order: a later hit replaces an earlier one
+        i = block_of.get(id(node))
+        if i is None:
+            continue
+        for value in node.outputs:
+            if value.name in graph_outputs or any(block_of.get(id(u)) != i for u, _ in value.uses()):
+                found[i] = value.name
+    if sorted(found) != list(range(layers)):
+        log.info("block outputs not identifiable from the exporter's scopes (found blocks %s)", sorted(found))
+        return None
+    return [found[i] for i in range(layers)]
+
+
+def _fp16_metadata(ir_model, layers: int, protection, ranges) -> dict[str, str]:
+    """``step37.block_outputs`` always; for FP16 files the calibration's ranges and decision."""
+    meta = {}
+    names = block_output_names(ir_model, layers)
+    if names is not None:
+        meta[META_PREFIX + "block_outputs"] = json.dumps(names)
+    if protection is not None:
+        meta[META_PREFIX + "fp16_protection"] = json.dumps(protection.to_dict(), sort_keys=True)
+    if ranges is not None:
+        meta[META_PREFIX + "activation_ranges"] = json.dumps(ranges.to_dict(), sort_keys=True)
+    return meta
 
 
 def _check_inferred_output(m: Any, num_tokens: int, out_dim: int) -> None:

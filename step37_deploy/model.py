@@ -35,13 +35,20 @@ class PrecisionPolicy:
     """Which parts of the tower compute in FP32 when the weights are FP16/BF16.
 
     The defaults were chosen by measurement (``docs/fp16.md``): LayerNorm statistics, softmax and
-    the RoPE rotation in FP32; the residual stream stays in the weights' dtype.
+    the RoPE rotation in FP32; the residual stream stays in the weights' dtype.  Two fields
+    are set by the export's activation-range calibration (``step37_deploy.calibrate``) where
+    a tensor would leave the FP16 range: ``residual_fp32_blocks`` keeps the residual stream in FP32
+    for blocks ``[start, stop)`` only (the span where a massive channel lives), and
+    ``downsampler_scales`` divides each downsampler's input by a power of two before its FP16
+    convolution and multiplies the output back in FP32 (bias divided too: exact up to rounding).
     """
 
     layernorm_fp32: bool = True
     softmax_fp32: bool = True
     rope_fp32: bool = True
     residual_fp32: bool = False
+    residual_fp32_blocks: tuple[int, int] | None = None
+    downsampler_scales: tuple[float, float] = (1.0, 1.0)
     #: uint8-input graphs: conv1 with the folded CLIP normalisation, and its constant, in FP32.
     input_fold_fp32: bool = True
 
@@ -255,19 +262,34 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         compute = self.attn.out_proj.weight.dtype
-        x = x + self.ls_1(self.attn(self.ln_1(x).to(compute), rope)).to(x.dtype)
-        x = x + self.ls_2(self.mlp(self.ln_2(x).to(compute))).to(x.dtype)
+        x = x + _scaled_branch(self.ls_1, self.attn(self.ln_1(x).to(compute), rope), x.dtype)
+        x = x + _scaled_branch(self.ls_2, self.mlp(self.ln_2(x).to(compute)), x.dtype)
         return x
+
+
+def _scaled_branch(ls: nn.Module, branch: torch.Tensor, residual_dtype: torch.dtype) -> torch.Tensor:
+    """LayerScale of a branch in the residual stream's dtype when that is FP32: a large LayerScale
+    gamma is how a massive channel enters the stream, and gamma * branch can leave FP16's range."""
+    if residual_dtype == torch.float32 and branch.dtype != torch.float32:
+        return ls(branch.float())
+    return ls(branch).to(residual_dtype)
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(cfg) for _ in range(cfg.layers)])
+        #: Blocks [start, stop) whose residual stream is FP32 (``PrecisionPolicy.residual_fp32_blocks``).
+        self.residual_fp32_blocks: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        for block in self.resblocks:
+        span, dtype = self.residual_fp32_blocks, x.dtype
+        for i, block in enumerate(self.resblocks):
+            if span is not None and i == span[0]:
+                x = x.float()  # [B, N, C] FP32 through the span
             x = block(x, rope)
+            if span is not None and i == span[1] - 1 and span[1] < len(self.resblocks):
+                x = x.to(dtype)  # back to the stream's dtype after the span (kept FP32 if it runs to the end)
         return x
 
 
@@ -308,6 +330,8 @@ class Step37VisionModel(nn.Module):
                 m.fp32 = policy.layernorm_fp32
             elif isinstance(m, Attention):
                 m.policy = policy
+            elif isinstance(m, Transformer):
+                m.residual_fp32_blocks = tuple(policy.residual_fp32_blocks) if policy.residual_fp32_blocks else None
         return self
 
     @property
@@ -408,7 +432,9 @@ class Step37VisionModel(nn.Module):
         if cfg.use_rope2d:
             rope = (self.grid_rope_cos, self.grid_rope_sin) if frozen else self.rope_tables(grid_h, grid_w, x.device)
         x = self.transformer(x, rope)
-        x = self.ln_post(x).to(self.dtype)
+        x = self.ln_post(x)
+        if self._policy.downsampler_scales[0] == 1.0:
+            x = x.to(self.dtype)  # (a rescaled downsampler takes the FP32 stream as is)
         if cfg.use_cls_token:
             x = x[:, 1:]
         return x
@@ -418,9 +444,23 @@ class Step37VisionModel(nn.Module):
         x = self.forward_trunk(pixel_values)  # [B, Gh*Gw, C]
         b, _, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, grid_h, grid_w)  # [B, C, Gh, Gw]
-        x = self.vit_downsampler1(x)  # [B, 2C, ceil(Gh/2), ceil(Gw/2)]
-        x = self.vit_downsampler2(x)  # [B, 4C, ceil(Gh/4), ceil(Gw/4)]
-        return x.flatten(2).transpose(1, 2)  # [B, P', 4C]
+        s1, s2 = self._policy.downsampler_scales
+        x = self._downsample(self.vit_downsampler1, x, s1)  # [B, 2C, ceil(Gh/2), ceil(Gw/2)]
+        if s2 == 1.0:
+            x = x.to(self.dtype)
+        x = self._downsample(self.vit_downsampler2, x, s2)  # [B, 4C, ceil(Gh/4), ceil(Gw/4)]
+        return x.flatten(2).transpose(1, 2).to(self.dtype)  # [B, P', 4C]
+
+    def _downsample(self, conv: nn.Conv2d, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """``conv(x)``; with ``scale != 1`` computed as ``scale * conv(x / scale, W, b / scale)``: the
+        FP16 convolution sees an input (and produces an output) ``scale`` times smaller, and the
+        result is restored in FP32.  Exact in real arithmetic (a convolution is linear) and, with
+        ``scale`` a power of two, exact in floating point too unless a value underflows."""
+        if scale == 1.0:
+            return conv(x)
+        bias = (conv.bias.float() / scale).to(self.dtype) if conv.bias is not None else None
+        y = F.conv2d((x.float() / scale).to(self.dtype), conv.weight, bias, conv.stride, conv.padding)
+        return y.float() * scale
 
 
 class Step37Projector(nn.Linear):

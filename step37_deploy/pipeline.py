@@ -36,8 +36,11 @@ def run_pipeline(
     progress: bool = False,
     seed: int = 0,
     input_kind: str = "float",
+    **calibration,
 ) -> PipelineResult:
-    """``input_kind="uint8"``: the exports (and engines) take uint8 views, normalisation in the graph."""
+    """``input_kind="uint8"``: the exports (and engines) take uint8 views, normalisation in the graph.
+    ``calibration``: ``calibrate``, ``calibration_images``, ``calibration_views``,
+    ``calibration_dtype`` for the FP16 exports (``export_onnx``'s arguments)."""
     from .backends import OnnxrtRunner, TorchRunner, load_torch_model, session_from_onnx
     from .checkpoint import load_projector
     from .export import DEFAULT_OPSET
@@ -59,6 +62,7 @@ def run_pipeline(
                     opset if opset is not None else DEFAULT_OPSET,
                     progress=progress,
                     input_kind=input_kind,
+                    **calibration,
                 )
             )
 

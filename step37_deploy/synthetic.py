@@ -73,6 +73,41 @@ def _init_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torc
     return fan_in**-0.5 * randn
 
 
+#: Stress checkpoints (``massive_activations=True``): a few residual channels get about this much
+#: (FP16's largest value is 65504), in the style reported for trained ViTs.
+MASSIVE_VALUE = 2.56e5
+
+
+def massive_channels(cfg: Step37Config) -> tuple[int, list[int]]:
+    """(block, channels) of a stress checkpoint: the block whose MLP writes the massive channels into
+    the residual stream (an early one, not the first where there are several), and the channels."""
+    layers, width = cfg.vision.layers, cfg.vision.width
+    block = max(1, layers // 4) if layers > 1 else 0
+    return block, sorted({(37 * k + 11) % width for k in range(3)})
+
+
+def _massive(key: str, t: torch.Tensor, cfg: Step37Config) -> torch.Tensor:
+    """Edit one tensor of a stress checkpoint.  In the chosen block, one MLP hidden unit per massive
+    channel fires at about 8 for every token (its c_fc bias; its weights keep the token-dependent
+    part), c_proj routes it to the channel with weight 500 (branch output ~4000, inside FP16), and
+    LayerScale 64 lifts it to ~2.6e5 in the residual stream, where it persists to the end, as
+    massive activations do.  ``vit_downsampler1`` weighs those channels down (trained models learn
+    to treat them as a bias) so the features are not a copy of them."""
+    block, channels = massive_channels(cfg)
+    units = [cfg.vision.mlp_dim - 1 - k for k in range(len(channels))]
+    p = f"vision_model.transformer.resblocks.{block}."
+    if key == p + "mlp.c_fc.bias":
+        t[units] = 8.0
+    elif key == p + "mlp.c_proj.weight":
+        t[:, units] = 0.0
+        t[channels, units] = 500.0
+    elif key == p + "ls_2.gamma":
+        t[channels] = MASSIVE_VALUE / 4000.0
+    elif key == "vision_model.vit_downsampler1.weight":
+        t[:, channels] *= 1e-3
+    return t
+
+
 def _decoys(cfg: Step37Config, vision_bytes: int, itemsize: int, ratio: float) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Language-model-like tensor names and shapes totalling about ``ratio`` x the vision bytes."""
     hidden = cfg.text_hidden_size
@@ -113,12 +148,15 @@ def make_checkpoint(
     progress: bool = False,
     overwrite: bool = False,
     decoy_ratio: float = DECOY_RATIO,
+    massive_activations: bool = False,
 ) -> Path:
     """Write a synthetic checkpoint for ``preset_name`` (or ``cfg``) to ``out``; returns ``out``.
 
     ``decoy_ratio`` sets the decoy language-model bytes relative to the vision bytes (0 writes
     none).  The free space next to ``out`` is checked before anything is written: a release-size
     checkpoint is several GB, and running out of disk halfway would only waste minutes.
+    ``massive_activations`` writes a stress checkpoint (:func:`_massive`): a few residual channels
+    far above FP16's range, which the FP16 export's calibration must find and protect.
     """
     cfg = cfg or preset(preset_name)
     tdtype = parse_dtype(dtype)
@@ -179,7 +217,11 @@ def make_checkpoint(
             tensors = {}
             for key, shape, is_real in group:
                 # decoys are zeros: never read, and punched into holes below
-                tensors[key] = _init_tensor(key, shape, gen).to(tdtype) if is_real else torch.zeros(shape, dtype=tdtype)
+                if is_real:
+                    value = _init_tensor(key, shape, gen)
+                    tensors[key] = (_massive(key, value, cfg) if massive_activations else value).to(tdtype)
+                else:
+                    tensors[key] = torch.zeros(shape, dtype=tdtype)
                 weight_map[key] = fname
             if not tensors:  # a shard must hold something: a tiny decoy
                 key = f"model.layers.pad{i}.weight"
@@ -200,7 +242,14 @@ def make_checkpoint(
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(cfg), indent=2))
         files = sorted([*(p.name for p in tmp.iterdir()), MARKER])
-        marker = {"written_by": WRITTEN_BY, "preset": preset_name, "dtype": dtype, "seed": seed, "shards": shards}
+        marker = {
+            "written_by": WRITTEN_BY,
+            "preset": preset_name,
+            "dtype": dtype,
+            "seed": seed,
+            "shards": shards,
+            "massive_activations": massive_activations,
+        }
         (tmp / MARKER).write_text(json.dumps({**marker, "files": files}, indent=2))
         if out.exists():
             log.warning("replacing %s, a synthetic checkpoint this tool wrote (%s)", out, _describe(out))

@@ -123,6 +123,8 @@ def test_cli_export_precision_options(tiny_fp32, tmp_path):
         "softmax_fp32": False,
         "rope_fp32": True,
         "residual_fp32": True,
+        "residual_fp32_blocks": None,
+        "downsampler_scales": [1.0, 1.0],
         "input_fold_fp32": True,
     }
 
