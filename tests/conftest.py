@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -67,13 +74,6 @@ def exported_uint8(tiny_fp32, tmp_path_factory) -> dict[tuple[str, int], Path]:
 
 
 # -- serving (issue 8): one real `step37-deploy serve` per test session --------------------------------
-import os  # noqa: E402  (kept with the serving fixtures, at the end, for easy merges)
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 
 @dataclass
