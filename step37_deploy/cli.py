@@ -14,10 +14,12 @@ import functools
 import json
 import logging
 import math
+import re
 import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 from .errors import Step37Error, ThresholdError, UsageError
 
@@ -33,9 +35,37 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.required:
+        if action.required:
+            return text if "required" in text.lower() or not action.option_strings else f"{text} (required)"
+        if "default" in text.lower():
             return text
         return super()._get_help_string(action) or ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, ``step37-deploy SUBCOMMAND: error: MESSAGE`` (exit 2), and no
+    abbreviated options (``--over`` must not mean ``--overwrite``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        # A value such as "-1:1:8" (--batch) reads as a negative number, not as an unknown option,
+        # so the option's own check names the problem instead of "expected one argument".
+        self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(:-?\d+)+$")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+class _SubcommandParser(_Parser):
+    """A subcommand's parser: an unknown option is refused here, so the message names the
+    subcommand (the top parser would only say ``step37-deploy: error: unrecognized arguments``)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -148,6 +178,8 @@ def _parse_batch_profile(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"must be MIN:OPT:MAX integers, got {text!r}") from None
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"must be MIN:OPT:MAX, got {text!r}")
+    if not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise argparse.ArgumentTypeError(f"must satisfy 1 <= MIN <= OPT <= MAX, got {text!r}")
     return parts  # type: ignore[return-value]
 
 
@@ -223,7 +255,7 @@ def _repository_options(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="step37-deploy",
         description=__doc__.splitlines()[0],
         epilog="exit status: 0 ok, 1 accuracy threshold missed, 2 bad argument or input, 3 internal error",
@@ -233,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command",
         required=True,
         metavar="COMMAND",
-        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter),
+        parser_class=functools.partial(_SubcommandParser, formatter_class=_HelpFormatter),
     )
 
     p = sub.add_parser("make-checkpoint", help="write a synthetic checkpoint in the release layout")
@@ -327,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build a TensorRT engine from an FP16-typed ONNX file")
     p.add_argument("--onnx", required=True, help="FP16-typed ONNX file from export (required)")
     p.add_argument("--out", required=True, help="engine file, e.g. engines/NAME.plan; NAME.plan.json beside it")
-    p.add_argument("--batch", type=_parse_batch_profile, default="1:1:8", help="optimisation profile MIN:OPT:MAX")
+    p.add_argument("--batch", type=_parse_batch_profile, default="1:1:8", help="optimisation profile MIN:OPT:MAX, 1 <= MIN <= OPT <= MAX")
     p.add_argument(
         "--timing-cache",
         default=None,
@@ -506,7 +538,16 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Third-party chatter (torch.onnx's registration notes, deprecation warnings): errors only
     # unless --verbose.
-    for noisy in ("torch", "onnxscript", "onnx_ir", "polygraphy", "transformers"):
+    # torch's ONNX exporter registration ("torchvision is not installed. Skipping torchvision::nms" x20):
+    # named explicitly because importing torch resets the levels of its registered loggers (torch.onnx).
+    for noisy in (
+        "torch",
+        "torch.onnx._internal.exporter._registration",
+        "onnxscript",
+        "onnx_ir",
+        "polygraphy",
+        "transformers",
+    ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -293,6 +293,8 @@ class Step37Config:
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> Step37Config:
         """Read ``config.json`` and the tokenizer's special-token ids from a checkpoint folder."""
         root = Path(checkpoint_dir)
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"--checkpoint {root} is not a folder (give the checkpoint folder)")
         path = root / "config.json"
         require_file(path, ConfigError, "config")
         cfg = cls.from_dict(read_json(path), str(path))

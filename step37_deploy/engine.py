@@ -112,6 +112,9 @@ def _polygraphy_trt(flavour: str) -> Any:
 
     # Polygraphy logs through its own logger: follow ours (--quiet -> warnings only).
     G_LOGGER.module_severity = G_LOGGER.INFO if log.isEnabledFor(logging.INFO) else G_LOGGER.WARNING
+    if not log.isEnabledFor(logging.INFO):
+        # Colours make Polygraphy print "[W] 'colored' module is not installed" (to stdout) once.
+        G_LOGGER.colors = False
 
     return pgtrt
 

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -278,6 +278,11 @@ def export_onnx(
     validate_request(cfg, precision, resolution, opset, input_kind)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "--out")
+    name = onnx_filename(precision, resolution, input_kind)
+    refuse_inputs(
+        {"output": out_dir / name, "external data": out_dir / (name + ".data")}, {"--checkpoint": checkpoint_dir}
+    )
+    check_replaceable_exports(out_dir, [name])
     policy = policy or PrecisionPolicy()
     dtype = PRECISIONS[precision]
     grid = cfg.vision.grid(resolution, resolution)
@@ -446,6 +451,33 @@ def _check_inferred_output(m: Any, num_tokens: int, out_dim: int) -> None:
     got = [d.dim_param or d.dim_value for d in dims]
     if len(got) != 3 or got[1:] != [num_tokens, out_dim]:
         raise ExportError(f"shape inference gives {OUTPUT_NAME} {got}, expected [batch, {num_tokens}, {out_dim}]")
+
+
+def check_replaceable_exports(out_dir: str | Path, names: Sequence[str]) -> None:
+    """Before any work: an existing ``out_dir/NAME`` (or its ``NAME.data``) is replaced only when this
+    tool wrote it, i.e. an ONNX with ``step37.*`` metadata (and the external data beside such an
+    ONNX); a user's file that happens to bear an output name is refused (:class:`OutputError`)."""
+    out_dir = Path(out_dir)
+    for name in names:
+        onnx_path, data_path = out_dir / name, out_dir / (name + ".data")
+        ours = False
+        if onnx_path.exists():
+            try:
+                ours = onnx_path.is_file() and bool(read_metadata(onnx_path))
+            except Step37Error:
+                ours = False
+            if not ours:
+                raise OutputError(
+                    f"--out {onnx_path} exists and is not an ONNX this tool exported: refusing to replace it"
+                )
+            log.info("replacing %s (exported by this tool before)", onnx_path)
+        if data_path.exists():
+            if not (ours and data_path.is_file()):
+                raise OutputError(
+                    f"--out {data_path} exists and is not the external data of an ONNX this tool exported: "
+                    "refusing to replace it"
+                )
+            log.info("replacing %s (its external data)", data_path)
 
 
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from .backends.base import Runner
 from .compare import Report, compare
 from .errors import BackendUnavailable, EngineError
-from .export import ExportResult, export_onnx
+from .export import ExportResult, check_replaceable_exports, export_onnx, onnx_filename
 from .files import check_output_dir, check_replaceable_json, refuse_inputs
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def run_pipeline(
     check_output_dir(out_dir, "--out")
     refuse_inputs({"the report": result.report_path}, {"--checkpoint": checkpoint_dir})
     check_replaceable_json(result.report_path, "the report", {"passed", "rows"})
+    check_replaceable_exports(out_dir, [onnx_filename(p, r, input_kind) for p in precisions for r in resolutions])
     for precision in precisions:
         for res in resolutions:
             result.exports.append(

@@ -206,6 +206,7 @@ class VisionEmbedder:
             g = c = TorchRunner(model, name=f"torch-{dtype}")
         elif backend in ("onnx", "trt"):
             runners = {}
+            files_by_res: dict[int, str | Path] = {}
             for f in files:
                 check_artifact_source(checkpoint, f, _recorded_metadata(backend, f))
                 if backend == "onnx":
@@ -216,7 +217,13 @@ class VisionEmbedder:
                     from .backends.tensorrt import TensorRTRunner
 
                     r = TensorRTRunner(f).activate()
+                if r.resolution in runners:
+                    raise InputError(
+                        f"{files_by_res[r.resolution]} and {f} are both for resolution {r.resolution}: "
+                        "give one file per resolution"
+                    )
                 runners[r.resolution] = r
+                files_by_res[r.resolution] = f
             pc = PreprocessConfig()
             missing = [res for res in (pc.image_size, pc.patch_size) if res not in runners]
             if missing:
@@ -421,9 +428,15 @@ def check_embed_outputs(out: str | Path, artifacts: Sequence[str], images: Seque
     check_output_file(out, "--out")
     check_output_file(side, "the layout file")
     refuse_inputs({"--out": out, "the layout file": side}, {"--artifacts": artifacts, "--image": images})
-    if out.is_file() and _head(out, 6) != b"\x93NUMPY":
-        raise OutputError(f"--out {out} exists and is not a .npy array: refusing to replace it")
     check_replaceable_json(side, "the layout file", {"hidden_size", "images"})
+    if out.exists():
+        # Only a pair this command wrote (an array with its layout report beside it) is replaced.
+        if not side.is_file() or _head(out, 6) != b"\x93NUMPY":
+            raise OutputError(
+                f"--out {out} exists and is not an embed output (a .npy with its layout {side.name} beside it): "
+                "refusing to replace it"
+            )
+        log.info("replacing %s and %s (written by embed before)", out, side)
     return out, side
 
 

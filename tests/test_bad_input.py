@@ -96,6 +96,27 @@ def test_numeric_option_refused(argv, option, words, capsys, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []  # nothing was written
 
 
+USAGE = [
+    ("make-checkpoint --out X --over", "step37-deploy make-checkpoint: error:", "--over"),  # no abbreviations
+    ("export --checkpoint C --bogus", "step37-deploy export: error:", "--bogus"),
+    ("build --onnx a.onnx --out a.plan --batch -1:1:8", "step37-deploy build: error:", "1 <= MIN"),
+    ("build --onnx a.onnx", "step37-deploy build: error:", "--out"),
+    ("nosuch", "step37-deploy: error:", "nosuch"),
+]
+
+
+@pytest.mark.parametrize(("argv", "prefix", "word"), USAGE, ids=[a for a, _, _ in USAGE])
+def test_usage_errors_are_one_line_naming_the_subcommand(argv, prefix, word, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv.split())
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix) and word in lines[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
 def test_every_option_has_help_with_its_default():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -109,6 +130,8 @@ def test_every_option_has_help_with_its_default():
                 missing.append(f"{name} {action.dest}: no help")
             elif action.option_strings and not action.required and "default" not in fmt._get_help_string(action):
                 missing.append(f"{name} {action.option_strings[0]}: no default")
+            elif action.option_strings and action.required and "required" not in fmt._get_help_string(action):
+                missing.append(f"{name} {action.option_strings[0]}: not said to be required")
         assert sub.format_help()
     assert "exit status" in parser.format_help()
     assert not missing, missing
@@ -268,6 +291,46 @@ def test_pipeline_refuses_a_users_report_before_working(tiny_fp32, user_dir, cap
     one_line_error(code, err, "accuracy_report.json", "not a report of this command")
 
 
+@pytest.mark.parametrize("name", ["step37_vision_fp32_504.onnx", "step37_vision_fp32_504.onnx.data"])
+def test_export_refuses_a_users_file_with_an_output_name(name, tiny_fp32, user_dir, capsys):
+    (user_dir / name).write_text("my own file\n")
+    argv = ["export", "--checkpoint", str(tiny_fp32), "--out", str(user_dir), "--resolution", "504"]
+    code, err = run_cli([*argv, "--precision", "fp32"], capsys, user_dir, tiny_fp32)
+    one_line_error(code, err, str(user_dir / name), "refusing to replace")
+
+
+def test_export_data_beside_a_users_onnx_is_refused(tiny_fp32, exported, user_dir, capsys):
+    """A step37 ONNX makes only its own NAME.data replaceable, never another name's."""
+    shutil.copy(exported[("fp32", 504)], user_dir / "step37_vision_fp32_504.onnx")
+    (user_dir / "step37_vision_fp32_728.onnx.data").write_text("my own file\n")
+    argv = ["export", "--checkpoint", str(tiny_fp32), "--out", str(user_dir), "--precision", "fp32"]
+    code, err = run_cli(argv, capsys, user_dir, tiny_fp32)
+    one_line_error(code, err, "step37_vision_fp32_728.onnx.data", "refusing to replace")
+
+
+def test_export_replaces_its_own_onnx(tiny_fp32, exported, tmp_path, capsys):
+    out = tmp_path / "ex"
+    out.mkdir()
+    shutil.copy(exported[("fp32", 504)], out / "step37_vision_fp32_504.onnx")
+    before = (out / "step37_vision_fp32_504.onnx").stat().st_ino
+    argv = ["export", "--checkpoint", str(tiny_fp32), "--out", str(out), "--resolution", "504", "--precision", "fp32"]
+    code, err = run_cli(argv, capsys, tiny_fp32)
+    assert code == 0, err
+    assert (out / "step37_vision_fp32_504.onnx").stat().st_ino != before  # written anew (renamed into place)
+
+
+def test_export_checkpoint_is_a_file(tiny_fp32, tmp_path, capsys):
+    argv = ["export", "--checkpoint", str(tiny_fp32 / "config.json"), "--out", str(tmp_path / "x")]
+    code, err = run_cli(argv, capsys, tmp_path, tiny_fp32)
+    one_line_error(code, err, f"--checkpoint {tiny_fp32 / 'config.json'} is not a folder")
+
+
+def test_pipeline_refuses_a_users_onnx_before_working(tiny_fp32, user_dir, capsys):
+    (user_dir / "step37_vision_fp16_504.onnx").write_text("my own file\n")
+    code, err = run_cli(["pipeline", "--checkpoint", str(tiny_fp32), "--out", str(user_dir)], capsys, user_dir)
+    one_line_error(code, err, "step37_vision_fp16_504.onnx", "refusing to replace")
+
+
 def test_pipeline_out_is_a_file(tiny_fp32, user_dir, capsys):
     out = user_dir / "notes.txt"
     code, err = run_cli(["pipeline", "--checkpoint", str(tiny_fp32), "--out", str(out)], capsys, user_dir)
@@ -363,7 +426,31 @@ def test_embed_out_is_a_users_file(tiny_fp32, exported, image, user_dir, capsys)
     out = user_dir / "data.npy"
     out.write_text("not an array")
     code, err = run_cli(_embed(tiny_fp32, exported, str(out), image), capsys, user_dir)
-    one_line_error(code, err, str(out), "not a .npy array")
+    one_line_error(code, err, str(out), "not an embed output")
+
+
+def test_embed_out_is_a_users_npy_without_layout(tiny_fp32, exported, image, user_dir, capsys):
+    import numpy as np
+
+    out = user_dir / "mydata.npy"
+    np.save(out, np.arange(4))  # a real array, but no layout report beside it: not embed's
+    code, err = run_cli(_embed(tiny_fp32, exported, str(out), image), capsys, user_dir)
+    one_line_error(code, err, str(out), "not an embed output", "refusing to replace")
+
+
+def test_embed_replaces_its_own_pair(tiny_fp32, exported, image, tmp_path, capsys):
+    out = tmp_path / "feats.npy"
+    argv = _embed(tiny_fp32, exported, str(out), image)
+    assert cli.main([*argv, "--quiet"]) == 0
+    assert cli.main([*argv, "--quiet"]) == 0, capsys.readouterr().err  # the pair embed wrote: replaced
+
+
+def test_embed_two_artifacts_for_one_resolution(tiny_fp32, exported, image, tmp_path, capsys):
+    a728, a504, b504 = exported[("fp16", 728)], exported[("fp16", 504)], exported[("fp32", 504)]
+    argv = ["embed", "--backend", "onnx", "--artifacts", str(tiny_fp32), str(a728), str(a504), str(b504)]
+    argv += ["--image", str(image), "--out", str(tmp_path / "o.npy")]
+    code, err = run_cli(argv, capsys, tmp_path, tiny_fp32)
+    one_line_error(code, err, str(a504), str(b504), "resolution 504")
 
 
 def test_embed_layout_is_a_users_file(tiny_fp32, exported, image, user_dir, capsys):
