@@ -359,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build a TensorRT engine from an FP16-typed ONNX file")
     p.add_argument("--onnx", required=True, help="FP16-typed ONNX file from export (required)")
     p.add_argument("--out", required=True, help="engine file, e.g. engines/NAME.plan; NAME.plan.json beside it")
-    p.add_argument("--batch", type=_parse_batch_profile, default="1:1:8", help="optimisation profile MIN:OPT:MAX, 1 <= MIN <= OPT <= MAX")
+    p.add_argument(
+        "--batch",
+        type=_parse_batch_profile,
+        default="1:1:8",
+        help="optimisation profile MIN:OPT:MAX, 1 <= MIN <= OPT <= MAX",
+    )
     p.add_argument(
         "--timing-cache",
         default=None,
