@@ -31,12 +31,19 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "step37_deploy.cli"]
 
 
-def argparse_error(argv: list[str], capsys, *words: str) -> None:
-    """An argparse refusal: exit 2, the last line names the option and the problem."""
+def usage_error(argv: list[str], capsys) -> str:
+    """An argparse refusal: exit 2, exactly one line (returned)."""
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def argparse_error(argv: list[str], capsys, *words: str) -> None:
+    """An argparse refusal: exit 2, one line naming the option and the problem."""
+    err = usage_error(argv, capsys)
     last = err.strip().splitlines()[-1]
     assert "error: argument" in last and "Traceback" not in err, err
     for w in words:
@@ -108,12 +115,8 @@ USAGE = [
 @pytest.mark.parametrize(("argv", "prefix", "word"), USAGE, ids=[a for a, _, _ in USAGE])
 def test_usage_errors_are_one_line_naming_the_subcommand(argv, prefix, word, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv.split())
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(prefix) and word in lines[0], err
+    line = usage_error(argv.split(), capsys)
+    assert line.startswith(prefix) and word in line, line
     assert list(tmp_path.iterdir()) == []  # nothing was written
 
 
