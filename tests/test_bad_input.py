@@ -106,7 +106,7 @@ def test_numeric_option_refused(argv, option, words, capsys, tmp_path, monkeypat
 USAGE = [
     ("make-checkpoint --out X --over", "step37-deploy make-checkpoint: error:", "--over"),  # no abbreviations
     ("export --checkpoint C --bogus", "step37-deploy export: error:", "--bogus"),
-    ("build --onnx a.onnx --out a.plan --batch -1:1:8", "step37-deploy build: error:", "1 <= MIN"),
+    ("build --onnx a.onnx --out a.plan --batch -1:1:8", "step37-deploy build: error:", ">= 1, got '-1:1:8'"),
     ("build --onnx a.onnx", "step37-deploy build: error:", "--out"),
     ("nosuch", "step37-deploy: error:", "nosuch"),
 ]
