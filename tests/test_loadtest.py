@@ -259,3 +259,39 @@ def test_loadtest_fails_on_wrong_answers_and_bad_input(tiny_server, tiny_bf16, t
     bad.write_bytes(b"not an image")
     assert _loadtest(tiny_server, "--url", tiny_server.http_url, "--images", str(images), "--requests", "1") == 2
     assert "zz.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--tolerance", "inf", "finite number > 0"),  # would pass every answer: a check of nothing
+        ("--tolerance", "nan", "finite number > 0"),
+        ("--tolerance", "-1", "finite number > 0"),
+        ("--tolerance", "0", "finite number > 0"),
+        ("--timeout", "-5", "finite number > 0"),
+        ("--timeout", "0", "finite number > 0"),
+        ("--duration", "nan", "finite number > 0"),
+        ("--cache-mb", "-1", "finite number >= 0"),
+        ("--requests", "0", ">= 1"),
+        ("--concurrency", "0", ">= 1"),
+        ("--rounds", "-2", ">= 1"),
+        ("--warmup", "-1", ">= 0"),
+    ],
+)
+def test_loadtest_refuses_bad_numbers_before_any_work(option, value, words, capsys):
+    from step37_deploy.cli import main
+
+    args = ["loadtest", "--url", "127.0.0.1:1", "--images", "none.png", "--checkpoint", "none", option, value, "-q"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert f"argument {option}" in last and words in last and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("field", "value"), [("tolerance", float("inf")), ("tolerance", -1.0), ("timeout_s", 0.0)])
+def test_run_loadtest_refuses_bad_tolerance_and_timeout(field, value):
+    opts = lt.LoadtestOptions(url="127.0.0.1:1", images=["none.png"], checkpoint="none", **{field: value})
+    with pytest.raises(InputError, match="finite number > 0"):
+        lt.run_loadtest(opts, progress=False)
