@@ -11,6 +11,7 @@ from step37_deploy.errors import InputError, ServerError
 from step37_deploy.runtime import ImageEmbedding
 from step37_deploy.serving import loadtest as lt
 from step37_deploy.serving.contract import CACHE_HITS_METRIC, CACHE_MISSES_METRIC, EMBEDDER_MODEL, TOWER_MODELS
+from tests.test_bad_input import argparse_error
 
 V728, V504 = TOWER_MODELS[728], TOWER_MODELS[504]
 
@@ -279,15 +280,8 @@ def test_loadtest_fails_on_wrong_answers_and_bad_input(tiny_server, tiny_bf16, t
     ],
 )
 def test_loadtest_refuses_bad_numbers_before_any_work(option, value, words, capsys):
-    from step37_deploy.cli import main
-
     args = ["loadtest", "--url", "127.0.0.1:1", "--images", "none.png", "--checkpoint", "none", option, value, "-q"]
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    last = err.strip().splitlines()[-1]
-    assert f"argument {option}" in last and words in last and "Traceback" not in err, err
+    argparse_error(args, capsys, f"argument {option}", words)
 
 
 @pytest.mark.parametrize(("field", "value"), [("tolerance", float("inf")), ("tolerance", -1.0), ("timeout_s", 0.0)])
