@@ -109,6 +109,28 @@ def float_in(lo: float, hi: float, lo_open: bool = False) -> Callable[[str], flo
 
 POSITIVE = int_at_least(1)
 NON_NEGATIVE = int_at_least(0)
+PORT = int_at_least(0, 65535)
+
+
+def finite_above(lo: float, inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number > ``lo`` (>= with ``inclusive``); inf and nan are refused,
+    since an infinite tolerance or timeout would make a check that checks nothing."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {lo:g}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE_FLOAT = finite_above(0)
+NON_NEGATIVE_FLOAT = finite_above(0, inclusive=True)
 
 
 def _add_runner_options(p: argparse.ArgumentParser, torch_default: list[str] | None, torch_help: str) -> None:
@@ -448,9 +470,9 @@ def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the embedder with a real tritonserver, in the foreground")
     _add_repository_options(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 for loopback)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002; 0: free)")
+    p.add_argument("--http-port", type=PORT, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (default 8001; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus metrics port (default 8002; 0: free)")
     p.add_argument(
         "--tritonserver",
         default=None,
@@ -458,14 +480,17 @@ def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--exit-timeout",
-        type=int,
+        type=POSITIVE,
         default=30,
         help="on SIGINT/SIGTERM, seconds to finish in-flight requests (default 30)",
     )
     p.add_argument(
-        "--ready-timeout", type=float, default=600, help="seconds to wait until every model is loaded (default 600)"
+        "--ready-timeout",
+        type=POSITIVE_FLOAT,
+        default=600,
+        help="seconds to wait until every model is loaded (default 600)",
     )
-    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default 0)")
+    p.add_argument("--log-verbose", type=NON_NEGATIVE, default=0, help="tritonserver --log-verbose level (default 0)")
     _add_common(p)
 
 
@@ -481,13 +506,13 @@ def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", nargs="+", required=True, help="image files and/or folders of them (sent in order)")
     p.add_argument(
         "--concurrency",
-        type=int,
+        type=POSITIVE,
         action="append",
         help="requests in flight; repeat for one run per level (default 1 and 8)",
     )
-    p.add_argument("--requests", type=int, default=200, help="requests per run at most (default 200)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds per run at most (default 60)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take (default 60)")
+    p.add_argument("--requests", type=POSITIVE, default=200, help="requests per run at most (default 200)")
+    p.add_argument("--duration", type=POSITIVE_FLOAT, default=60.0, help="seconds per run at most (default 60)")
+    p.add_argument("--timeout", type=POSITIVE_FLOAT, default=60.0, help="seconds one request may take (default 60)")
     p.add_argument(
         "--metrics-url",
         default=None,
@@ -516,20 +541,20 @@ def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cache-mb",
-        type=float,
+        type=NON_NEGATIVE_FLOAT,
         default=0.0,
         help="embedding cache of the --in-process embedder in MiB; match the server's (default 0 = off)",
     )
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=1e-2,
         help="max relative L2 distance of an answer's features from the reference (default 0.01)",
     )
-    p.add_argument("--warmup", type=int, default=2, help="warm-up requests with generated images (default 2)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="warm-up requests with generated images (default 2)")
     p.add_argument(
         "--rounds",
-        type=int,
+        type=POSITIVE,
         default=1,
         help="with --in-process: alternate served and in-process blocks this many times per level, so load "
         "changes on a shared machine hit both alike (default 1)",

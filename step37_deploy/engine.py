@@ -141,7 +141,7 @@ def onnx_facts(path: str | Path) -> OnnxFacts:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise EngineError(f"{path} is not an ONNX model TensorRT can parse: {exc}") from exc
+        raise EngineError(f"{path} is not a readable ONNX model: {exc}") from exc
     if len(model.graph.input) != 1 or len(model.graph.output) != 1:
         raise EngineError(f"{path} must have one input and one output (a step37 vision export)")
     try:

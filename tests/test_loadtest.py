@@ -11,6 +11,7 @@ from step37_deploy.errors import InputError, ServerError
 from step37_deploy.runtime import ImageEmbedding
 from step37_deploy.serving import loadtest as lt
 from step37_deploy.serving.contract import CACHE_HITS_METRIC, CACHE_MISSES_METRIC, EMBEDDER_MODEL, TOWER_MODELS
+from tests.test_bad_input import argparse_error
 
 V728, V504 = TOWER_MODELS[728], TOWER_MODELS[504]
 
@@ -259,3 +260,32 @@ def test_loadtest_fails_on_wrong_answers_and_bad_input(tiny_server, tiny_bf16, t
     bad.write_bytes(b"not an image")
     assert _loadtest(tiny_server, "--url", tiny_server.http_url, "--images", str(images), "--requests", "1") == 2
     assert "zz.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--tolerance", "inf", "finite number > 0"),  # would pass every answer: a check of nothing
+        ("--tolerance", "nan", "finite number > 0"),
+        ("--tolerance", "-1", "finite number > 0"),
+        ("--tolerance", "0", "finite number > 0"),
+        ("--timeout", "-5", "finite number > 0"),
+        ("--timeout", "0", "finite number > 0"),
+        ("--duration", "nan", "finite number > 0"),
+        ("--cache-mb", "-1", "finite number >= 0"),
+        ("--requests", "0", ">= 1"),
+        ("--concurrency", "0", ">= 1"),
+        ("--rounds", "-2", ">= 1"),
+        ("--warmup", "-1", ">= 0"),
+    ],
+)
+def test_loadtest_refuses_bad_numbers_before_any_work(option, value, words, capsys):
+    args = ["loadtest", "--url", "127.0.0.1:1", "--images", "none.png", "--checkpoint", "none", option, value, "-q"]
+    argparse_error(args, capsys, f"argument {option}", words)
+
+
+@pytest.mark.parametrize(("field", "value"), [("tolerance", float("inf")), ("tolerance", -1.0), ("timeout_s", 0.0)])
+def test_run_loadtest_refuses_bad_tolerance_and_timeout(field, value):
+    opts = lt.LoadtestOptions(url="127.0.0.1:1", images=["none.png"], checkpoint="none", **{field: value})
+    with pytest.raises(InputError, match="finite number > 0"):
+        lt.run_loadtest(opts, progress=False)

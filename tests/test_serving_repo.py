@@ -13,6 +13,7 @@ from PIL import Image
 from step37_deploy.cli import build_parser, main
 from step37_deploy.errors import BackendUnavailable, ConfigError, InputError
 from tests.conftest import rel_l2
+from tests.test_bad_input import argparse_error
 
 pytest.importorskip("tritonclient.grpc", reason="the [serve] extra (tritonclient) is not installed")
 from tritonclient.grpc import model_config_pb2 as pb
@@ -270,3 +271,80 @@ def test_server_environment_and_backend_folder(tmp_path):
     py = assemble_backends(install, tmp_path / "backends") / "python"
     assert {p.name for p in py.iterdir()} >= {"libtriton_python.so", "triton_python_backend_stub"}
     assert (py / "triton_python_backend_stub").resolve() == install.stub.resolve()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--http-port", "70000", "0..65535"),
+        ("--grpc-port", "-1", "0..65535"),
+        ("--metrics-port", "65536", "0..65535"),
+        ("--exit-timeout", "-1", ">= 1"),
+        ("--exit-timeout", "0", ">= 1"),
+        ("--ready-timeout", "0", "> 0"),
+        ("--ready-timeout", "inf", "> 0"),
+        ("--ready-timeout", "nan", "> 0"),
+    ],
+)
+def test_serve_refuses_bad_ports_and_timeouts_before_starting_anything(option, value, words, capsys):
+    args = ["serve", "--checkpoint", "no-such-ckpt", "--backend", "torch", option, value, "-q"]
+    argparse_error(args, capsys, f"argument {option}", words)
+
+
+def test_repository_files_get_the_umask_permissions(tiny_fp32, tmp_path):
+    """safetensors' save_file creates 0600: the projector and the torch towers' weights must be
+    readable by a serving user other than the builder."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = write_repository(tiny_fp32, "torch", [], tmp_path / "repo")
+    finally:
+        os.umask(old)
+    written = sorted(out.rglob("*.safetensors"))
+    names = {str(p.relative_to(out)) for p in written}
+    assert f"{C.EMBEDDER_MODEL}/1/{C.PROJECTOR_FILE}" in names
+    assert {f"{m}/1/checkpoint/model.safetensors" for m in C.TOWER_MODELS.values()} <= names
+    for p in written:
+        assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
+
+
+def test_repository_into_an_unwritable_folder_is_a_one_line_error(tiny_fp32, tmp_path, monkeypatch, capsys):
+    """A read-only parent (EROFS; root passes os.access on a chmod-ed folder, so both the early
+    check and the write itself are exercised) and a parent that is a file: exit 2, naming --out."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from step37_deploy.serving import repository as repo_mod
+
+    args = ["triton-repo", "--checkpoint", str(tiny_fp32), "--backend", "torch", "-q"]
+    (tmp_path / "afile").write_text("x")
+    assert main([*args, "--out", str(tmp_path / "afile" / "repo")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **kw: Path(p) != tmp_path and real_access(p, m, **kw))
+    assert main([*args, "--out", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'repo'}: {tmp_path} is not writable" in err and err.count("\n") == 1, err
+    monkeypatch.undo()
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(repo_mod.tempfile, "mkdtemp", read_only)
+    assert main([*args, "--out", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write in {tmp_path}: Read-only file system" in err and "internal error" not in err, err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_onnx_backend_with_non_onnx_artifacts_does_not_mention_tensorrt(tiny_fp32, tmp_path, capsys):
+    junk = [tmp_path / "x.plan", tmp_path / "y.plan"]
+    for f in junk:
+        f.write_bytes(b"not an onnx model")
+    args = ["triton-repo", "--checkpoint", str(tiny_fp32), "--backend", "onnx", "--out", str(tmp_path / "r")]
+    assert main([*args, "--artifacts", *map(str, junk), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{junk[0]} is not a readable ONNX model" in err and "TensorRT" not in err, err

@@ -485,6 +485,9 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
     """The whole load test; see the module docstring."""
     if opts.requests < 1 or opts.rounds < 1 or opts.duration_s <= 0 or any(c < 1 for c in opts.concurrency):
         raise InputError("--requests, --rounds and --concurrency must be >= 1 and --duration > 0")
+    for name, value in (("--tolerance", opts.tolerance), ("--timeout", opts.timeout_s)):
+        if not 0 < value < float("inf"):  # an infinite tolerance would make a check that checks nothing
+            raise InputError(f"{name} must be a finite number > 0, got {value}")
     files = image_files(opts.images)
     payloads = [image_bytes(f) for f in files]
     log.info("computing the in-process reference of %d images (%s backend)", len(files), opts.backend)

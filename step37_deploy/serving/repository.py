@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import ConfigError, EngineError, InputError
-from ..files import read_json
+from ..errors import ConfigError, EngineError, InputError, OutputError
+from ..files import apply_umask, check_output_dir, ensure_dir, os_reason, read_json
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig
 from . import contract as C
 
@@ -369,6 +369,7 @@ def _write_torch_checkpoint(checkpoint: Path, dst: Path) -> None:
         with _open(ref.shard) as f:
             tensors[ref.key] = f.get_tensor(ref.key).contiguous()
     save_file(tensors, str(dst / "model.safetensors"))
+    apply_umask(dst / "model.safetensors")  # save_file creates 0600: a serving user could not read it
 
 
 def _write_tower(
@@ -416,6 +417,7 @@ def _write_projector(checkpoint: Path, dst: Path) -> None:
     if proj.bias is not None:
         tensors["bias"] = proj.bias.detach().numpy()
     save_file(tensors, str(dst))
+    apply_umask(dst)  # save_file creates 0600
 
 
 def _record_path(root: Path) -> Path:
@@ -452,6 +454,7 @@ def write_repository(
     opts = options or RepositoryOptions()
     opts.validate()
     checkpoint, out = Path(checkpoint), Path(out)
+    check_output_dir(out.parent, "--out", out)  # a read-only or missing parent: one line, before any work
     cfg = Step37Config.from_checkpoint(checkpoint)
     pcfg = replace(DEFAULT_PREPROCESS, max_pixels=opts.max_image_pixels)
     towers = collect_towers(checkpoint, backend, artifacts, pcfg)
@@ -472,11 +475,14 @@ def write_repository(
             log.warning("%s does not record the weights it was made from; serving it on trust", t.path)
         tower_max_batch(t, opts.max_batch)  # refuse before writing anything
     replacing = _check_destination(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent, f"--out {out}")
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed run's leftovers
         if stale.is_dir() and (stale / ".step37-partial").is_file():
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write in {out.parent}: {os_reason(exc)}") from exc
     try:
         umask = os.umask(0)
         os.umask(umask)
