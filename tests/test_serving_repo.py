@@ -316,7 +316,7 @@ def test_repository_into_an_unwritable_folder_is_a_one_line_error(tiny_fp32, tmp
     import os
     from pathlib import Path
 
-    from step37_deploy.serving import repository as repo_mod
+    from step37_deploy import files
 
     args = ["triton-repo", "--checkpoint", str(tiny_fp32), "--backend", "torch", "-q"]
     (tmp_path / "afile").write_text("x")
@@ -330,10 +330,14 @@ def test_repository_into_an_unwritable_folder_is_a_one_line_error(tiny_fp32, tmp
     assert f"--out {tmp_path / 'repo'}: {tmp_path} is not writable" in err and err.count("\n") == 1, err
     monkeypatch.undo()
 
-    def read_only(*a, **kw):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    real_mkdir = os.mkdir
 
-    monkeypatch.setattr(repo_mod.tempfile, "mkdtemp", read_only)
+    def read_only(path, *a, **kw):  # the temporary folder beside --out cannot be created
+        if files.TMP_MARK in Path(path).name:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(files.os, "mkdir", read_only)
     assert main([*args, "--out", str(tmp_path / "repo")]) == 2
     err = capsys.readouterr().err
     assert f"cannot write in {tmp_path}: Read-only file system" in err and "internal error" not in err, err

@@ -29,14 +29,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError, EngineError, InputError, OutputError
-from ..files import apply_umask, check_output_dir, ensure_dir, os_reason, read_json
+from ..files import apply_umask, atomic_dir, check_output_dir, ensure_dir, os_reason, read_json, replace_dir
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig
 from . import contract as C
 
@@ -476,18 +475,8 @@ def write_repository(
         tower_max_batch(t, opts.max_batch)  # refuse before writing anything
     replacing = _check_destination(out, overwrite)
     ensure_dir(out.parent, f"--out {out}")
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed run's leftovers
-        if stale.is_dir() and (stale / ".step37-partial").is_file():
-            shutil.rmtree(stale, ignore_errors=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write in {out.parent}: {os_reason(exc)}") from exc
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        (tmp / ".step37-partial").touch()
+    # temp_sibling (via atomic_dir): umask modes, and a killed run's leftovers swept first.
+    with atomic_dir(out) as tmp:
         record: dict[str, Any] = {
             "format": FORMAT,
             "toolkit_version": __version__,
@@ -522,7 +511,6 @@ def write_repository(
         record["projector"] = {"file": C.PROJECTOR_FILE, "sha256": _sha256(emb / "1" / C.PROJECTOR_FILE)}
         (emb / "config.pbtxt").write_text(config_text(embedder_config(opts)))
         _record_path(tmp).write_text(json.dumps(record, indent=2))
-        (tmp / ".step37-partial").unlink()
         if replacing:
             old = read_json(_record_path(out))
             log.info(
@@ -531,15 +519,10 @@ def write_repository(
                 old.get("toolkit_version"),
                 old.get("created_at"),
             )
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "repo")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # onto a missing or empty folder
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            replace_dir(tmp, out)  # an old repository is moved aside until the new one is in place
+        except OSError as exc:
+            raise OutputError(f"--out {out}: cannot write in {out.parent}: {os_reason(exc)}") from exc
     log.info("wrote model repository %s (%s towers)", out, backend)
     return out
 
