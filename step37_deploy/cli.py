@@ -469,7 +469,11 @@ def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="serve the embedder with a real tritonserver, in the foreground")
     _add_repository_options(p)
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 for loopback)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the service listens on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)",
+    )
     p.add_argument("--http-port", type=PORT, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
     p.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (default 8001; 0 picks a free one)")
     p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus metrics port (default 8002; 0: free)")
@@ -491,7 +495,61 @@ def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
         help="seconds to wait until every model is loaded (default 600)",
     )
     p.add_argument("--log-verbose", type=NON_NEGATIVE, default=0, help="tritonserver --log-verbose level (default 0)")
+    _add_security_options(p)
     _add_common(p)
+
+
+def _add_security_options(p: argparse.ArgumentParser) -> None:
+    """``serve``'s gateway, limits, key and TLS (docs/serving.md, "Security")."""
+    # Defaults repeated from serving/gateway.py (not imported: --help stays light).
+    p.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help="no nginx in front: tritonserver listens on --host itself, with NO body-size, compressed-body, "
+        "connection or idle limits, so one client can exhaust its memory or file descriptors "
+        "(default: the nginx gateway)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=POSITIVE_FLOAT,
+        default=64.0,
+        help="gateway: refuse request bodies larger than this, MiB (default 64: a 12 MP PNG of noise is 34 MiB)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=POSITIVE,
+        default=1024,
+        help="gateway: requests in flight per port; more are refused at once (HTTP 503, gRPC UNAVAILABLE); "
+        "open connections are bounded at 2x this + 64, idle ones closed first (default 1024)",
+    )
+    p.add_argument(
+        "--idle-timeout-s",
+        type=POSITIVE_FLOAT,
+        default=60.0,
+        help="gateway: close a connection idle this long, or sending a request's header or body this slowly "
+        "(default 60)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help="gateway: inference, metadata and statistics require the header x-api-key: <FILE's first line>; "
+        "health stays open; FILE must be mode 600 (default: no key)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="TLS certificate (with --tls-key): HTTPS and gRPC over TLS at the gateway; with --no-gateway "
+        "gRPC only (default: no TLS)",
+    )
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="TLS private key of --tls-cert (default none)")
+    p.add_argument(
+        "--allow-shared-memory",
+        action="store_true",
+        help="open Triton's system/CUDA shared-memory APIs: any client that reaches the port can then make the "
+        "server read and write shared memory regions of this host, including other processes' (default: refused)",
+    )
 
 
 def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
@@ -503,6 +561,23 @@ def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
         "--url", required=True, help="HOST:PORT of the service: its HTTP endpoint, or gRPC with --protocol grpc"
     )
     p.add_argument("--protocol", choices=["http", "grpc"], default="http", help="protocol of --url (default http)")
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help="send x-api-key: <FILE's first line>, for a serve --api-key-file service (default: no key)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS (HTTPS / gRPC over TLS), for a serve --tls-cert service (default off)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="PEM",
+        help="with --tls: the certificate(s) to trust, e.g. the service's self-signed one (default: the system's)",
+    )
     p.add_argument("--images", nargs="+", required=True, help="image files and/or folders of them (sent in order)")
     p.add_argument(
         "--concurrency",
@@ -800,6 +875,9 @@ def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
         images=args.images,
         checkpoint=args.checkpoint,
         protocol=args.protocol,
+        api_key_file=args.api_key_file,
+        tls=args.tls or args.tls_ca is not None,
+        tls_ca=args.tls_ca,
         backend=args.backend,
         artifacts=args.artifacts,
         provider=args.provider,
@@ -832,6 +910,7 @@ def _cmd_triton_repo(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, progress: bool) -> int:
+    from .serving.gateway import GatewayOptions
     from .serving.server import serve
 
     return serve(
@@ -847,6 +926,14 @@ def _cmd_serve(args: argparse.Namespace, progress: bool) -> int:
         exit_timeout_s=args.exit_timeout,
         ready_timeout_s=args.ready_timeout,
         log_verbose=args.log_verbose,
+        gateway=not args.no_gateway,
+        limits=GatewayOptions(
+            max_body_mb=args.max_body_mb, max_connections=args.max_connections, idle_timeout_s=args.idle_timeout_s
+        ),
+        api_key_file=args.api_key_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        allow_shared_memory=args.allow_shared_memory,
     )
 
 

@@ -30,6 +30,8 @@ from ..runtime import ImageEmbedding
 from .contract import EMBEDDER_INPUT, EMBEDDER_IO, EMBEDDER_MODEL, EMBEDDER_OUTPUTS
 
 PROTOCOLS = ("grpc", "http")
+#: The header ``serve --api-key-file`` checks at its gateway.
+API_KEY_HEADER = "x-api-key"
 _FEATURES, _TOKEN_IDS, _NUM_CROPS = EMBEDDER_OUTPUTS
 
 
@@ -92,7 +94,10 @@ class EmbedClient:
     """A client of the ``step37_embedder`` model.
 
     ``url`` is ``host:port`` of the chosen protocol's endpoint (gRPC 8001 / HTTP 8000 by Triton's
-    defaults); ``timeout`` bounds each request in seconds.
+    defaults); ``timeout`` bounds each request in seconds.  ``api_key`` is sent as ``x-api-key`` with
+    every call (``serve --api-key-file``).  ``tls`` connects with HTTPS / gRPC over TLS, trusting
+    ``root_certificates`` (a PEM file, e.g. a self-signed server certificate) or else the default
+    trust store (``serve --tls-cert``).
     """
 
     def __init__(
@@ -102,6 +107,9 @@ class EmbedClient:
         timeout: float = 60.0,
         model: str = EMBEDDER_MODEL,
         preprocess_cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: str | Path | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -109,6 +117,11 @@ class EmbedClient:
             raise InputError(f"url must be HOST:PORT (no scheme), got {url!r}")
         self.url, self.protocol, self.timeout, self.model = url, protocol, timeout, model
         self.pcfg = preprocess_cfg
+        self._headers = {API_KEY_HEADER: api_key} if api_key else None  # never in a repr or a message
+        self.tls = tls or root_certificates is not None
+        self.root_certificates = str(root_certificates) if root_certificates is not None else None
+        if self.root_certificates is not None and not Path(self.root_certificates).is_file():
+            raise InputError(f"root certificates {self.root_certificates} is not a file")
         # One connection per thread, held in a thread-local (never handed to a later thread that
         # happens to reuse a finished one's id: gevent refuses that), and listed for close().
         self._local = threading.local()
@@ -128,10 +141,15 @@ class EmbedClient:
         if client is None:
             lib = self._lib()
             if self.protocol == "grpc":
-                client = lib.InferenceServerClient(self.url)
+                client = lib.InferenceServerClient(self.url, ssl=self.tls, root_certificates=self.root_certificates)
             else:
+                ssl_options = {"ca_certs": self.root_certificates} if self.root_certificates else None
                 client = lib.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout, network_timeout=self.timeout
+                    self.url,
+                    connection_timeout=self.timeout,
+                    network_timeout=self.timeout,
+                    ssl=self.tls,
+                    ssl_options=ssl_options,
                 )
             self._local.client = client
             with self._lock:
@@ -181,8 +199,8 @@ class EmbedClient:
         """True when the server and the embedder model are ready."""
         try:
             c = self._client()
-            return bool(self._call("ready", c.is_server_ready)) and bool(
-                self._call("ready", c.is_model_ready, self.model)
+            return bool(self._call("ready", c.is_server_ready, headers=self._headers)) and bool(
+                self._call("ready", c.is_model_ready, self.model, headers=self._headers)
             )
         except ServerError:
             return False
@@ -202,7 +220,9 @@ class EmbedClient:
             outs = [lib.InferRequestedOutput(n) for n in EMBEDDER_OUTPUTS]
         client = self._client()
         kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-        result = self._call(f"{self.model} infer", client.infer, self.model, [inp], outputs=outs, **kwargs)
+        result = self._call(
+            f"{self.model} infer", client.infer, self.model, [inp], outputs=outs, headers=self._headers, **kwargs
+        )
         try:
             feats = np.asarray(result.as_numpy(_FEATURES), dtype=np.float32)
             ids = result.as_numpy(_TOKEN_IDS)
@@ -251,9 +271,9 @@ class EmbedClient:
         integer counts on both protocols."""
         c = self._client()
         if self.protocol == "grpc":
-            stats = self._call("statistics", c.get_inference_statistics, model, as_json=True)
+            stats = self._call("statistics", c.get_inference_statistics, model, headers=self._headers, as_json=True)
         else:
-            stats = self._call("statistics", c.get_inference_statistics, model)
+            stats = self._call("statistics", c.get_inference_statistics, model, headers=self._headers)
         entries = stats.get("model_stats", [])
         if not entries:
             raise ServerError(f"{self.protocol}://{self.url} has no statistics for model {model!r}")

@@ -37,6 +37,7 @@ from ..files import write_json
 from ..runtime import EmbeddingCache, ImageEmbedding, VisionEmbedder
 from .client import EmbedClient, image_bytes
 from .contract import CACHE_HITS_METRIC, CACHE_MISSES_METRIC, EMBEDDER_MODEL, TOWER_MODELS
+from .gateway import read_api_key
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class LoadtestOptions:
     images: Sequence[str | Path]
     checkpoint: str | Path
     protocol: str = "http"
+    api_key_file: str | Path | None = None  # serve --api-key-file: sent as x-api-key
+    tls: bool = False  # HTTPS / gRPC over TLS (serve --tls-cert)
+    tls_ca: str | Path | None = None  # the certificates to trust (default: the system's)
     backend: str = "onnx"
     artifacts: Sequence[str | Path] = ()
     provider: str = "cpu"
@@ -504,7 +508,10 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
             ImageEmbedding(_numpy(ref.features), ref.token_ids, ref.text, ref.num_crops, ref.newline_mask)
         )
 
-    client = EmbedClient(opts.url, opts.protocol, timeout=opts.timeout_s)
+    api_key = read_api_key(opts.api_key_file) if opts.api_key_file is not None else None
+    client = EmbedClient(
+        opts.url, opts.protocol, timeout=opts.timeout_s, api_key=api_key, tls=opts.tls, root_certificates=opts.tls_ca
+    )
     report = LoadtestReport(opts, [str(f) for f in files])
     try:
         if not client.is_ready():

@@ -29,9 +29,9 @@ process dies (``PR_SET_PDEATHSIG``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -40,11 +40,13 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ConfigError
 from . import contract as C
+from .gateway import Gateway, GatewayOptions, check_tls_files, read_api_key, require_nginx
+from .gateway import die_with_parent as _die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,12 @@ def assemble_backends(install: TritonInstall, folder: Path) -> Path | None:
     return folder
 
 
+#: Triton's API categories no network client may use: only ``serve`` holds the key that opens
+#: them (``drain`` unloads the embedder through the model-repository API).
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+#: The header of that key (gRPC: ``triton-grpc-protocol-`` + it).
+ADMIN_HEADER = "step37-admin-key"
+
 #: What "ready" means for ``serve``: every model of the served API is loaded.
 SERVED_MODELS = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL)
 
@@ -164,13 +172,6 @@ def models_ready(http_url: str, models: tuple[str, ...] = SERVED_MODELS) -> bool
     return ok("/v2/health/ready") and all(ok(f"/v2/models/{m}/ready") for m in models)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class TritonServer:
     """One ``tritonserver`` process on a repository; ``start`` returns once every model is ready."""
 
@@ -179,13 +180,15 @@ class TritonServer:
         repository: str | Path,
         workdir: str | Path,
         install: TritonInstall | None = None,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         http_port: int | None = None,
         grpc_port: int | None = None,
         metrics_port: int | None = None,
         exit_timeout_s: int = 30,
         log_verbose: int = 0,
         models: tuple[str, ...] = SERVED_MODELS,
+        allow_shared_memory: bool = False,
+        grpc_tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.repository = Path(repository)
         self.workdir = Path(workdir)
@@ -199,6 +202,11 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.models = models
         self.probe_host = probe
+        self.allow_shared_memory = allow_shared_memory
+        self.grpc_tls = grpc_tls
+        # The key of Triton's restricted APIs (model repository, shared memory, logging, trace):
+        # new every run, known to this process only, sent by drain() alone, never logged.
+        self.admin_key = secrets.token_urlsafe(32)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -209,7 +217,16 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.probe_host}:{self.grpc_port}"
 
+    @property
+    def restricted_apis(self) -> tuple[str, ...]:
+        """Triton's API categories only the admin key opens (``--http-restricted-api`` and
+        ``--grpc-restricted-protocol``)."""
+        if self.allow_shared_memory:
+            return tuple(a for a in RESTRICTED_APIS if a != "shared-memory")
+        return RESTRICTED_APIS
+
     def command(self) -> list[str]:
+        restricted = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
         cmd = [
             str(self.install.binary),
             f"--model-repository={self.repository}",
@@ -221,6 +238,8 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--strict-readiness=true",
             "--model-control-mode=explicit",  # so that drain() can unload the entry model first
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
             *(f"--load-model={m}" for m in self.models),
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
@@ -228,14 +247,21 @@ class TritonServer:
             # A prefix of our own: servers started side by side never share Python-backend memory.
             f"--backend-config=python,shm-region-prefix-name=step37_{os.getpid()}_{self.http_port}_",
         ]
+        if self.grpc_tls is not None:
+            cert, key = self.grpc_tls
+            cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}"]
         backends = assemble_backends(self.install, self.workdir / "backends")
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
         return cmd
 
+    def redacted(self, cmd: list[str]) -> str:
+        """The command line for the log, with the admin key replaced."""
+        return " ".join(cmd).replace(self.admin_key, "<redacted>")
+
     def start(self, timeout_s: float = 300.0, should_stop=lambda: False) -> TritonServer:
         cmd = self.command()
-        log.info("starting %s", " ".join(cmd))
+        log.info("starting %s", self.redacted(cmd))
         self.proc = subprocess.Popen(
             cmd, env=server_env(self.install), cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent
         )
@@ -262,7 +288,9 @@ class TritonServer:
             time.sleep(0.25)
 
     def _post(self, path: str, timeout_s: float) -> bytes:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
+        req = urllib.request.Request(
+            f"http://{self.http_url}{path}", data=b"{}", method="POST", headers={ADMIN_HEADER: self.admin_key}
+        )
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return r.read()
 
@@ -319,7 +347,7 @@ def serve(
     backend: str,
     artifacts: list[str | Path] | tuple = (),
     options=None,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     http_port: int | None = None,
     grpc_port: int | None = None,
     metrics_port: int | None = None,
@@ -327,9 +355,20 @@ def serve(
     exit_timeout_s: int = 30,
     ready_timeout_s: float = 600.0,
     log_verbose: int = 0,
+    gateway: bool = True,
+    limits: GatewayOptions | None = None,
+    api_key_file: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    allow_shared_memory: bool = False,
 ) -> int:
-    """``step37-deploy serve``: a repository in a temporary folder, ``tritonserver`` on it in the
-    foreground until SIGINT/SIGTERM, then drain, stop and remove the folder.  Returns 0 on a clean stop."""
+    """``step37-deploy serve``: a repository in a temporary folder, ``tritonserver`` on it, and in
+    front of it the gateway (nginx, on ``host`` and the given ports; Triton then listens on
+    127.0.0.1 only), in the foreground until SIGINT/SIGTERM; then drain the embedder (through
+    Triton, the gateway still up so that new requests get Triton's refusal), stop the gateway
+    (graceful: what it still forwards is answered), stop Triton and remove the folder.  Returns 0
+    on a clean stop.  ``limits`` carries the gateway's limits (its ``api_key``, ``tls`` and
+    ``allow_shared_memory`` are set here from the other arguments)."""
     import shutil
     import tempfile
 
@@ -346,11 +385,29 @@ def serve(
             "(step37-deploy triton-repo, then docker run ... nvcr.io/nvidia/tritonserver:<ver>-py3; see "
             "docs/serving.md) or pass --tritonserver, a tritonserver with a TensorRT backend"
         )
+    tls = check_tls_files(tls_cert, tls_key)
+    nginx = None
+    if gateway:
+        nginx = require_nginx()
+        api_key = read_api_key(api_key_file) if api_key_file is not None else None
+        limits = replace(
+            limits or GatewayOptions(),
+            api_key=api_key,
+            tls=tls,
+            allow_shared_memory=allow_shared_memory,
+            shutdown_timeout_s=exit_timeout_s,
+        )
+    elif api_key_file is not None:
+        raise ConfigError(
+            "--api-key-file needs the gateway: under --no-gateway the key would have to go on tritonserver's "
+            "command line, which every local user can read in ps"
+        )
     for option, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
         if port:
             check_port_free(host, port, option)
     stop: list[int] = []
     server: TritonServer | None = None
+    front: Gateway | None = None
 
     def on_signal(signum: int, _frame) -> None:
         if not stop:
@@ -360,33 +417,65 @@ def serve(
         stop.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    workdir = Path(tempfile.mkdtemp(prefix="step37-serve-"))
+    workdir = Path(tempfile.mkdtemp(prefix="step37-serve-"))  # 0700: the gateway's config may hold the key
     try:
         repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
         if stop:
             return 0
-        server = TritonServer(
-            repo, workdir, install, host, http_port, grpc_port, metrics_port, exit_timeout_s, log_verbose
-        )
+        if gateway:
+            # Triton on loopback only, free ports; the user's address and ports are the gateway's.
+            server = TritonServer(
+                repo, workdir, install, "127.0.0.1", None, None, None, exit_timeout_s, log_verbose,
+                allow_shared_memory=allow_shared_memory,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "--no-gateway: tritonserver listens on %s itself, with no body-size, compressed-body, connection "
+                "or idle limits%s",
+                host,
+                "; TLS covers gRPC only (HTTP stays plain)" if tls else "",
+            )
+            server = TritonServer(
+                repo, workdir, install, host, http_port, grpc_port, metrics_port, exit_timeout_s, log_verbose,
+                allow_shared_memory=allow_shared_memory, grpc_tls=tls,
+            )  # fmt: skip
         server.start(ready_timeout_s, should_stop=lambda: bool(stop))
+        ports = {"http": server.http_port, "grpc": server.grpc_port, "metrics": server.metrics_port}
+        if gateway and not stop:
+            probe = server.probe_host if host in ("0.0.0.0", "") else host
+            listen = {
+                "http": http_port or free_port(probe),
+                "grpc": grpc_port or free_port(probe),
+                "metrics": metrics_port or free_port(probe),
+            }
+            front = Gateway(workdir, host, listen, ports, limits, nginx).start()
+            ports = listen
         if not stop:
             log.info(
-                "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d; models %s (repository %s)",
+                "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d (%s); models %s (repository %s)",
                 host,
-                server.http_port,
+                ports["http"],
                 host,
-                server.grpc_port,
+                ports["grpc"],
                 host,
-                server.metrics_port,
+                ports["metrics"],
+                "through the nginx gateway" if front is not None else "tritonserver itself, no gateway",
                 ", ".join(server.models),
                 repo,
             )
-        while server.proc.poll() is None and not stop:
+        while server.proc.poll() is None and (front is None or front.alive()) and not stop:
             time.sleep(0.2)
+        if not stop and front is not None and not front.alive():
+            raise BackendUnavailable(
+                f"the gateway (nginx) exited unexpectedly with status {front.proc.returncode} (its log above says why)"
+            )
         drained = False
         if stop and server.proc.poll() is None:
             drained = server.drain(exit_timeout_s)
             log.info("%s; stopping tritonserver", "in-flight requests done" if drained else "drain timed out")
+        if front is not None:
+            front.stop()  # graceful: it closes idle client connections and its keep-alive ones to Triton
+        if stop:
             server.signal(signal.SIGTERM)
         rc = server.wait()
         if not stop:
@@ -408,6 +497,8 @@ def serve(
         log.info("stopped cleanly" if rc == 0 else "stopped")
         return 0
     finally:
+        if front is not None and front.alive():
+            front.stop()
         if server is not None and server.proc is not None and server.proc.poll() is None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
