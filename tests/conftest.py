@@ -101,10 +101,18 @@ class ServedEmbedder:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
-def start_serve(args: list[str], log: Path, timeout_s: float = 240.0) -> tuple[subprocess.Popen, dict[str, int]]:
+def start_serve(
+    args: list[str], log: Path, timeout_s: float = 240.0, ready=None
+) -> tuple[subprocess.Popen, dict[str, int]]:
     """``step37-deploy serve ARGS`` as a subprocess on loopback and free ports; returns once every
-    served model is ready (fails the test with the log's tail if it exits or times out)."""
+    served model is ready (``ready(ports)``; default: over plain HTTP), failing the test with the
+    log's tail if it exits or times out."""
     from step37_deploy.serving.server import free_port, models_ready
+
+    if ready is None:
+
+        def ready(ports: dict[str, int]) -> bool:
+            return models_ready(f"127.0.0.1:{ports['http']}")
 
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     root = Path(__file__).resolve().parent.parent
@@ -114,7 +122,7 @@ def start_serve(args: list[str], log: Path, timeout_s: float = 240.0) -> tuple[s
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env)
     deadline = time.monotonic() + timeout_s
-    while not models_ready(f"127.0.0.1:{ports['http']}"):
+    while not ready(ports):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_serve(proc)
             tail = log.read_text(errors="replace")[-3000:]

@@ -18,8 +18,9 @@ the API key when one is given) and enforces:
 * no compressed request bodies (``Content-Encoding`` / ``grpc-encoding`` other than identity):
   HTTP 415, gRPC ``INVALID_ARGUMENT``; nginx itself never inflates a request body;
 * at most ``max_connections`` requests in flight per port (more: HTTP 503, gRPC ``UNAVAILABLE``,
-  at once) and a bounded number of open connections: when they run out, nginx closes idle ones
-  first (its connection reuse, logged at most once a second);
+  at once; health and readiness are not counted, so probes answer under overload) and at most
+  ``2 * max_connections + 64`` open connections: when they run out, nginx closes idle ones first
+  (its connection reuse, logged at most once a second);
 * ``idle_timeout_s`` for a request's header and body, between keep-alive requests and on idle
   HTTP/2 connections;
 * with an API key: inference, metadata, config and statistics require ``x-api-key`` (HTTP 401,
@@ -266,7 +267,6 @@ class Gateway:
             "server {",
             f"    listen {_listen(self.host, self.listen['http'])}{' ssl' if o.tls else ''};",
             *self._tls_lines(),
-            f"    limit_conn step37_inflight {o.max_connections};",
             # The raw URI goes to Triton unchanged: refuse what nginx would normalise differently.
             '    if ($request_uri ~ "(%|\\.\\.|//|/\\./)") { return 400; }',
             '    if ($http_content_encoding !~* "^(identity)?$") { return 415; }',
@@ -276,7 +276,8 @@ class Gateway:
             "    location = /v2/health/ready { " + get_only + " " + proxy + " }",
             f'    location ~ "^/v2/models/{_MODEL}/ready$" {{ {get_only} {proxy} }}',
         ]
-        keyed = " ".join(self._keyed())
+        # Health and readiness stay outside the in-flight bound: probes answer under overload.
+        keyed = " ".join([f"limit_conn step37_inflight {o.max_connections};", *self._keyed()])
         out += [
             f"    location = /v2 {{ {get_only} {keyed} {proxy} }}",
             f"    location = /v2/models/stats {{ {get_only} {keyed} {proxy} }}",
@@ -297,13 +298,12 @@ class Gateway:
             "server {",
             f"    listen {_listen(self.host, self.listen['grpc'])}{' ssl' if o.tls else ''} http2;",
             *self._tls_lines(),
-            f"    limit_conn step37_inflight {o.max_connections};",
             '    if ($http_grpc_encoding !~* "^(identity)?$") { return 415; }',
             '    if ($http_content_encoding !~* "^(identity)?$") { return 415; }',
             f'    grpc_set_header {API_KEY_HEADER} "";',
             *("    " + line for line in self._grpc_errors()),
         ]
-        keyed = " ".join(self._keyed())
+        keyed = " ".join([f"limit_conn step37_inflight {o.max_connections};", *self._keyed()])
         methods = [(m, "") for m in GRPC_OPEN] + [(m, keyed) for m in GRPC_KEYED]
         if o.allow_shared_memory:
             methods += [(m, keyed) for m in GRPC_SHARED_MEMORY]

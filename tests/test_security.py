@@ -1,0 +1,556 @@
+"""``serve`` is safe to expose (issue 15) and its gateway bounds what one client can cost (issue 16).
+
+Three real services, all on loopback:
+
+* the session ``tiny_server`` (default flags): no network client can load code, unload or
+  reconfigure a model, register shared memory or change logging/trace settings, neither through
+  the gateway nor on Triton's own loopback ports (its restricted APIs, the only layer under
+  ``--no-gateway``);
+* ``keyed``, one per module: ``--api-key-file``, ``--max-connections 8``, ``--idle-timeout-s 4``:
+  the key over both protocols, compressed and oversized bodies, 2,000 idle connections, the
+  in-flight bound, the idle timeout;
+* ``tls``, one per module: ``--tls-cert/--tls-key``, HTTPS and gRPC over TLS.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import re
+import resource
+import select
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import rel_l2, start_serve, stop_serve
+
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="the [serve] extra (tritonclient) is not installed")
+httpclient = pytest.importorskip("tritonclient.http", reason="the [serve] extra (tritonclient) is not installed")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from step37_deploy.errors import ServerError  # noqa: E402
+from step37_deploy.serving import contract as C  # noqa: E402
+from step37_deploy.serving.client import EmbedClient  # noqa: E402
+from step37_deploy.serving.gateway import find_nginx  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (apt-get install -y nginx)"),
+]
+SERVED = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL)
+INFER = f"/v2/models/{C.EMBEDDER_MODEL}/infer"
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def triton_ports(log: Path) -> dict[str, int]:
+    """Triton's own loopback ports behind the gateway, from serve's log."""
+    m = re.search(r"-> Triton on 127\.0\.0\.1 ports http (\d+), grpc (\d+), metrics (\d+)", log.read_text())
+    assert m, "serve's log does not name Triton's ports"
+    return dict(zip(("http", "grpc", "metrics"), map(int, m.groups()), strict=True))
+
+
+def http(port: int, path: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    """(status, body) of one plain HTTP request; errors are answers too."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def raw_status(sock: socket.socket, timeout: float = 10.0) -> int:
+    """The status code of the response waiting on ``sock``."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", data)
+    assert m, f"no HTTP response: {data[:200]!r}"
+    return int(m.group(1))
+
+
+def same(got, ref) -> None:
+    assert got.token_ids == ref.token_ids and got.num_crops == ref.num_crops
+    assert rel_l2(got.features, ref.features) <= 1e-5
+
+
+def both_layers(server) -> list[tuple[str, int, int, str]]:
+    """(what, HTTP port, gRPC port, the gRPC refusal): the gateway's and Triton's own (whose
+    restricted protocols answer UNAVAILABLE)."""
+    t = triton_ports(server.log)
+    return [
+        ("gateway", server.http_port, server.grpc_port, "PERMISSION_DENIED"),
+        ("triton", t["http"], t["grpc"], "UNAVAILABLE.*restricted"),
+    ]
+
+
+# -- default serve: nothing a client sends changes the server (tiny_server) ---------------------------
+
+
+EVIL_CONFIG = json.dumps(
+    {
+        "name": "evil",
+        "backend": "python",
+        "max_batch_size": 0,
+        "input": [{"name": "IN", "data_type": "TYPE_FP32", "dims": [1]}],
+        "output": [{"name": "OUT", "data_type": "TYPE_FP32", "dims": [1]}],
+    }
+)
+
+
+def test_code_upload_is_refused_and_never_runs(tiny_server, tmp_path):
+    marker = tmp_path / "uploaded-code-ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    code += "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n"
+    body = json.dumps(
+        {"parameters": {"config": EVIL_CONFIG, "file:1/model.py": base64.b64encode(code.encode()).decode()}}
+    ).encode()
+    for what, http_port, grpc_port, refusal in both_layers(tiny_server):
+        status, answer = http(http_port, "/v2/repository/models/evil/load", body)
+        assert status == 403, (what, status, answer)
+        with pytest.raises(InferenceServerException, match=refusal):
+            grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").load_model(
+                "evil", config=EVIL_CONFIG, files={"file:1/model.py": code.encode()}
+            )
+    time.sleep(1)
+    assert not marker.exists()
+    assert http(tiny_server.http_port, "/v2/models/evil/ready")[0] != 200
+
+
+def test_unload_and_reconfigure_are_refused(tiny_server):
+    configs = {m: http(tiny_server.http_port, f"/v2/models/{m}/config") for m in SERVED}
+    assert all(status == 200 for status, _ in configs.values())
+    override = json.dumps(
+        {"parameters": {"config": json.dumps({"instance_group": [{"count": 6, "kind": "KIND_CPU"}]})}}
+    )
+    for what, http_port, grpc_port, refusal in both_layers(tiny_server):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        for m in SERVED:
+            assert http(http_port, f"/v2/repository/models/{m}/unload", b"{}")[0] == 403, what
+            assert http(http_port, f"/v2/repository/models/{m}/load", override.encode())[0] == 403, what
+            with pytest.raises(InferenceServerException, match=refusal):
+                client.unload_model(m)
+            with pytest.raises(InferenceServerException, match=refusal):
+                client.load_model(m, config=json.dumps({"instance_group": [{"count": 6, "kind": "KIND_CPU"}]}))
+        assert http(http_port, "/v2/repository/index", b"{}")[0] == 403, what
+    for m in SERVED:
+        assert http(tiny_server.http_port, f"/v2/models/{m}/ready")[0] == 200
+        assert http(tiny_server.http_port, f"/v2/models/{m}/config") == configs[m]
+
+
+def test_registering_an_existing_shared_memory_region_is_refused(tiny_server):
+    region = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        region.buf[:] = bytes(range(256)) * 16
+        before = bytes(region.buf)
+        body = json.dumps({"key": f"/{region.name}", "offset": 0, "byte_size": 4096}).encode()
+        for what, http_port, grpc_port, refusal in both_layers(tiny_server):
+            assert http(http_port, "/v2/systemsharedmemory/region/x/register", body)[0] == 403, what
+            assert http(http_port, "/v2/cudasharedmemory/region/x/register", b"{}")[0] == 403, what
+            with pytest.raises(InferenceServerException, match=refusal):
+                grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").register_system_shared_memory(
+                    "x", f"/{region.name}", 4096
+                )
+        # An inference asking for its output in that region: the region is unknown to the server.
+        inp = grpcclient.InferInput(C.EMBEDDER_INPUT, [1], "BYTES")
+        inp.set_data_from_numpy(np.array([png(320, 240, 1)], dtype=np.object_))
+        out = grpcclient.InferRequestedOutput(C.EMBEDDER_OUTPUTS[0])
+        out.set_shared_memory("x", 4096)
+        with pytest.raises(InferenceServerException):
+            grpcclient.InferenceServerClient(tiny_server.grpc_url).infer(C.EMBEDDER_MODEL, [inp], outputs=[out])
+        assert bytes(region.buf) == before
+    finally:
+        region.close()
+        region.unlink()
+
+
+def test_logging_and_trace_settings_are_refused(tiny_server):
+    for what, http_port, grpc_port, refusal in both_layers(tiny_server):
+        assert http(http_port, "/v2/logging", json.dumps({"log_verbose_level": 10}).encode())[0] == 403, what
+        assert http(http_port, "/v2/trace/setting", json.dumps({"trace_level": ["TIMESTAMPS"]}).encode())[0] == 403
+        path = f"/v2/models/{C.EMBEDDER_MODEL}/trace/setting"
+        assert http(http_port, path, json.dumps({"trace_level": ["TIMESTAMPS"]}).encode())[0] == 403, what
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        with pytest.raises(InferenceServerException, match=refusal):
+            client.update_log_settings({"log_verbose_level": 10})
+        with pytest.raises(InferenceServerException, match=refusal):
+            client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    # What stays open: health, metadata, statistics, metrics; nothing else answers on the metrics port.
+    assert http(tiny_server.http_port, "/v2/health/live")[0] == 200
+    assert http(tiny_server.http_port, "/v2")[0] == 200
+    assert http(tiny_server.http_port, f"/v2/models/{C.EMBEDDER_MODEL}/stats")[0] == 200
+    assert http(tiny_server.metrics_port, "/metrics")[0] == 200
+    assert http(tiny_server.metrics_port, "/v2/health/live")[0] == 403
+    assert http(tiny_server.http_port, "/v2/models/x/ready/../../../repository/index", b"{}")[0] in (400, 403)
+    assert http(tiny_server.http_port, "/v2/repository%2Findex", b"{}")[0] in (400, 403)
+
+
+# -- refused at start ---------------------------------------------------------------------------------
+
+
+def serve_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "step37_deploy.cli", "serve", "--backend", "torch", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bad_key_files_and_no_gateway_key_are_refused(tiny_fp32, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("k" * 32 + "\n")
+    cases = {"mode": (0o644, "readable by group or others"), "empty": (0o600, "empty"), "missing": (None, "cannot")}
+    for name, (mode, message) in cases.items():
+        f = tmp_path / name
+        if mode is not None:
+            f.write_text("" if name == "empty" else "k" * 32)
+            f.chmod(mode)
+        r = serve_cli("--checkpoint", str(tiny_fp32), "--api-key-file", str(f))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    key.chmod(0o600)
+    r = serve_cli("--checkpoint", str(tiny_fp32), "--api-key-file", str(key), "--no-gateway")
+    assert r.returncode == 2 and "--no-gateway" in r.stderr and "k" * 32 not in r.stderr, r.stderr
+
+
+def test_serve_refuses_to_start_without_nginx(tiny_fp32, monkeypatch):
+    from step37_deploy.errors import BackendUnavailable
+    from step37_deploy.serving import gateway
+    from step37_deploy.serving.server import serve
+
+    monkeypatch.setattr(gateway, "find_nginx", lambda: None)
+    with pytest.raises(BackendUnavailable, match=r"apt-get install -y nginx.*--no-gateway"):
+        serve(tiny_fp32, "torch")
+
+
+# -- the API key and the limits (keyed) ----------------------------------------------------------------
+
+KEY = "k3y-" + "0123456789abcdef" * 3
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_fp32, exported, tmp_path_factory):
+    from tests.conftest import ServedEmbedder
+
+    folder = tmp_path_factory.mktemp("keyed")
+    key_file = folder / "api.key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    artifacts = (exported[("fp32", 728)], exported[("fp32", 504)])
+    args = ["--checkpoint", str(tiny_fp32), "--backend", "onnx", "--artifacts", *map(str, artifacts)]
+    args += ["--preprocess-instances", "2", "--cache-mb", "0", "--exit-timeout", "10", "--api-key-file", str(key_file)]
+    args += ["--max-connections", "8", "--idle-timeout-s", "4"]
+    log = folder / "serve.log"
+    proc, ports = start_serve(args, log)
+    try:
+        yield ServedEmbedder(proc, ports["http"], ports["grpc"], ports["metrics"], tiny_fp32, artifacts, log)
+    finally:
+        stop_serve(proc)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_fp32, exported):
+    from step37_deploy.runtime import VisionEmbedder
+
+    return VisionEmbedder.from_artifacts(tiny_fp32, "onnx", (exported[("fp32", 728)], exported[("fp32", 504)]))
+
+
+def test_api_key_is_required_for_inference_and_metadata_not_health(keyed, reference):
+    images = [png(900, 600, 3), png(300, 300, 4)]
+    refs = reference.embed_images(images)
+    for protocol, url in (("grpc", keyed.grpc_url), ("http", keyed.http_url)):
+        with EmbedClient(url, protocol, api_key=KEY) as client:
+            for raw, ref in zip(images, refs, strict=True):
+                same(client.embed(raw), ref)
+        for wrong in (None, KEY[:-1] + "X"):
+            with EmbedClient(url, protocol, api_key=wrong) as client, pytest.raises(ServerError) as exc:
+                client.embed(images[1])
+            assert re.search("UNAUTHENTICATED|401|Unauthorized", str(exc.value)), exc.value
+            assert KEY not in str(exc.value)
+    # Health and readiness are open; metadata, config and statistics are not.
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{C.EMBEDDER_MODEL}/ready"):
+        assert http(keyed.http_port, path)[0] == 200, path
+    for path in ("/v2", f"/v2/models/{C.EMBEDDER_MODEL}", f"/v2/models/{C.EMBEDDER_MODEL}/config", "/v2/models/stats"):
+        assert http(keyed.http_port, path)[0] == 401, path
+        assert http(keyed.http_port, path, headers={"x-api-key": KEY})[0] == 200, path
+    g = grpcclient.InferenceServerClient(keyed.grpc_url)
+    assert g.is_server_live() and g.is_server_ready() and g.is_model_ready(C.EMBEDDER_MODEL)
+    with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+        g.get_model_metadata(C.EMBEDDER_MODEL)
+    assert g.get_model_metadata(C.EMBEDDER_MODEL, headers={"x-api-key": KEY}).name == C.EMBEDDER_MODEL
+
+
+def test_keys_are_in_no_log_no_command_line_and_the_config_is_private(keyed):
+    text = keyed.log.read_text(errors="replace")
+    assert KEY not in text
+    assert "step37-admin-key=<redacted>" in text  # Triton's own admin key: redacted from the command line
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if KEY.encode() in cmdline.read_bytes():
+                found.append(cmdline)
+    assert not found
+    repo = Path(re.search(r"repository (\S+/model_repository)", text).group(1))
+    conf = repo.parent / "gateway" / "nginx.conf"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and stat.S_IMODE(repo.parent.stat().st_mode) == 0o700
+    assert not any(KEY.encode() in f.read_bytes() for f in repo.rglob("*") if f.is_file())
+
+
+def test_loadtest_with_an_api_key_file(keyed, tmp_path):
+    from step37_deploy.serving.loadtest import LoadtestOptions, run_loadtest
+
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    key_file.chmod(0o600)
+    for i in range(2):
+        (tmp_path / f"{i}.png").write_bytes(png(400 + 100 * i, 300, 20 + i))
+    opts = LoadtestOptions(
+        url=keyed.grpc_url,
+        images=[tmp_path],
+        checkpoint=keyed.checkpoint,
+        protocol="grpc",
+        api_key_file=key_file,
+        artifacts=keyed.artifacts,
+        concurrency=[2],
+        requests=4,
+        warmup=1,
+        metrics_url=f"127.0.0.1:{keyed.metrics_port}",
+    )
+    report = run_loadtest(opts, progress=False)
+    assert report.ok and report.runs[0].server.requests == 4
+
+
+def descendants_rss(pid: int) -> int:
+    import psutil
+
+    total = 0
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+class Background:
+    """A client embedding one image over and over (and RSS sampled) while the test does its worst."""
+
+    def __init__(self, server, reference) -> None:
+        self.image = png(500, 400, 30)
+        self.ref = reference.embed_images([self.image])[0]
+        self.server, self.done, self.answers, self.errors = server, threading.Event(), 0, []
+        self.base = self.peak = descendants_rss(server.proc.pid)
+        self.threads = [threading.Thread(target=self._client), threading.Thread(target=self._rss)]
+
+    def _client(self) -> None:
+        with EmbedClient(self.server.grpc_url, "grpc", api_key=KEY) as client:
+            while not self.done.is_set():
+                try:
+                    same(client.embed(self.image), self.ref)
+                    self.answers += 1
+                except Exception as exc:  # collected, asserted below
+                    self.errors.append(exc)
+                time.sleep(0.05)
+
+    def _rss(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, descendants_rss(self.server.proc.pid))
+            time.sleep(0.05)
+
+    def __enter__(self) -> Background:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def test_compressed_and_oversized_bodies_are_refused(keyed, reference):
+    zeros = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    mib = bytes(2**20)
+    gz = b"".join(zeros.compress(mib) for _ in range(512)) + zeros.flush()  # 512 MiB of zeros, ~0.5 MiB
+    assert len(gz) < 2**20
+    headers = {"x-api-key": KEY, "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}
+    with Background(keyed, reference) as bg:
+        for encoding in ("gzip", "deflate", "br"):
+            status, _ = http(keyed.http_port, INFER, gz, {**headers, "Content-Encoding": encoding})
+            assert status == 415, (encoding, status)
+        g = grpcclient.InferenceServerClient(keyed.grpc_url)
+        inp = grpcclient.InferInput(C.EMBEDDER_INPUT, [1], "BYTES")
+        inp.set_data_from_numpy(np.array([png(320, 240, 5)], dtype=np.object_))
+        with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT"):
+            g.infer(C.EMBEDDER_MODEL, [inp], headers={"x-api-key": KEY}, compression_algorithm="gzip")
+        # 300 MB announced: refused from the header, before one byte of the body is sent.
+        with socket.create_connection(("127.0.0.1", keyed.http_port)) as s:
+            s.sendall(
+                f"POST {INFER} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nContent-Length: 300000000\r\n\r\n".encode()
+            )
+            assert raw_status(s) == 413
+        # 300 MB streamed (chunked, no length): refused once past the limit (64 MiB), not buffered whole.
+        sent = 0
+        with socket.create_connection(("127.0.0.1", keyed.http_port)) as s:
+            s.sendall(
+                f"POST {INFER} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            chunk = b"%x\r\n" % len(mib) + mib + b"\r\n"
+            with contextlib.suppress(OSError):
+                while sent < 300 * 2**20 and not select.select([s], [], [], 0)[0]:
+                    s.sendall(chunk)
+                    sent += len(mib)
+            assert raw_status(s) == 413
+        assert sent < 128 * 2**20, sent
+    assert not bg.errors and bg.answers > 0, bg.errors[:3]
+    assert bg.peak - bg.base < 2**30, (bg.base, bg.peak)
+
+
+def test_idle_connections_neither_block_others_nor_flood_the_log(keyed, reference):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    lines_before = len(keyed.log.read_text(errors="replace").splitlines())
+    idle: list[socket.socket] = []
+    try:
+        with Background(keyed, reference) as bg:
+            for i in range(2000):
+                idle.append(socket.create_connection(("127.0.0.1", (keyed.http_port, keyed.grpc_port)[i % 2])))
+            time.sleep(1.0)
+            assert http(keyed.http_port, "/v2/health/ready")[0] == 200
+            raw = png(640, 480, 31)
+            ref = reference.embed_images([raw])[0]
+            for protocol, url in (("grpc", keyed.grpc_url), ("http", keyed.http_url)):
+                with EmbedClient(url, protocol, api_key=KEY) as client:
+                    same(client.embed(raw), ref)
+            time.sleep(1.0)
+        assert not bg.errors and bg.answers > 0, bg.errors[:3]
+    finally:
+        for s in idle:
+            s.close()
+    new = keyed.log.read_text(errors="replace").splitlines()[lines_before:]
+    assert len(new) < 50 and not any("Too many open files" in line for line in new), new[:20]
+
+
+def test_more_than_max_connections_in_flight_are_refused(keyed, reference):
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nContent-Length: 1000\r\n\r\n".encode()
+    held = []
+    try:
+        for _ in range(8):  # --max-connections 8: requests whose body never comes hold a slot each
+            s = socket.create_connection(("127.0.0.1", keyed.http_port))
+            s.sendall(head)
+            held.append(s)
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", keyed.http_port)) as s:
+            s.sendall(head)
+            assert raw_status(s) == 503
+        assert http(keyed.http_port, "/v2/health/ready")[0] == 200  # probes are not counted
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.5)
+    raw = png(320, 240, 32)
+    with EmbedClient(keyed.http_url, "http", api_key=KEY) as client:
+        same(client.embed(raw), reference.embed_images([raw])[0])
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout(keyed):
+    for request in (b"", b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", keyed.http_port)) as s:
+            start = time.monotonic()
+            s.sendall(request)
+            if request:
+                assert raw_status(s) == 200
+            s.settimeout(30)
+            with contextlib.suppress(ConnectionResetError):
+                while s.recv(4096):
+                    pass
+            elapsed = time.monotonic() - start
+        assert 3.0 <= elapsed <= 10.0, (request, elapsed)  # --idle-timeout-s 4
+
+
+# -- TLS ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(tiny_fp32, exported, tmp_path_factory):
+    from tests.conftest import ServedEmbedder
+
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    artifacts = (exported[("fp32", 728)], exported[("fp32", 504)])
+    args = ["--checkpoint", str(tiny_fp32), "--backend", "onnx", "--artifacts", *map(str, artifacts)]
+    args += ["--preprocess-instances", "1", "--exit-timeout", "10", "--tls-cert", str(cert), "--tls-key", str(key)]
+    context = ssl.create_default_context(cafile=str(cert))
+
+    def ready(ports: dict[str, int]) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{ports['http']}/v2/models/{C.EMBEDDER_MODEL}/ready", timeout=2, context=context
+            ) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    log = folder / "serve.log"
+    proc, ports = start_serve(args, log, ready=ready)
+    try:
+        served = ServedEmbedder(proc, ports["http"], ports["grpc"], ports["metrics"], tiny_fp32, artifacts, log)
+        yield served, cert
+    finally:
+        stop_serve(proc)
+
+
+def test_tls_on_both_protocols(tls, reference):
+    served, cert = tls
+    raw = png(900, 600, 40)
+    ref = reference.embed_images([raw])[0]
+    for protocol, url in (("grpc", served.grpc_url), ("http", served.http_url)):
+        with EmbedClient(url, protocol, tls=True, root_certificates=cert) as client:
+            assert client.is_ready()
+            same(client.embed(raw), ref)
+        with EmbedClient(url, protocol, timeout=5) as plain, pytest.raises(ServerError):
+            plain.embed(raw)
+    assert http(served.metrics_port, "/metrics")[0] == 200  # metrics stay plain HTTP
+
+
+def test_no_gateway_passes_tls_to_tritons_grpc(tmp_path):
+    from step37_deploy.serving.server import TritonInstall, TritonServer
+
+    fake = TritonInstall(Path("/bin/true"), None, None, None)
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cmd = TritonServer(tmp_path, tmp_path, fake, grpc_tls=(cert, key)).command()
+    assert "--grpc-use-ssl=true" in cmd and f"--grpc-server-cert={cert}" in cmd and f"--grpc-server-key={key}" in cmd
+    server = TritonServer(tmp_path, tmp_path, fake)
+    restricted = [c for c in server.command() if "restricted" in c]
+    assert len(restricted) == 2 and all("model-repository,shared-memory,logging,trace:" in c for c in restricted)
+    assert server.admin_key not in server.redacted(server.command())
