@@ -275,6 +275,13 @@ def keyed(tiny_fp32, exported, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_reference(tiny_server):
+    from step37_deploy.runtime import VisionEmbedder
+
+    return VisionEmbedder.from_artifacts(tiny_server.checkpoint, "onnx", tiny_server.artifacts)
+
+
+@pytest.fixture(scope="module")
 def reference(tiny_fp32, exported):
     from step37_deploy.runtime import VisionEmbedder
 
@@ -291,7 +298,10 @@ def test_api_key_is_required_for_inference_and_metadata_not_health(keyed, refere
         for wrong in (None, KEY[:-1] + "X"):
             with EmbedClient(url, protocol, api_key=wrong) as client, pytest.raises(ServerError) as exc:
                 client.embed(images[1])
-            assert re.search("UNAUTHENTICATED|401|Unauthorized", str(exc.value)), exc.value
+            cause = exc.value.__cause__
+            assert "x-api-key" in str(exc.value) or "401" in str(exc.value), exc.value
+            if protocol == "grpc":
+                assert cause.status() == "StatusCode.UNAUTHENTICATED", cause
             assert KEY not in str(exc.value)
     # Health and readiness are open; metadata, config and statistics are not.
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{C.EMBEDDER_MODEL}/ready"):
@@ -357,23 +367,27 @@ def descendants_rss(pid: int) -> int:
 
 
 class Background:
-    """A client embedding one image over and over (and RSS sampled) while the test does its worst."""
+    """A client embedding one image over and over (and RSS sampled) while the test does its worst.
+    ``fresh``: a new connection per request (else one kept-alive connection throughout)."""
 
-    def __init__(self, server, reference) -> None:
+    def __init__(self, server, reference, api_key: str | None = None, fresh: bool = False) -> None:
         self.image = png(500, 400, 30)
         self.ref = reference.embed_images([self.image])[0]
-        self.server, self.done, self.answers, self.errors = server, threading.Event(), 0, []
+        self.server, self.api_key, self.fresh = server, api_key, fresh
+        self.done, self.answers, self.errors = threading.Event(), 0, []
         self.base = self.peak = descendants_rss(server.proc.pid)
         self.threads = [threading.Thread(target=self._client), threading.Thread(target=self._rss)]
 
     def _client(self) -> None:
-        with EmbedClient(self.server.grpc_url, "grpc", api_key=KEY) as client:
+        with EmbedClient(self.server.grpc_url, "grpc", api_key=self.api_key) as client:
             while not self.done.is_set():
                 try:
                     same(client.embed(self.image), self.ref)
                     self.answers += 1
                 except Exception as exc:  # collected, asserted below
                     self.errors.append(exc)
+                if self.fresh:
+                    client.close()
                 time.sleep(0.05)
 
     def _rss(self) -> None:
@@ -390,6 +404,7 @@ class Background:
         self.done.set()
         for t in self.threads:
             t.join(60)
+        assert not self.errors and self.answers > 0, (self.answers, self.errors[:3])
 
 
 def test_compressed_and_oversized_bodies_are_refused(keyed, reference):
@@ -398,7 +413,7 @@ def test_compressed_and_oversized_bodies_are_refused(keyed, reference):
     gz = b"".join(zeros.compress(mib) for _ in range(512)) + zeros.flush()  # 512 MiB of zeros, ~0.5 MiB
     assert len(gz) < 2**20
     headers = {"x-api-key": KEY, "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}
-    with Background(keyed, reference) as bg:
+    with Background(keyed, reference, KEY) as bg:
         for encoding in ("gzip", "deflate", "br"):
             status, _ = http(keyed.http_port, INFER, gz, {**headers, "Content-Encoding": encoding})
             assert status == 415, (encoding, status)
@@ -426,34 +441,47 @@ def test_compressed_and_oversized_bodies_are_refused(keyed, reference):
                     sent += len(mib)
             assert raw_status(s) == 413
         assert sent < 128 * 2**20, sent
-    assert not bg.errors and bg.answers > 0, bg.errors[:3]
     assert bg.peak - bg.base < 2**30, (bg.base, bg.peak)
 
 
-def test_idle_connections_neither_block_others_nor_flood_the_log(keyed, reference):
+def hold_idle_connections(server, reference, n: int, api_key: str | None, fresh: bool) -> list[str]:
+    """``n`` idle connections (half HTTP, half gRPC) while another client embeds, health answers and
+    new clients over both protocols get correct answers; returns serve's new log lines."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 4096:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
-    lines_before = len(keyed.log.read_text(errors="replace").splitlines())
+    if soft < n + 1024:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(n + 1024, hard), hard))
+    lines_before = len(server.log.read_text(errors="replace").splitlines())
     idle: list[socket.socket] = []
     try:
-        with Background(keyed, reference) as bg:
-            for i in range(2000):
-                idle.append(socket.create_connection(("127.0.0.1", (keyed.http_port, keyed.grpc_port)[i % 2])))
+        with Background(server, reference, api_key, fresh):
+            for i in range(n):
+                idle.append(socket.create_connection(("127.0.0.1", (server.http_port, server.grpc_port)[i % 2])))
             time.sleep(1.0)
-            assert http(keyed.http_port, "/v2/health/ready")[0] == 200
+            assert http(server.http_port, "/v2/health/ready")[0] == 200
             raw = png(640, 480, 31)
             ref = reference.embed_images([raw])[0]
-            for protocol, url in (("grpc", keyed.grpc_url), ("http", keyed.http_url)):
-                with EmbedClient(url, protocol, api_key=KEY) as client:
+            for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+                with EmbedClient(url, protocol, api_key=api_key) as client:
                     same(client.embed(raw), ref)
             time.sleep(1.0)
-        assert not bg.errors and bg.answers > 0, bg.errors[:3]
     finally:
         for s in idle:
             s.close()
-    new = keyed.log.read_text(errors="replace").splitlines()[lines_before:]
-    assert len(new) < 50 and not any("Too many open files" in line for line in new), new[:20]
+    return server.log.read_text(errors="replace").splitlines()[lines_before:]
+
+
+def test_2000_idle_connections_neither_block_others_nor_flood_the_log(tiny_server, tiny_reference):
+    """Default limits (--max-connections 1024: room for 2,112 connections): all held, nobody waits."""
+    new = hold_idle_connections(tiny_server, tiny_reference, 2000, None, fresh=False)
+    assert len(new) < 20 and not any("Too many open files" in line for line in new), new[:20]
+
+
+def test_idle_connections_beyond_the_budget_are_recycled(keyed, reference):
+    """--max-connections 8 (80 connections): nginx closes the oldest idle connections to accept new
+    ones, and says so at most once a second."""
+    new = hold_idle_connections(keyed, reference, 2000, KEY, fresh=True)
+    assert len(new) < 20 and not any("Too many open files" in line for line in new), new[:20]
+    assert any("worker_connections are not enough, reusing connections" in line for line in new), new
 
 
 def test_more_than_max_connections_in_flight_are_refused(keyed, reference):

@@ -71,7 +71,7 @@ DEFAULT_IDLE_TIMEOUT_S = 60.0
 #: How long nginx waits for Triton's answer to one request (Triton's queue policy answers sooner).
 UPSTREAM_TIMEOUT_S = 300
 #: What an API key may contain: nginx's config holds it literally (hex or base64 keys fit).
-API_KEY_RE = re.compile(r"^[A-Za-z0-9._+/=-]{16,4096}$")
+API_KEY_RE = re.compile(r"^[A-Za-z0-9._+/=-]{16,1024}$")
 API_KEY_HEADER = "x-api-key"
 #: gRPC methods of Triton's ``inference.GRPCInferenceService`` the gateway passes on.
 GRPC_SERVICE = "inference.GRPCInferenceService"
@@ -127,7 +127,7 @@ def require_nginx() -> Path:
 
 def read_api_key(path: str | Path) -> str:
     """The first line of an API key file, refused as ssh refuses a private key: unreadable, empty,
-    or readable by group or others.  Keys are 16+ characters of ``[A-Za-z0-9._+/=-]``
+    or readable by group or others.  Keys are 16 to 1024 characters of ``[A-Za-z0-9._+/=-]``
     (``openssl rand -hex 32`` makes one)."""
     p = Path(path)
     try:
@@ -147,7 +147,7 @@ def read_api_key(path: str | Path) -> str:
         raise ConfigError(f"--api-key-file {p}: the first line is empty")
     if not API_KEY_RE.match(key):
         raise ConfigError(
-            f"--api-key-file {p}: the key must be 16 or more characters of A-Z a-z 0-9 . _ + / = - "
+            f"--api-key-file {p}: the key must be 16 to 1024 characters of A-Z a-z 0-9 . _ + / = - "
             "(openssl rand -hex 32 makes one)"
         )
     return key
@@ -373,6 +373,8 @@ class Gateway:
         ]
         if o.api_key is not None:
             header = API_KEY_HEADER.replace("-", "_")
+            bucket = 1 << (len(o.api_key) + 32).bit_length()  # a map's key must fit one hash bucket
+            lines.append(f"    map_hash_bucket_size {max(64, bucket)};")
             lines.append(f"    map $http_{header} $step37_key_ok {{ default 0; {_quote(o.api_key)} 1; }}")
         for name in ("http", "grpc", "metrics"):
             keep = "" if name == "metrics" else " keepalive 32;"
