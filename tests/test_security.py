@@ -201,6 +201,18 @@ def test_logging_and_trace_settings_are_refused(tiny_server):
             client.update_log_settings({"log_verbose_level": 10})
         with pytest.raises(InferenceServerException, match=refusal):
             client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    # Streaming and generate endpoints are not served; the gateway answers as Triton would (JSON / gRPC status).
+    status, answer = http(tiny_server.http_port, f"/v2/models/{C.EMBEDDER_MODEL}/generate", b"{}")
+    assert status == 403 and json.loads(answer) == {"error": "this API is not served"}
+    client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
+    errors: list = []
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    inp = grpcclient.InferInput(C.EMBEDDER_INPUT, [1], "BYTES")
+    inp.set_data_from_numpy(np.array([png(320, 240, 2)], dtype=np.object_))
+    with contextlib.suppress(InferenceServerException):  # the stream may be refused before this request
+        client.async_stream_infer(C.EMBEDDER_MODEL, [inp])
+    client.stop_stream()
+    assert errors and errors[0] is not None and "PERMISSION_DENIED" in str(errors[0].status()), errors
     # What stays open: health, metadata, statistics, metrics; nothing else answers on the metrics port.
     assert http(tiny_server.http_port, "/v2/health/live")[0] == 200
     assert http(tiny_server.http_port, "/v2")[0] == 200
@@ -525,20 +537,32 @@ def test_idle_connections_are_closed_after_the_idle_timeout(keyed):
 
 
 @pytest.fixture(scope="module")
-def tls(tiny_fp32, exported, tmp_path_factory):
-    from tests.conftest import ServedEmbedder
-
-    folder = tmp_path_factory.mktemp("tls")
+def cert(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl; the `cryptography` package is not a dependency)."""
+    folder = tmp_path_factory.mktemp("cert")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
          "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
+    return cert, key
+
+
+def serve_tiny(tiny_fp32, exported, folder: Path, extra: list[str], ready=None):
+    from tests.conftest import ServedEmbedder
+
     artifacts = (exported[("fp32", 728)], exported[("fp32", 504)])
     args = ["--checkpoint", str(tiny_fp32), "--backend", "onnx", "--artifacts", *map(str, artifacts)]
-    args += ["--preprocess-instances", "1", "--exit-timeout", "10", "--tls-cert", str(cert), "--tls-key", str(key)]
-    context = ssl.create_default_context(cafile=str(cert))
+    args += ["--preprocess-instances", "1", "--exit-timeout", "10", *extra]
+    log = folder / "serve.log"
+    proc, ports = start_serve(args, log, ready=ready)
+    return ServedEmbedder(proc, ports["http"], ports["grpc"], ports["metrics"], tiny_fp32, artifacts, log)
+
+
+@pytest.fixture(scope="module")
+def tls(tiny_fp32, exported, tmp_path_factory, cert):
+    context = ssl.create_default_context(cafile=str(cert[0]))
 
     def ready(ports: dict[str, int]) -> bool:
         try:
@@ -549,13 +573,22 @@ def tls(tiny_fp32, exported, tmp_path_factory):
         except (urllib.error.URLError, OSError):
             return False
 
-    log = folder / "serve.log"
-    proc, ports = start_serve(args, log, ready=ready)
+    extra = ["--tls-cert", str(cert[0]), "--tls-key", str(cert[1])]
+    served = serve_tiny(tiny_fp32, exported, tmp_path_factory.mktemp("tls"), extra, ready)
     try:
-        served = ServedEmbedder(proc, ports["http"], ports["grpc"], ports["metrics"], tiny_fp32, artifacts, log)
-        yield served, cert
+        yield served, cert[0]
     finally:
-        stop_serve(proc)
+        stop_serve(served.proc)
+
+
+@pytest.fixture(scope="module")
+def no_gateway(tiny_fp32, exported, tmp_path_factory, cert):
+    extra = ["--no-gateway", "--tls-cert", str(cert[0]), "--tls-key", str(cert[1])]
+    served = serve_tiny(tiny_fp32, exported, tmp_path_factory.mktemp("nogw"), extra)
+    try:
+        yield served, cert[0]
+    finally:
+        stop_serve(served.proc)
 
 
 def test_tls_on_both_protocols(tls, reference):
@@ -571,14 +604,39 @@ def test_tls_on_both_protocols(tls, reference):
     assert http(served.metrics_port, "/metrics")[0] == 200  # metrics stay plain HTTP
 
 
-def test_no_gateway_passes_tls_to_tritons_grpc(tmp_path):
+def test_no_gateway_keeps_tritons_restrictions_and_passes_tls_to_grpc(no_gateway, reference, tmp_path):
+    served, cert = no_gateway
+    text = served.log.read_text(errors="replace")
+    assert "--no-gateway: tritonserver listens on 127.0.0.1 itself" in text and "nginx" not in text
+    assert "--grpc-use-ssl=true" in text and "step37-admin-key=<redacted>" in text
+    # Triton alone refuses what the gateway would have: its restricted APIs.
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\nclass TritonPythonModel:\n    pass\n"
+    body = {"parameters": {"config": EVIL_CONFIG, "file:1/model.py": base64.b64encode(code.encode()).decode()}}
+    assert http(served.http_port, "/v2/repository/models/evil/load", json.dumps(body).encode())[0] == 403
+    assert http(served.http_port, f"/v2/repository/models/{C.EMBEDDER_MODEL}/unload", b"{}")[0] == 403
+    assert http(served.http_port, "/v2/logging", json.dumps({"log_verbose_level": 10}).encode())[0] == 403
+    assert not marker.exists()
+    raw = png(900, 600, 41)
+    ref = reference.embed_images([raw])[0]
+    with EmbedClient(served.grpc_url, "grpc", tls=True, root_certificates=cert) as client:  # gRPC over TLS
+        same(client.embed(raw), ref)
+    with EmbedClient(served.http_url, "http") as client:  # Triton's HTTP has no TLS
+        same(client.embed(raw), ref)
+    with EmbedClient(served.grpc_url, "grpc", timeout=5) as plain, pytest.raises(ServerError):
+        plain.embed(raw)
+
+
+def test_restricted_apis_on_tritons_command_line(tmp_path):
     from step37_deploy.serving.server import TritonInstall, TritonServer
 
     fake = TritonInstall(Path("/bin/true"), None, None, None)
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    cmd = TritonServer(tmp_path, tmp_path, fake, grpc_tls=(cert, key)).command()
-    assert "--grpc-use-ssl=true" in cmd and f"--grpc-server-cert={cert}" in cmd and f"--grpc-server-key={key}" in cmd
     server = TritonServer(tmp_path, tmp_path, fake)
-    restricted = [c for c in server.command() if "restricted" in c]
+    restricted = [
+        c for c in server.command() if c.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))
+    ]
     assert len(restricted) == 2 and all("model-repository,shared-memory,logging,trace:" in c for c in restricted)
     assert server.admin_key not in server.redacted(server.command())
+    opened = TritonServer(tmp_path, tmp_path, fake, allow_shared_memory=True)
+    opened_flags = [c for c in opened.command() if c.startswith(("--http-restricted-api=", "--grpc-restricted-"))]
+    assert len(opened_flags) == 2 and all("shared-memory" not in c for c in opened_flags)

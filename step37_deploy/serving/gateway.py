@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import logging
 import os
 import pwd
@@ -85,11 +86,13 @@ GRPC_SHARED_MEMORY = (
     "CudaSharedMemoryRegister",
     "CudaSharedMemoryUnregister",
 )
-#: HTTP status nginx refuses with -> the gRPC status a gRPC client gets instead.
+#: HTTP status nginx refuses with -> the gRPC status a gRPC client gets instead, and the message
+#: both get (HTTP: as Triton's own ``{"error": ...}`` body, which tritonclient reads).
 GRPC_STATUS = {
     400: (3, "bad request"),  # INVALID_ARGUMENT
     401: (16, "missing or wrong x-api-key"),  # UNAUTHENTICATED
-    403: (7, "this method is not served"),  # PERMISSION_DENIED
+    403: (7, "this API is not served"),  # PERMISSION_DENIED
+    405: (12, "method not allowed"),  # UNIMPLEMENTED
     413: (8, "request larger than the gateway's --max-body-mb"),  # RESOURCE_EXHAUSTED
     415: (3, "compressed requests are not accepted"),  # INVALID_ARGUMENT
     500: (13, "gateway error"),  # INTERNAL
@@ -256,6 +259,13 @@ class Gateway:
             ]
         return lines
 
+    def _http_errors(self) -> list[str]:
+        lines = [f"error_page {code} = @http_{code};" for code in GRPC_STATUS]
+        for code, (_, message) in GRPC_STATUS.items():
+            body = json.dumps({"error": message}).replace("'", "")
+            lines.append(f"location @http_{code} {{ default_type application/json; return {code} '{body}'; }}")
+        return lines
+
     def _keyed(self) -> list[str]:
         return ["if ($step37_key_ok = 0) { return 401; }"] if self.options.api_key is not None else []
 
@@ -272,6 +282,7 @@ class Gateway:
             '    if ($http_content_encoding !~* "^(identity)?$") { return 415; }',
             '    proxy_set_header Connection "";',
             f'    proxy_set_header {API_KEY_HEADER} "";',
+            *("    " + line for line in self._http_errors()),
             "    location = /v2/health/live { " + get_only + " " + proxy + " }",
             "    location = /v2/health/ready { " + get_only + " " + proxy + " }",
             f'    location ~ "^/v2/models/{_MODEL}/ready$" {{ {get_only} {proxy} }}',
