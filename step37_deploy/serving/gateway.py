@@ -118,12 +118,34 @@ def find_nginx() -> Path | None:
     return Path(found) if found else None
 
 
+#: ``-e stderr`` needs 1.19.5, ``keepalive_timeout`` on idle HTTP/2 connections 1.19.7.
+NGINX_MIN_VERSION = (1, 19, 7)
+
+
+def nginx_version(nginx: Path) -> tuple[int, ...] | None:
+    """``nginx -v``'s version, or None when it cannot be read."""
+    try:
+        out = subprocess.run([str(nginx), "-v"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out.stderr + out.stdout)
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
 def require_nginx() -> Path:
+    """The nginx binary, or one line naming the install command and the way around it."""
     nginx = find_nginx()
     if nginx is None:
         raise BackendUnavailable(
             f"nginx is not installed: install it ({NGINX_INSTALL}) or pass --no-gateway "
             "(exposes Triton's raw ports: no body, gzip, connection or idle limits)"
+        )
+    version = nginx_version(nginx)
+    if version is None or version < NGINX_MIN_VERSION:
+        have = ".".join(map(str, version)) if version else "of unknown version"
+        raise BackendUnavailable(
+            f"{nginx} is nginx {have}; the gateway needs {'.'.join(map(str, NGINX_MIN_VERSION))} or later "
+            f"({NGINX_INSTALL} on Debian 12 / Ubuntu 24.04 or later, or nginx.org packages)"
         )
     return nginx
 
