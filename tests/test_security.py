@@ -256,6 +256,9 @@ def test_serve_refuses_to_start_without_nginx(tiny_fp32, monkeypatch):
     from step37_deploy.serving import gateway
     from step37_deploy.serving.server import serve
 
+    monkeypatch.setattr(gateway, "nginx_version", lambda path: (1, 18, 0))  # Ubuntu 22.04's
+    with pytest.raises(BackendUnavailable, match=r"nginx 1\.18\.0; the gateway needs 1\.19\.7 or later"):
+        serve(tiny_fp32, "torch")
     monkeypatch.setattr(gateway, "find_nginx", lambda: None)
     with pytest.raises(BackendUnavailable, match=r"apt-get install -y nginx.*--no-gateway"):
         serve(tiny_fp32, "torch")
