@@ -21,10 +21,16 @@ a temporary directory (links to the library and the stub for this Python).
 Stopping drains the entry model first: Triton's own SIGTERM handling stops *every* model from
 accepting requests at once, including the BLS requests an in-flight embedder request still has to
 send to the towers (they fail with "Server not ready").  So ``drain`` unloads ``step37_embedder``
-through the model-repository API (models load in explicit mode): new requests to it are refused,
+through the model-repository API (models load in explicit mode; that API, shared memory, logging
+and trace are restricted by a key generated per run, which only this process sends and which is
+redacted from the command line it logs): new requests to it are refused,
 the ones it is executing finish (their tower calls still work), and only then does Triton get
 SIGTERM (``--exit-timeout-secs`` bounds what is left).  The server also gets SIGTERM if this
 process dies (``PR_SET_PDEATHSIG``).
+
+``serve`` puts the gateway (``gateway.py``: nginx, with the limits Triton lacks, an API allowlist,
+the API key and TLS) on the user's address and ports and Triton on 127.0.0.1 behind it; it starts
+the gateway once Triton is ready and stops it after the drain, before Triton.
 """
 
 from __future__ import annotations
