@@ -643,3 +643,24 @@ def test_restricted_apis_on_tritons_command_line(tmp_path):
     opened = TritonServer(tmp_path, tmp_path, fake, allow_shared_memory=True)
     opened_flags = [c for c in opened.command() if c.startswith(("--http-restricted-api=", "--grpc-restricted-"))]
     assert len(opened_flags) == 2 and all("shared-memory" not in c for c in opened_flags)
+
+
+@pytest.mark.parametrize("key", [None, "k" * 1024], ids=["no-key", "longest-key"])
+@pytest.mark.parametrize("tls_on", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("shm", [False, True], ids=["default", "allow-shared-memory"])
+def test_every_gateway_config_is_valid_nginx(tmp_path, cert, key, tls_on, shm):
+    """``nginx -t`` accepts the config of every option combination, and only --allow-shared-memory
+    puts the shared-memory APIs on the allowlist."""
+    from step37_deploy.serving.gateway import Gateway, GatewayOptions
+
+    opts = GatewayOptions(api_key=key, tls=cert if tls_on else None, allow_shared_memory=shm)
+    ports = {"http": 1, "grpc": 2, "metrics": 3}
+    gw = Gateway(tmp_path, "0.0.0.0", ports, {k: v + 10 for k, v in ports.items()}, opts)
+    conf = gw.write_config()
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    check = subprocess.run([*gw.command(), "-t", "-q"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    text = conf.read_text()
+    assert ("sharedmemory" in text) == shm and ("SystemSharedMemoryRegister" in text) == shm
+    assert ("RepositoryModelLoad" not in text) and ("/v2/repository" not in text)
+    assert (key is not None) == ("$step37_key_ok" in text)
