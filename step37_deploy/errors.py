@@ -55,3 +55,9 @@ class OutputError(Step37Error):
 
 class UsageError(Step37Error, ValueError):
     """Command-line arguments that cannot work together (e.g. ``compare`` with nothing to compare)."""
+
+
+class ServerCrashed(Step37Error):
+    """A served process died or stalled (a Python-backend stub killed or frozen, tritonserver
+    aborted): ``serve`` took everything down and exits with its own code (4, not 2), for the
+    supervisor that restarts it.  Nothing the user can fix in the command line."""

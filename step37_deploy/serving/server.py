@@ -40,11 +40,13 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BackendUnavailable, ConfigError
+from ..errors import BackendUnavailable, ConfigError, ServerCrashed
 from . import contract as C
+from .supervise import POLL_S, Supervisor, shm_prefix, sweep_dead_runs
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,7 @@ def models_ready(http_url: str, models: tuple[str, ...] = SERVED_MODELS) -> bool
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    os.umask(0o077)  # what tritonserver and its stubs create is the server user's alone
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -200,6 +203,7 @@ class TritonServer:
         self.models = models
         self.probe_host = probe
         self.proc: subprocess.Popen | None = None
+        self.shm_prefix = shm_prefix(os.getpid(), self.http_port)
 
     @property
     def http_url(self) -> str:
@@ -226,19 +230,24 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
             # A prefix of our own: servers started side by side never share Python-backend memory.
-            f"--backend-config=python,shm-region-prefix-name=step37_{os.getpid()}_{self.http_port}_",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         backends = assemble_backends(self.install, self.workdir / "backends")
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
         return cmd
 
-    def start(self, timeout_s: float = 300.0, should_stop=lambda: False) -> TritonServer:
+    def launch(self) -> subprocess.Popen:
+        """Start tritonserver (its own process group, umask 077, SIGTERM when this process dies)."""
         cmd = self.command()
         log.info("starting %s", " ".join(cmd))
         self.proc = subprocess.Popen(
             cmd, env=server_env(self.install), cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent
         )
+        return self.proc
+
+    def start(self, timeout_s: float = 300.0, should_stop=lambda: False) -> TritonServer:
+        self.launch()
         self.wait_ready(timeout_s, should_stop)
         return self
 
@@ -246,7 +255,10 @@ class TritonServer:
         """Server ready and every served model loaded."""
         return models_ready(self.http_url, self.models)
 
-    def wait_ready(self, timeout_s: float, should_stop=lambda: False) -> None:
+    def wait_ready(self, timeout_s: float, should_stop=lambda: False, supervisor: Supervisor | None = None) -> None:
+        """Until every model is ready.  ``supervisor``: its non-Triton processes (a gateway) must keep
+        running meanwhile; stubs are not judged yet (a model that fails to load ends its stub, and
+        tritonserver then exits on its own: a repository problem, not a crash)."""
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.proc is not None and self.proc.poll() is not None:
@@ -256,6 +268,8 @@ class TritonServer:
                 )
             if should_stop():
                 return
+            if supervisor is not None:
+                supervisor.protect_shm()
             if time.monotonic() > deadline:
                 self.stop()
                 raise BackendUnavailable(f"tritonserver was not ready within {timeout_s:.0f}s (its log above says why)")
@@ -290,11 +304,17 @@ class TritonServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
-    def wait(self) -> int:
+    def wait(self, timeout_s: float | None = None) -> int:
+        """tritonserver's exit status; SIGKILL after ``timeout_s`` (None: wait as long as it takes)."""
         assert self.proc is not None
+        end = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
-                return self.proc.wait()
+                return self.proc.wait(None if end is None else max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop within %.0fs; killing it", timeout_s)
+                self.proc.kill()
+                end = None
             except KeyboardInterrupt:  # pragma: no cover - the handler forwards signals
                 continue
 
@@ -327,12 +347,20 @@ def serve(
     exit_timeout_s: int = 30,
     ready_timeout_s: float = 600.0,
     log_verbose: int = 0,
+    on_started: Callable[[TritonServer, Supervisor], None] | None = None,
 ) -> int:
     """``step37-deploy serve``: a repository in a temporary folder, ``tritonserver`` on it in the
-    foreground until SIGINT/SIGTERM, then drain, stop and remove the folder.  Returns 0 on a clean stop."""
-    import shutil
+    foreground until SIGINT/SIGTERM, then drain, stop and remove the folder.  Returns 0 on a clean
+    stop (also when the signal came during start-up); raises :class:`ServerCrashed` (exit 4) when a
+    watched process dies or stalls (``supervise.py``).
+
+    ``on_started(server, supervisor)`` runs once tritonserver is started, before the models are
+    waited for: the place to start processes that front it (a gateway) and hand them to
+    ``supervisor.watch(name, popen, front=True)``, so that their death is a crash too and they are
+    taken down with the rest."""
     import tempfile
 
+    from ..files import remove_tree, temp_sibling
     from .repository import write_repository
 
     install = find_tritonserver(tritonserver)
@@ -351,6 +379,7 @@ def serve(
             check_port_free(host, port, option)
     stop: list[int] = []
     server: TritonServer | None = None
+    supervisor: Supervisor | None = None
 
     def on_signal(signum: int, _frame) -> None:
         if not stop:
@@ -360,37 +389,57 @@ def serve(
         stop.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    workdir = Path(tempfile.mkdtemp(prefix="step37-serve-"))
+    # What a killed serve left (its work folder, shared memory, stubs) is removed by the next one.
+    tmp_root = Path(tempfile.gettempdir())
+    sweep_dead_runs()
+    old_umask = os.umask(0o077)  # the repository, its copies of the weights: the server user's only
+    workdir = temp_sibling(tmp_root / "step37-serve", directory=True)  # .step37-serve.step37-tmp-HOST-PID-...
+    os.chmod(workdir, 0o700)
     try:
         repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
         if stop:
+            log.info("stopped during start-up")
             return 0
         server = TritonServer(
             repo, workdir, install, host, http_port, grpc_port, metrics_port, exit_timeout_s, log_verbose
         )
-        server.start(ready_timeout_s, should_stop=lambda: bool(stop))
-        if not stop:
-            log.info(
-                "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d; models %s (repository %s)",
-                host,
-                server.http_port,
-                host,
-                server.grpc_port,
-                host,
-                server.metrics_port,
-                ", ".join(server.models),
-                repo,
-            )
-        while server.proc.poll() is None and not stop:
-            time.sleep(0.2)
+        supervisor = Supervisor(server.shm_prefix)
+        server.launch()
+        supervisor.watch("tritonserver", server.proc, front=True, stubs=True)
+        if on_started is not None:
+            on_started(server, supervisor)
+        server.wait_ready(ready_timeout_s, should_stop=lambda: bool(stop), supervisor=supervisor)
+        if stop:  # SIGTERM/SIGINT before every model was ready: nothing was served, nothing to drain
+            log.info("stopped during start-up")
+            supervisor.kill_all()
+            return 0
+        supervisor.protect_shm()
+        supervisor.discover()
+        log.info(
+            "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d; models %s (repository %s); watching %d stubs",
+            host,
+            server.http_port,
+            host,
+            server.grpc_port,
+            host,
+            server.metrics_port,
+            ", ".join(server.models),
+            repo,
+            len(supervisor.stubs()),
+        )
+        while not stop:
+            problem = supervisor.check()
+            if problem is not None:
+                log.error("crash: %s; taking the server down", problem)
+                supervisor.kill_all()
+                raise ServerCrashed(f"{problem}: the server was taken down (restart serve)")
+            time.sleep(POLL_S)
         drained = False
-        if stop and server.proc.poll() is None:
+        if server.proc.poll() is None:
             drained = server.drain(exit_timeout_s)
             log.info("%s; stopping tritonserver", "in-flight requests done" if drained else "drain timed out")
             server.signal(signal.SIGTERM)
-        rc = server.wait()
-        if not stop:
-            raise BackendUnavailable(f"tritonserver exited unexpectedly with status {rc} (its log above says why)")
+        rc = server.wait(exit_timeout_s + 15)
         if rc != 0 and drained:
             # Every embedder request was answered before SIGTERM; what Triton still waited for is
             # almost always clients' idle keep-alive HTTP connections (it waits for those first).
@@ -408,8 +457,11 @@ def serve(
         log.info("stopped cleanly" if rc == 0 else "stopped")
         return 0
     finally:
-        if server is not None and server.proc is not None and server.proc.poll() is None:
+        if supervisor is not None:
+            supervisor.kill_all()  # nothing outlives serve: stubs that ignore SIGTERM, a gateway
+        elif server is not None and server.proc is not None and server.proc.poll() is None:
             server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_tree(workdir)
+        os.umask(old_umask)
         for s, h in previous.items():
             signal.signal(s, h)
