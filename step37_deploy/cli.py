@@ -579,6 +579,19 @@ def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
         help="with --in-process: alternate served and in-process blocks this many times per level, so load "
         "changes on a shared machine hit both alike (default 1)",
     )
+    p.add_argument(
+        "--rate",
+        type=POSITIVE_FLOAT,
+        action="append",
+        help="open loop: send this many requests per second for --duration whatever the answers, each with the "
+        "deadline --timeout, and report goodput; repeat for one run per rate (default: closed loop, --concurrency)",
+    )
+    p.add_argument(
+        "--retry",
+        action="store_true",
+        help="the client retries refusals (UNAVAILABLE) and connection errors with backoff within --timeout, as "
+        "EmbedClient does by default (default off: one try per request, so the report shows every refusal)",
+    )
     p.add_argument("--json", default=None, help="write the report here, atomically (default none)")
     _add_common(p)
 
@@ -816,6 +829,9 @@ def _cmd_embed(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
+    from .serving import require_serve_extra
+
+    require_serve_extra("loadtest", f"tritonclient.{args.protocol}", "prometheus_client")
     from .serving.loadtest import LoadtestOptions, run_loadtest
 
     opts = LoadtestOptions(
@@ -836,6 +852,8 @@ def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
         tolerance=args.tolerance,
         warmup=args.warmup,
         rounds=args.rounds,
+        rates=args.rate or (),
+        retry=args.retry,
     )
     report = run_loadtest(opts, progress)
     print(report.table())
@@ -845,6 +863,9 @@ def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _cmd_triton_repo(args: argparse.Namespace, progress: bool) -> int:
+    from .serving import require_serve_extra
+
+    require_serve_extra("triton-repo", "tritonclient.grpc")
     from .serving.repository import write_repository
 
     out = write_repository(
@@ -855,6 +876,9 @@ def _cmd_triton_repo(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, progress: bool) -> int:
+    from .serving import require_serve_extra
+
+    require_serve_extra("serve", "tritonclient.grpc", *(() if args.tritonserver else ("pytriton",)))
     from .serving.server import serve
 
     return serve(

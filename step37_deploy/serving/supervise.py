@@ -225,7 +225,8 @@ class Supervisor:
         rest = self._tree()
         for p in rest:
             with contextlib.suppress(psutil.Error):
-                p.terminate()
+                # A stopped process would only act on SIGTERM once continued: SIGKILL it now.
+                p.kill() if p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP) else p.terminate()
         _, alive = psutil.wait_procs(rest, timeout=grace_s)
         alive += [p for p in self._tree() if p not in alive]  # anything spawned meanwhile
         for p in alive:
