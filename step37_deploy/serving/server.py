@@ -25,6 +25,12 @@ through the model-repository API (models load in explicit mode): new requests to
 the ones it is executing finish (their tower calls still work), and only then does Triton get
 SIGTERM (``--exit-timeout-secs`` bounds what is left).  The server also gets SIGTERM if this
 process dies (``PR_SET_PDEATHSIG``).
+
+While it serves, ``serve`` supervises tritonserver and every backend stub (``supervise.py``): a
+process that dies or stays stopped is a crash, logged in one line; the whole process tree is taken
+down and ``serve`` raises :class:`ServerCrashed` (exit 4).  tritonserver runs with umask 077, the
+work folder is 0700 and named with this host and PID (``files.temp_sibling``), so the next run
+removes a killed run's folder, shared memory and stubs (``supervise.sweep_dead_runs``).
 """
 
 from __future__ import annotations
@@ -383,7 +389,7 @@ def serve(
 
     def on_signal(signum: int, _frame) -> None:
         if not stop:
-            log.info("received %s: draining in-flight requests and stopping", signal.Signals(signum).name)
+            log.info("received %s: stopping (in-flight requests are drained first)", signal.Signals(signum).name)
         elif server is not None:  # a second signal: stop now
             server.signal(signal.SIGTERM)
         stop.append(signum)
