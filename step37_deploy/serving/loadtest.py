@@ -377,6 +377,26 @@ def _error_kind(exc: Exception) -> str | None:
     return None
 
 
+def _checked_call(
+    call: Callable[..., ImageEmbedding], args: tuple, reference: ImageEmbedding, i: int, k: int, tolerance: float
+) -> tuple[float, str | None, str | None, str | None]:
+    """Request ``i`` (image ``k``): when it ended, its error and the error's kind, or why its answer
+    is not ``reference``."""
+    error = wrong = kind = None
+    try:
+        got = call(*args)
+    except Step37Error as exc:
+        error, kind = str(exc), _error_kind(exc)
+    except Exception as exc:  # an unexpected failure is a failed request, counted
+        error = f"{type(exc).__name__}: {exc}"
+    t1 = time.perf_counter()
+    if error is None:
+        wrong = mismatch(got, reference, tolerance)
+        if wrong:
+            wrong = f"request {i} (image {k}): {wrong}"
+    return t1, error, wrong, kind
+
+
 def drive_open_loop(
     call: Callable[[bytes, float], ImageEmbedding],
     payloads: Sequence[bytes],
@@ -422,18 +442,8 @@ def drive_open_loop(
                 if now - due > 0.1:
                     with lock:
                         late[0] += 1
-                error = wrong = kind = None
-                try:
-                    got = call(payloads[k], max(0.001, deadline_s - (now - due)))
-                except Step37Error as exc:
-                    error, kind = str(exc), _error_kind(exc)
-                except Exception as exc:  # an unexpected failure is a failed request, counted
-                    error = f"{type(exc).__name__}: {exc}"
-                t1 = time.perf_counter()
-                if error is None:
-                    wrong = mismatch(got, references[k], tolerance)
-                    if wrong:
-                        wrong = f"request {i} (image {k}): {wrong}"
+                left_s = max(0.001, deadline_s - (now - due))
+                t1, error, wrong, kind = _checked_call(call, (payloads[k], left_s), references[k], i, k, tolerance)
                 with lock:
                     outcomes.append(_Outcome(t1 - due, error, wrong, kind))
                     last[0] = max(last[0], t1)
@@ -521,20 +531,9 @@ def drive(
                 sent[0] += 1
             k = (first + i) % len(payloads)
             t0 = time.perf_counter()
-            error = wrong = None
-            try:
-                got = call(payloads[k])
-            except Step37Error as exc:
-                error = str(exc)
-            except Exception as exc:  # an unexpected failure is a failed request, counted
-                error = f"{type(exc).__name__}: {exc}"
-            t1 = time.perf_counter()
-            if error is None:
-                wrong = mismatch(got, references[k], tolerance)
-                if wrong:
-                    wrong = f"request {i} (image {k}): {wrong}"
+            t1, error, wrong, kind = _checked_call(call, (payloads[k],), references[k], i, k, tolerance)
             with lock:
-                outcomes.append(_Outcome(t1 - t0, error, wrong))
+                outcomes.append(_Outcome(t1 - t0, error, wrong, kind))
                 last[0] = max(last[0], t1)
             bar.update(1)
 
