@@ -262,9 +262,9 @@ class TritonServer:
         return models_ready(self.http_url, self.models)
 
     def wait_ready(self, timeout_s: float, should_stop=lambda: False, supervisor: Supervisor | None = None) -> None:
-        """Until every model is ready.  ``supervisor``: its non-Triton processes (a gateway) must keep
-        running meanwhile; stubs are not judged yet (a model that fails to load ends its stub, and
-        tritonserver then exits on its own: a repository problem, not a crash)."""
+        """Until every model is ready.  ``supervisor``: the shared-memory regions are made private as
+        they appear; its processes are not judged yet (a model that fails to load ends its stub, and
+        tritonserver then exits on its own: a repository problem, exit 2, not a crash)."""
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.proc is not None and self.proc.poll() is not None:

@@ -218,11 +218,12 @@ class Supervisor:
         the PIDs that had to be SIGKILLed after the grace."""
         import psutil
 
+        rest = self._tree()  # before anything dies: a dead parent no longer lists its children
         fronts = [w.proc for w in self.watched.values() if w.front and w.proc is not None]
         for p in fronts:
             with contextlib.suppress(psutil.Error):
                 p.kill()
-        rest = self._tree()
+        rest = [p for p in rest if p.pid not in {f.pid for f in fronts}]
         for p in rest:
             with contextlib.suppress(psutil.Error):
                 # A stopped process would only act on SIGTERM once continued: SIGKILL it now.
