@@ -439,3 +439,46 @@ def test_open_loop_overload_is_refused_fast_and_every_answer_is_right(survivor):
     while _pending(ports["metrics"]) > 0:
         assert time.monotonic() - load_stopped < 25, "requests still pending 25 s after the load stopped"
         time.sleep(0.5)
+
+
+def test_a_request_whose_grpc_deadline_passed_is_never_computed(survivor):
+    """Both embedder instances busy with two large images; ten small requests with a 50 ms gRPC
+    deadline queue behind them and time out.  None of them reaches a tower: the 728 tower sees
+    exactly the two large images' global views."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+
+    url = f"127.0.0.1:{survivor['ports']['grpc']}"
+
+    def tower_views() -> int:
+        stats = grpcclient.InferenceServerClient(url).get_inference_statistics("step37_vision_728", as_json=True)
+        return int(stats["model_stats"][0].get("inference_count", 0))
+
+    from PIL import Image
+
+    def jpeg(seed: int) -> bytes:  # 3000x3000: 36 crops, seconds of tower work on a CPU
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    big = [jpeg(300 + i) for i in range(2)]
+    small = [_png(400 + i, 300, 300) for i in range(10)]
+    before = tower_views()
+    answers: list = []
+    with EmbedClient(url, "grpc", timeout=300) as slow:
+        threads = [threading.Thread(target=lambda b=b: answers.append(slow.embed(b))) for b in big]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # both instances are decoding / preprocessing / in the towers
+        statuses = []
+        with EmbedClient(url, "grpc", timeout=0.05, retry=False) as hasty:
+            for raw in small:
+                with pytest.raises(ServerError) as err:
+                    hasty.embed(raw)
+                statuses.append(err.value.status)
+        for t in threads:
+            t.join(300)
+    assert len(answers) == 2 and set(statuses) == {"StatusCode.DEADLINE_EXCEEDED"}, statuses
+    time.sleep(2.0)
+    assert tower_views() - before == 2
