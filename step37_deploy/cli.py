@@ -3,7 +3,9 @@
 Every long command shows progress bars and logs at INFO; ``--quiet`` silences both.  Exit status:
 0 success; 1 a missed accuracy threshold; 2 an error the user can cause (a bad argument or file:
 :class:`~step37_deploy.errors.Step37Error`, one line naming it); 3 anything unexpected (one line
-``internal error``, the traceback with ``--verbose``).  Heavy modules (torch, onnx, TensorRT) are
+``internal error``, the traceback with ``--verbose``); 4 ``serve`` only: a served process crashed or
+stalled and the whole server was taken down (:class:`~step37_deploy.errors.ServerCrashed`), for a
+supervisor to restart it.  Heavy modules (torch, onnx, TensorRT) are
 imported inside the commands, so ``--help`` answers at once.
 """
 
@@ -21,12 +23,14 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from .errors import Step37Error, ThresholdError, UsageError
+from .errors import ServerCrashed, Step37Error, ThresholdError, UsageError
 
 log = logging.getLogger("step37_deploy")
 
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
+#: ``serve``: a served process crashed or stalled and the server was taken down (restart it).
+EXIT_CRASH = 4
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -259,6 +263,20 @@ def _add_repository_options(p: argparse.ArgumentParser) -> None:
         default=256.0,
         help="embedding cache of each embedder instance, MiB, keyed by the image bytes' SHA-256 (default 256; 0 = off)",
     )
+    p.add_argument(
+        "--max-queue-size",
+        type=POSITIVE,
+        default=32,
+        help="requests each model may hold waiting; one more is refused at once with UNAVAILABLE (default 32; "
+        "towers get at least what the embedder instances can send them)",
+    )
+    p.add_argument(
+        "--queue-timeout-ms",
+        type=POSITIVE,
+        default=5000,
+        help="longest wait in a model's queue before a request is refused with UNAVAILABLE; a client's own "
+        "timeout request parameter overrides it (default 5000)",
+    )
 
 
 def _repository_options(args: argparse.Namespace):
@@ -273,6 +291,8 @@ def _repository_options(args: argparse.Namespace):
         warmup=not args.no_warmup,
         tower_threads=args.tower_threads,
         cache_mb=args.cache_mb,
+        max_queue_size=args.max_queue_size,
+        queue_timeout_ms=args.queue_timeout_ms,
     )
 
 
@@ -634,6 +654,19 @@ def _add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
         help="with --in-process: alternate served and in-process blocks this many times per level, so load "
         "changes on a shared machine hit both alike (default 1)",
     )
+    p.add_argument(
+        "--rate",
+        type=POSITIVE_FLOAT,
+        action="append",
+        help="open loop: send this many requests per second for --duration whatever the answers, each with the "
+        "deadline --timeout, and report goodput; repeat for one run per rate (default: closed loop, --concurrency)",
+    )
+    p.add_argument(
+        "--retry",
+        action="store_true",
+        help="the client retries refusals (UNAVAILABLE) and connection errors with backoff within --timeout, as "
+        "EmbedClient does by default (default off: one try per request, so the report shows every refusal)",
+    )
     p.add_argument("--json", default=None, help="write the report here, atomically (default none)")
     _add_common(p)
 
@@ -673,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     except ThresholdError as exc:
         print(f"step37-deploy: {_one_line(exc)}", file=sys.stderr)
         return EXIT_THRESHOLD
+    except ServerCrashed as exc:
+        print(f"step37-deploy: crash: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CRASH
     except Step37Error as exc:
         print(f"step37-deploy: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -868,6 +904,9 @@ def _cmd_embed(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
+    from .serving import require_serve_extra
+
+    require_serve_extra("loadtest", f"tritonclient.{args.protocol}", "prometheus_client")
     from .serving.loadtest import LoadtestOptions, run_loadtest
 
     opts = LoadtestOptions(
@@ -891,6 +930,8 @@ def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
         tolerance=args.tolerance,
         warmup=args.warmup,
         rounds=args.rounds,
+        rates=args.rate or (),
+        retry=args.retry,
     )
     report = run_loadtest(opts, progress)
     print(report.table())
@@ -900,6 +941,9 @@ def _cmd_loadtest(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _cmd_triton_repo(args: argparse.Namespace, progress: bool) -> int:
+    from .serving import require_serve_extra
+
+    require_serve_extra("triton-repo", "tritonclient.grpc")
     from .serving.repository import write_repository
 
     out = write_repository(
@@ -910,6 +954,9 @@ def _cmd_triton_repo(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, progress: bool) -> int:
+    from .serving import require_serve_extra
+
+    require_serve_extra("serve", "tritonclient.grpc", *(() if args.tritonserver else ("pytriton",)))
     from .serving.gateway import GatewayOptions
     from .serving.server import serve
 

@@ -45,7 +45,14 @@ class ThresholdError(Step37Error):
 
 
 class ServerError(Step37Error):
-    """The embedding service answered a request with an error (or not at all); carries its message."""
+    """The embedding service answered a request with an error (or not at all); carries its message,
+    the protocol's status (``StatusCode.UNAVAILABLE``, ``"503"``...) when there was one, and whether
+    sending the request again may succeed (an overloaded or unreachable server, never a bad request)."""
+
+    def __init__(self, message: str, status: str | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
 
 
 class OutputError(Step37Error):
@@ -55,3 +62,9 @@ class OutputError(Step37Error):
 
 class UsageError(Step37Error, ValueError):
     """Command-line arguments that cannot work together (e.g. ``compare`` with nothing to compare)."""
+
+
+class ServerCrashed(Step37Error):
+    """A served process died or stalled (a Python-backend stub killed or frozen, tritonserver
+    aborted): ``serve`` took everything down and exits with its own code (4, not 2), for the
+    supervisor that restarts it.  Nothing the user can fix in the command line."""

@@ -146,13 +146,17 @@ def stop_serve(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_fp32, exported, tmp_path_factory) -> Iterator[ServedEmbedder]:
     """``step37-deploy serve --backend onnx`` (FP32 ONNX towers) on the tiny checkpoint, 4 embedder
-    instances and a 100 ms tower queue delay (so concurrent requests' views batch), stopped at the end."""
+    instances, a 100 ms tower queue delay (so concurrent requests' views batch) and a 120 s queue
+    timeout, stopped at the end."""
     pytest.importorskip("tritonclient.grpc", reason="the [serve] extra (tritonclient) is not installed")
     pytest.importorskip("pytriton", reason="the [serve] extra (nvidia-pytriton) is not installed")
     artifacts = (exported[("fp32", 728)], exported[("fp32", 504)])
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = ["--checkpoint", str(tiny_fp32), "--backend", "onnx", "--artifacts", *map(str, artifacts)]
     args += ["--preprocess-instances", "4", "--max-queue-delay-us", "100000", "--exit-timeout", "10"]
+    # Correctness tests send bursts that a loaded 2-core machine takes more than the default 5 s to
+    # queue through; overload behaviour has its own tests (test_resilience.py).
+    args += ["--queue-timeout-ms", "120000"]
     proc, ports = start_serve(args, log)
     try:
         yield ServedEmbedder(proc, ports["http"], ports["grpc"], ports["metrics"], tiny_fp32, artifacts, log)

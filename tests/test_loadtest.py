@@ -1,8 +1,10 @@
 """The load test: its pieces (percentiles, Prometheus and statistics parsing, answer checks, the
 request driver, the report) on their own, then ``step37-deploy loadtest`` against ``serve``."""
 
+import itertools
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -289,3 +291,36 @@ def test_run_loadtest_refuses_bad_tolerance_and_timeout(field, value):
     opts = lt.LoadtestOptions(url="127.0.0.1:1", images=["none.png"], checkpoint="none", **{field: value})
     with pytest.raises(InputError, match="finite number > 0"):
         lt.run_loadtest(opts, progress=False)
+
+
+def test_open_loop_sends_on_schedule_and_counts_goodput_refusals_and_deadlines():
+    """40 requests/s for 1 s whatever the answers: every 4th refused (retryable), every 4th+1 slower
+    than its 0.2 s deadline, one wrong; goodput counts only correct answers inside the deadline."""
+    refs = [_emb(4, i) for i in range(2)]
+    payloads = [bytes([i]) for i in range(2)]
+    n = itertools.count()
+    deadlines = []
+
+    def call(data: bytes, left_s: float) -> ImageEmbedding:
+        i = next(n)
+        deadlines.append(left_s)
+        if i % 4 == 0:
+            raise ServerError("Exceeds maximum queue size", "StatusCode.UNAVAILABLE", retryable=True)
+        if i % 4 == 1:
+            time.sleep(0.3)
+            raise ServerError("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED")
+        if i == 2:
+            return refs[(data[0] + 1) % 2]
+        time.sleep(0.05)  # slower than the send interval: answers overlap, the schedule holds
+        return refs[data[0]]
+
+    t0 = time.perf_counter()
+    out, sent, wall, late = lt.drive_open_loop(call, payloads, refs, 40.0, 1.0, 0.2, 1e-3, "t", False)
+    assert sent == 40 and len(out) == 40 and late == 0 and time.perf_counter() - t0 < 3
+    assert all(0 < d <= 0.2 for d in deadlines)
+    m = lt.measure_open_loop(out, sent, wall, late, 40.0, 0.2, 1.0)
+    assert (m.refused, m.deadline_exceeded, m.mismatches, m.lost) == (10, 10, 1, 0)
+    assert m.goodput_ips == pytest.approx(19.0) and m.failed == 1  # the wrong answer fails the run
+    opts = lt.LoadtestOptions(url="127.0.0.1:1", images=["a.png"], checkpoint="ckpt", rates=[40.0])
+    report = lt.LoadtestReport(opts, [], [lt.Run(0, m, {}, None)])
+    assert not report.ok and "goodput 19.00/s, refused 10, deadline exceeded 10" in report.table()

@@ -159,6 +159,7 @@ def test_sigterm_drains_in_flight_requests_and_cleans_up(tiny_fp32, tmp_path):
 
     log = tmp_path / "serve.log"
     args = ["--checkpoint", str(tiny_fp32), "--backend", "torch", "--preprocess-instances", "1", "--cache-mb", "0"]
+    args += ["--queue-timeout-ms", "120000"]  # B waits behind A longer than the default 5 s here
     proc, ports = start_serve([*args, "--max-queue-delay-us", "1000000", "--exit-timeout", "60"], log)
     try:
         repo = Path(re.search(r"repository (\S+/model_repository)", log.read_text()).group(1))

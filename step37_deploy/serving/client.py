@@ -7,6 +7,14 @@ ids as served, and the newline mask and text read back from the token layout (an
 it).  Every failure, from a refused connection to the server's own error response, is a
 :class:`~step37_deploy.errors.ServerError` carrying the server's message.
 
+Overload and outages are retried, bad requests never: ``embed`` gives each request one overall
+deadline (``timeout``, or the ``deadline`` it is given) and sends the time left with every try,
+both as gRPC's deadline (Triton cancels a request whose client gave up) and as the request's
+``timeout`` parameter (Triton refuses it with UNAVAILABLE once it has waited that long in a queue,
+instead of computing an answer nobody waits for).  UNAVAILABLE (a full queue, a stopping server,
+HTTP 502/503/504) and connection errors are tried again after an exponential backoff with full
+jitter (:func:`backoff_s`) while the deadline allows; INVALID_ARG and every other answer are final.
+
 Each thread gets its own ``tritonclient`` connection (the HTTP client is gevent-based and must not
 be shared across threads), so one :class:`EmbedClient` may be used from many threads;
 :meth:`EmbedClient.embed_many` does exactly that.
@@ -16,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import random
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +43,17 @@ PROTOCOLS = ("grpc", "http")
 #: The header ``serve --api-key-file`` checks at its gateway.
 API_KEY_HEADER = "x-api-key"
 _FEATURES, _TOKEN_IDS, _NUM_CROPS = EMBEDDER_OUTPUTS
+#: Statuses worth another try: the server is overloaded, stopping, or not there (yet).
+RETRYABLE_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "502", "503", "504"})
+#: First backoff and its cap, seconds (each retry doubles the cap of the random wait).
+BACKOFF_BASE_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+def backoff_s(attempt: int, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_MAX_S) -> float:
+    """Wait before retry number ``attempt`` (0 = the first): uniform in [0, min(cap, base * 2^attempt)]
+    ("full jitter"), so that clients refused together do not come back together."""
+    return random.uniform(0.0, min(cap_s, base_s * (2**attempt)))
 
 
 def image_bytes(image: Any) -> bytes:
@@ -94,10 +115,12 @@ class EmbedClient:
     """A client of the ``step37_embedder`` model.
 
     ``url`` is ``host:port`` of the chosen protocol's endpoint (gRPC 8001 / HTTP 8000 by Triton's
-    defaults); ``timeout`` bounds each request in seconds.  ``api_key`` is sent as ``x-api-key`` with
+    defaults).  ``api_key`` is sent as ``x-api-key`` with
     every call (``serve --api-key-file``).  ``tls`` connects with HTTPS / gRPC over TLS, trusting
     ``root_certificates`` (a PEM file, e.g. a self-signed server certificate) or else the default
     trust store (``serve --tls-cert``).
+    ``timeout`` is each :meth:`embed`'s overall deadline in seconds, retries included;
+    ``retry=False`` makes every failure final at once.
     """
 
     def __init__(
@@ -110,6 +133,7 @@ class EmbedClient:
         api_key: str | None = None,
         tls: bool = False,
         root_certificates: str | Path | None = None,
+        retry: bool = True,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -122,6 +146,8 @@ class EmbedClient:
         self.root_certificates = str(root_certificates) if root_certificates is not None else None
         if self.root_certificates is not None and not Path(self.root_certificates).is_file():
             raise InputError(f"root certificates {self.root_certificates} is not a file")
+        self.retry = retry
+        self.retries = 0  # tries sent again so far, all threads together
         # One connection per thread, held in a thread-local (never handed to a later thread that
         # happens to reuse a finished one's id: gevent refuses that), and listed for close().
         self._local = threading.local()
@@ -190,9 +216,15 @@ class EmbedClient:
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
-            raise ServerError(f"{self.protocol}://{self.url} {what}: {exc.message()}") from exc
-        except (OSError, TimeoutError) as exc:  # refused / reset / timed out (HTTP)
-            raise ServerError(f"{self.protocol}://{self.url} {what}: {type(exc).__name__}: {exc}") from exc
+            status = str(exc.status()) if exc.status() is not None else None
+            raise ServerError(
+                f"{self.protocol}://{self.url} {what}: {exc.message()}", status, status in RETRYABLE_STATUSES
+            ) from exc
+        except TimeoutError as exc:  # the HTTP client's own timeout: the deadline is spent
+            raise ServerError(f"{self.protocol}://{self.url} {what}: timed out ({exc})", "timeout") from exc
+        except OSError as exc:  # refused / reset: the server is not there (yet), worth another try
+            msg = f"{self.protocol}://{self.url} {what}: {type(exc).__name__}: {exc}"
+            raise ServerError(msg, "connection", True) from exc
 
     # -- the API ------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -205,9 +237,29 @@ class EmbedClient:
         except ServerError:
             return False
 
-    def embed(self, image: Any) -> ImageEmbedding:
-        """One image (path, bytes, PIL image or uint8 array) -> its :class:`ImageEmbedding`."""
+    def embed(self, image: Any, deadline: float | None = None) -> ImageEmbedding:
+        """One image (path, bytes, PIL image or uint8 array) -> its :class:`ImageEmbedding`, within
+        ``deadline`` seconds (default: the client's ``timeout``), retrying what is worth retrying."""
         data = image_bytes(image)
+        budget = self.timeout if deadline is None else deadline
+        if not budget > 0:
+            raise InputError(f"deadline must be > 0 seconds, got {budget}")
+        end = time.monotonic() + budget
+        attempt = 0
+        while True:
+            try:
+                return self._embed_once(data, end - time.monotonic())
+            except ServerError as exc:
+                wait = backoff_s(attempt)
+                if not (self.retry and exc.retryable) or time.monotonic() + wait >= end - 0.001:
+                    raise
+            time.sleep(wait)
+            attempt += 1
+            with self._lock:
+                self.retries += 1
+
+    def _embed_once(self, data: bytes, left_s: float) -> ImageEmbedding:
+        """One try with ``left_s`` seconds: gRPC's deadline and the request's queue timeout."""
         lib = self._lib()
         (spec,) = EMBEDDER_IO["inputs"]
         inp = lib.InferInput(EMBEDDER_INPUT, list(spec.dims), "BYTES")
@@ -219,7 +271,10 @@ class EmbedClient:
             inp.set_data_from_numpy(arr)
             outs = [lib.InferRequestedOutput(n) for n in EMBEDDER_OUTPUTS]
         client = self._client()
-        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        left_s = max(left_s, 0.001)
+        kwargs: dict[str, Any] = {"timeout": max(1, int(left_s * 1e6))}  # Triton: microseconds in queues
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = left_s  # gRPC deadline: Triton cancels the request when it passes
         result = self._call(
             f"{self.model} infer", client.infer, self.model, [inp], outputs=outs, headers=self._headers, **kwargs
         )

@@ -11,6 +11,15 @@ in-process :class:`~step37_deploy.runtime.VisionEmbedder` the same way on the sa
 run, so served/in-process ratios come from one machine at one moment; ``rounds`` > 1 alternates
 the two in blocks, so that load changing on a shared machine hits both alike.
 
+``rates`` (``--rate R``) runs open-loop instead: R requests per second are sent on schedule
+whatever the answers (a worker pool large enough for every request to live out its deadline), each
+with the client deadline ``--timeout``, and the report adds goodput: correct answers that arrived
+within the deadline, per second of the run.  Latencies count from each request's scheduled send
+time, so a client that falls behind cannot hide the server's queueing (no coordinated omission).
+Refusals (UNAVAILABLE: a full queue, a queue timeout) and deadline misses are counted apart from
+other errors; under overload they are the expected outcome, while a wrong, lost or otherwise
+failed answer still fails the run.
+
 Requests cycle through the images in order, so a run longer than the image list repeats images
 (and shows cache hits when the server's cache is on).  Warm-up requests use generated images that
 are not among them, so they never pre-fill the cache with the images measured.
@@ -81,6 +90,8 @@ class LoadtestOptions:
     tolerance: float = DEFAULT_TOLERANCE
     warmup: int = 2
     rounds: int = 1  # alternate served / in-process blocks this many times per concurrency level
+    rates: Sequence[float] = ()  # open-loop runs, requests per second (instead of the concurrency levels)
+    retry: bool = False  # the client retries refusals and connection errors within the deadline
 
 
 @dataclass
@@ -96,10 +107,20 @@ class Measurement:
     latency_ms: dict[str, float]
     cache: dict[str, int | None]
     error_messages: list[str] = field(default_factory=list)
+    # Open loop (--rate) only: what was asked and what came of it.
+    rate: float | None = None  # requests per second sent on schedule
+    deadline_s: float | None = None  # the client deadline of each request
+    goodput_ips: float | None = None  # correct answers within the deadline, per second of the run
+    refused: int | None = None  # errors the server answered UNAVAILABLE (queue full, queue timeout)
+    deadline_exceeded: int | None = None  # errors because the deadline passed first
+    late_sends: int | None = None  # requests sent more than 100 ms after their scheduled time
 
     @property
     def failed(self) -> int:
-        return self.errors + self.mismatches + self.lost
+        """Requests that count against the run: under open-loop overload refusals and deadline misses
+        are the expected outcome; every other error, a wrong and a lost answer are not."""
+        expected = (self.refused or 0) + (self.deadline_exceeded or 0)
+        return self.errors - expected + self.mismatches + self.lost
 
 
 @dataclass
@@ -140,7 +161,10 @@ class LoadtestReport:
     def ok(self) -> bool:
         """Every request of every run answered correctly, and at least one was sent per run."""
         return all(
-            m.failed == 0 and m.requests > 0 for r in self.runs for m in (r.server, r.in_process) if m is not None
+            m.failed == 0 and m.requests > m.errors + m.lost  # at least one answer was checked
+            for r in self.runs
+            for m in (r.server, r.in_process)
+            if m is not None
         ) and bool(self.runs)
 
     def to_json(self) -> dict[str, Any]:
@@ -182,6 +206,13 @@ class LoadtestReport:
                     f"{name:<11} {r.concurrency:>4} {m.requests:>5} {m.errors + m.lost:>4} {m.mismatches:>5} "
                     f"{m.throughput_ips:>8.2f} {lat['p50']:>8.1f} {lat['p90']:>8.1f} {lat['p99']:>8.1f}  "
                     f"{m.cache['hits']}/{m.cache['misses']}"
+                )
+            m = r.server
+            if m.rate is not None:
+                lines.append(
+                    f"  open loop {m.rate:g} req/s, deadline {m.deadline_s:g}s: goodput {m.goodput_ips:.2f}/s, "
+                    f"refused {m.refused}, deadline exceeded {m.deadline_exceeded}, other errors "
+                    f"{m.errors - m.refused - m.deadline_exceeded}, sent late {m.late_sends}"
                 )
             for model, sizes in r.tower_batch_sizes.items():
                 lines.append(f"  {model} batches run (size: count): {sizes or 'none'}")
@@ -337,6 +368,125 @@ class _Outcome:
     latency_s: float
     error: str | None
     wrong: str | None
+    kind: str | None = None  # errors: "refused", "deadline" or None (any other)
+
+
+def _error_kind(exc: Exception) -> str | None:
+    """An open-loop error's kind: the server refused it (retryable), or the deadline passed first."""
+    status = getattr(exc, "status", None)
+    if status in ("StatusCode.DEADLINE_EXCEEDED", "timeout"):
+        return "deadline"
+    if getattr(exc, "retryable", False):
+        return "refused"
+    return None
+
+
+def _checked_call(
+    call: Callable[..., ImageEmbedding], args: tuple, reference: ImageEmbedding, i: int, k: int, tolerance: float
+) -> tuple[float, str | None, str | None, str | None]:
+    """Request ``i`` (image ``k``): when it ended, its error and the error's kind, or why its answer
+    is not ``reference``."""
+    error = wrong = kind = None
+    try:
+        got = call(*args)
+    except Step37Error as exc:
+        error, kind = str(exc), _error_kind(exc)
+    except Exception as exc:  # an unexpected failure is a failed request, counted
+        error = f"{type(exc).__name__}: {exc}"
+    t1 = time.perf_counter()
+    if error is None:
+        wrong = mismatch(got, reference, tolerance)
+        if wrong:
+            wrong = f"request {i} (image {k}): {wrong}"
+    return t1, error, wrong, kind
+
+
+def drive_open_loop(
+    call: Callable[[bytes, float], ImageEmbedding],
+    payloads: Sequence[bytes],
+    references: Sequence[ImageEmbedding],
+    rate: float,
+    duration_s: float,
+    deadline_s: float,
+    tolerance: float,
+    desc: str,
+    progress: bool,
+    on_exit: Callable[[], None] | None = None,
+    max_workers: int = 512,
+) -> tuple[list[_Outcome], int, float, int]:
+    """Request ``i`` sent at ``i / rate`` seconds for ``duration_s`` seconds, whatever the answers:
+    ``call(payload, deadline_s)`` runs on a pool of ``ceil(rate * (deadline_s + 1))`` workers (at most
+    ``max_workers``), every answer checked.  Latency is counted from the scheduled time.  Returns the
+    outcomes, the requests sent, the wall time from the first scheduled send to the last outcome,
+    and how many were sent over 100 ms late (the pool was exhausted)."""
+    import math
+    import queue
+
+    from tqdm import tqdm
+
+    total = max(1, int(rate * duration_s))
+    workers = max(1, min(max_workers, math.ceil(rate * (deadline_s + 1.0))))
+    todo: queue.Queue = queue.Queue()
+    lock = threading.Lock()
+    outcomes: list[_Outcome] = []
+    late = [0]
+    bar = tqdm(total=total, desc=desc, unit="req", disable=not progress, leave=False)
+    start = time.perf_counter() + 0.05
+    last = [start]
+
+    def worker() -> None:
+        try:
+            while True:
+                item = todo.get()
+                if item is None:
+                    return
+                i, due = item
+                k = i % len(payloads)
+                now = time.perf_counter()
+                if now - due > 0.1:
+                    with lock:
+                        late[0] += 1
+                left_s = max(0.001, deadline_s - (now - due))
+                t1, error, wrong, kind = _checked_call(call, (payloads[k], left_s), references[k], i, k, tolerance)
+                with lock:
+                    outcomes.append(_Outcome(t1 - due, error, wrong, kind))
+                    last[0] = max(last[0], t1)
+                bar.update(1)
+        finally:
+            if on_exit is not None:
+                on_exit()
+
+    threads = [threading.Thread(target=worker, name=f"openloop-{j}", daemon=True) for j in range(workers)]
+    for t in threads:
+        t.start()
+    for i in range(total):
+        due = start + i / rate
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        todo.put((i, due))
+    for _ in threads:
+        todo.put(None)
+    end_by = time.perf_counter() + deadline_s + 10.0  # every request is bounded by its deadline
+    for t in threads:
+        t.join(max(0.0, end_by - time.perf_counter()))
+    bar.close()
+    with lock:
+        return list(outcomes), total, last[0] - start, late[0]
+
+
+def measure_open_loop(
+    outcomes: Sequence[_Outcome], sent: int, wall_s: float, late: int, rate: float, deadline_s: float, duration_s: float
+) -> Measurement:
+    """:func:`measure` plus goodput (correct answers within the deadline per second of the schedule)
+    and the refusals and deadline misses among the errors."""
+    m = measure(outcomes, sent, wall_s, {"hits": None, "misses": None})
+    good = [o for o in outcomes if o.error is None and not o.wrong and o.latency_s <= deadline_s]
+    m.rate, m.deadline_s, m.late_sends = rate, deadline_s, late
+    m.goodput_ips = len(good) / duration_s
+    m.refused = sum(1 for o in outcomes if o.error and o.kind == "refused")
+    m.deadline_exceeded = sum(1 for o in outcomes if o.error and o.kind == "deadline")
+    return m
 
 
 def drive(
@@ -385,20 +535,9 @@ def drive(
                 sent[0] += 1
             k = (first + i) % len(payloads)
             t0 = time.perf_counter()
-            error = wrong = None
-            try:
-                got = call(payloads[k])
-            except Step37Error as exc:
-                error = str(exc)
-            except Exception as exc:  # an unexpected failure is a failed request, counted
-                error = f"{type(exc).__name__}: {exc}"
-            t1 = time.perf_counter()
-            if error is None:
-                wrong = mismatch(got, references[k], tolerance)
-                if wrong:
-                    wrong = f"request {i} (image {k}): {wrong}"
+            t1, error, wrong, kind = _checked_call(call, (payloads[k],), references[k], i, k, tolerance)
             with lock:
-                outcomes.append(_Outcome(t1 - t0, error, wrong))
+                outcomes.append(_Outcome(t1 - t0, error, wrong, kind))
                 last[0] = max(last[0], t1)
             bar.update(1)
 
@@ -508,9 +647,12 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
             ImageEmbedding(_numpy(ref.features), ref.token_ids, ref.text, ref.num_crops, ref.newline_mask)
         )
 
+    if any(not 0 < r < float("inf") for r in opts.rates):
+        raise InputError(f"--rate must be a finite number > 0, got {list(opts.rates)}")
     api_key = read_api_key(opts.api_key_file) if opts.api_key_file is not None else None
     client = EmbedClient(
-        opts.url, opts.protocol, timeout=opts.timeout_s, api_key=api_key, tls=opts.tls, root_certificates=opts.tls_ca
+        opts.url, opts.protocol, timeout=opts.timeout_s, api_key=api_key, tls=opts.tls, root_certificates=opts.tls_ca,
+        retry=opts.retry,
     )
     report = LoadtestReport(opts, [str(f) for f in files])
     try:
@@ -523,7 +665,29 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
         if opts.in_process:
             for data in warmup_images(opts.warmup):
                 embedder.embed_images([data])
-        for c in opts.concurrency:
+        for rate in opts.rates:
+            m0, b0 = probe.metrics(), probe.batches()
+            outcomes, sent, wall, late = drive_open_loop(
+                client.embed, payloads, references, rate, opts.duration_s, opts.timeout_s, opts.tolerance,
+                f"open loop {rate:g}/s", progress, on_exit=client.close_thread,
+            )  # fmt: skip
+            m1, b1 = probe.metrics(), probe.batches()
+            server = measure_open_loop(outcomes, sent, wall, late, rate, opts.timeout_s, opts.duration_s)
+            server.cache = cache_counts(m0, m1)
+            models = [EMBEDDER_MODEL, *TOWER_MODELS.values()]
+            report.runs.append(
+                Run(
+                    0,
+                    server,
+                    {m: batch_delta(b0[m], b1[m]) for m in b1},
+                    model_timings(m0, m1, models) if m0 and m1 else None,
+                )
+            )
+            log.info(
+                "open loop %g/s: %d sent, goodput %.2f/s, %d refused, %d past the deadline, %d other failures",
+                rate, sent, server.goodput_ips, server.refused, server.deadline_exceeded, server.failed,
+            )  # fmt: skip
+        for c in opts.concurrency if not opts.rates else ():
             served: list[Any] = [[], 0, 0.0]  # outcomes, sent, wall seconds, summed over the blocks
             local: list[Any] = [[], 0, 0.0]
             m0, b0 = probe.metrics(), probe.batches()

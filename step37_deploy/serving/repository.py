@@ -50,6 +50,13 @@ DEFAULT_QUEUE_DELAY_US = 2000
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 #: Embedding cache of each embedder instance, MiB (``--cache-mb``; 0 = off).
 DEFAULT_CACHE_MB = 256.0
+#: Requests each served model may hold waiting (``--max-queue-size``); one more is refused at once
+#: with UNAVAILABLE "Exceeds maximum queue size".  docs/serving.md ("Operations") has the measurement
+#: behind it: at the tiny preset's capacity a full queue of 32 drains in well under the timeout.
+DEFAULT_MAX_QUEUE_SIZE = 32
+#: How long a request may wait in a queue before it is refused (``--queue-timeout-ms``); a client's
+#: own ``timeout`` request parameter overrides it (``allow_timeout_override``).
+DEFAULT_QUEUE_TIMEOUT_MS = 5000
 _MODELS_DIR = Path(__file__).with_name("triton_models")
 _TORCH_CKPT = "checkpoint"  # torch towers: a vision-only checkpoint in the version folder
 
@@ -94,6 +101,8 @@ class RepositoryOptions:
     warmup: bool = True
     tower_threads: int | None = None  # ONNX Runtime intra-op threads per Python-backend tower
     cache_mb: float = DEFAULT_CACHE_MB  # embedding cache of each embedder instance (0 = off)
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # requests waiting per model (towers: at least what BLS needs)
+    queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS  # longest wait in a queue before UNAVAILABLE
 
     def validate(self) -> None:
         if self.max_batch is not None and self.max_batch < 1:
@@ -106,6 +115,10 @@ class RepositoryOptions:
             raise ConfigError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
         if not self.cache_mb >= 0:
             raise ConfigError(f"--cache-mb must be >= 0, got {self.cache_mb}")
+        if self.max_queue_size < 1:
+            raise ConfigError(f"--max-queue-size must be >= 1, got {self.max_queue_size}")
+        if self.queue_timeout_ms < 1:
+            raise ConfigError(f"--queue-timeout-ms must be >= 1, got {self.queue_timeout_ms}")
 
 
 # -- reading artifacts -------------------------------------------------------------------------------
@@ -263,6 +276,28 @@ def tower_max_batch(t: TowerArtifact, requested: int | None) -> int:
     return mb
 
 
+def set_queue_policy(db: Any, max_queue_size: int, timeout_ms: int) -> None:
+    """A bounded queue on a model's dynamic batcher: at most ``max_queue_size`` requests wait, each
+    at most ``timeout_ms`` (or the request's own ``timeout`` parameter, which may override it); a
+    request over either bound is refused with UNAVAILABLE instead of waiting for ever."""
+    pb, _ = _pb()
+    policy = db.default_queue_policy
+    policy.max_queue_size = max_queue_size
+    policy.default_timeout_microseconds = timeout_ms * 1000
+    policy.timeout_action = pb.ModelQueuePolicy.REJECT
+    policy.allow_timeout_override = True
+
+
+def tower_queue_size(opts: RepositoryOptions, max_batch: int, pcfg: PreprocessConfig = DEFAULT_PREPROCESS) -> int:
+    """A tower's queue bound: ``--max-queue-size``, but never fewer than the BLS requests every
+    embedder instance can have in flight at once (a global view plus its largest image's crops in
+    ``max_batch`` chunks), so the embedder's own traffic is never refused by a tower."""
+    per_side = pcfg.max_image_size // pcfg.patch_size
+    per_request = 1 + -(-(per_side * per_side) // max_batch)
+    instances = opts.preprocess_instances or default_preprocess_instances()
+    return max(opts.max_queue_size, instances * per_request)
+
+
 def tower_config(t: TowerArtifact, opts: RepositoryOptions) -> Any:
     """The tower's ``ModelConfig`` message."""
     pb, _ = _pb()
@@ -274,6 +309,7 @@ def tower_config(t: TowerArtifact, opts: RepositoryOptions) -> Any:
     cfg.output.add(name=C.TOWER_OUTPUT, data_type=pb.DataType.Value(out_type), dims=[t.num_tokens, t.out_dim])
     db = cfg.dynamic_batching
     db.max_queue_delay_microseconds = opts.max_queue_delay_us
+    set_queue_policy(db, tower_queue_size(opts, mb), opts.queue_timeout_ms)
     if t.kind == "trt":
         mn, opt, _ = t.profile
         db.preferred_batch_size.extend(sorted({b for b in (opt, mb) if mn <= b <= mb}))
@@ -313,6 +349,9 @@ def embedder_config(opts: RepositoryOptions) -> Any:
     count = opts.preprocess_instances or default_preprocess_instances()
     cfg.instance_group.add(count=count, kind=pb.ModelInstanceGroup.KIND_CPU)
     cfg.parameters[C.CACHE_MB_PARAMETER].string_value = repr(float(opts.cache_mb))
+    # Triton 2.51 accepts a dynamic batcher on a max_batch_size 0 model: it batches nothing but
+    # gives the model a bounded, timed queue (the wire contract stays one image per request).
+    set_queue_policy(cfg.dynamic_batching, opts.max_queue_size, opts.queue_timeout_ms)
     return cfg
 
 

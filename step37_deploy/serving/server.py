@@ -31,10 +31,17 @@ process dies (``PR_SET_PDEATHSIG``).
 ``serve`` puts the gateway (``gateway.py``: nginx, with the limits Triton lacks, an API allowlist,
 the API key and TLS) on the user's address and ports and Triton on 127.0.0.1 behind it; it starts
 the gateway once Triton is ready and stops it after the drain, before Triton.
+
+While it serves, ``serve`` supervises tritonserver and every backend stub (``supervise.py``): a
+process that dies or stays stopped is a crash, logged in one line; the whole process tree is taken
+down and ``serve`` raises :class:`ServerCrashed` (exit 4).  tritonserver runs with umask 077, the
+work folder is 0700 and named with this host and PID (``files.temp_sibling``), so the next run
+removes a killed run's folder, shared memory and stubs (``supervise.sweep_dead_runs``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -46,13 +53,14 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import BackendUnavailable, ConfigError
+from ..errors import BackendUnavailable, ConfigError, ServerCrashed
 from . import contract as C
 from .gateway import Gateway, GatewayOptions, check_tls_files, read_api_key, require_nginx
-from .gateway import die_with_parent as _die_with_parent
+from .supervise import POLL_S, Supervisor, shm_prefix, sweep_dead_runs
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +186,14 @@ def models_ready(http_url: str, models: tuple[str, ...] = SERVED_MODELS) -> bool
     return ok("/v2/health/ready") and all(ok(f"/v2/models/{m}/ready") for m in models)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    os.umask(0o077)  # what tritonserver and its stubs create is the server user's alone
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class TritonServer:
     """One ``tritonserver`` process on a repository; ``start`` returns once every model is ready."""
 
@@ -214,6 +230,7 @@ class TritonServer:
         # new every run, known to this process only, sent by drain() alone, never logged.
         self.admin_key = secrets.token_urlsafe(32)
         self.proc: subprocess.Popen | None = None
+        self.shm_prefix = shm_prefix(os.getpid(), self.http_port)
 
     @property
     def http_url(self) -> str:
@@ -251,7 +268,7 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
             # A prefix of our own: servers started side by side never share Python-backend memory.
-            f"--backend-config=python,shm-region-prefix-name=step37_{os.getpid()}_{self.http_port}_",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if self.grpc_tls is not None:
             cert, key = self.grpc_tls
@@ -261,16 +278,17 @@ class TritonServer:
             cmd.append(f"--backend-directory={backends}")
         return cmd
 
-    def redacted(self, cmd: list[str]) -> str:
-        """The command line for the log, with the admin key replaced."""
-        return " ".join(cmd).replace(self.admin_key, "<redacted>")
-
-    def start(self, timeout_s: float = 300.0, should_stop=lambda: False) -> TritonServer:
+    def launch(self) -> subprocess.Popen:
+        """Start tritonserver (its own process group, umask 077, SIGTERM when this process dies)."""
         cmd = self.command()
         log.info("starting %s", self.redacted(cmd))
         self.proc = subprocess.Popen(
             cmd, env=server_env(self.install), cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent
         )
+        return self.proc
+
+    def start(self, timeout_s: float = 300.0, should_stop=lambda: False) -> TritonServer:
+        self.launch()
         self.wait_ready(timeout_s, should_stop)
         return self
 
@@ -278,7 +296,10 @@ class TritonServer:
         """Server ready and every served model loaded."""
         return models_ready(self.http_url, self.models)
 
-    def wait_ready(self, timeout_s: float, should_stop=lambda: False) -> None:
+    def wait_ready(self, timeout_s: float, should_stop=lambda: False, supervisor: Supervisor | None = None) -> None:
+        """Until every model is ready.  ``supervisor``: the shared-memory regions are made private as
+        they appear; its processes are not judged yet (a model that fails to load ends its stub, and
+        tritonserver then exits on its own: a repository problem, exit 2, not a crash)."""
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.proc is not None and self.proc.poll() is not None:
@@ -288,6 +309,8 @@ class TritonServer:
                 )
             if should_stop():
                 return
+            if supervisor is not None:
+                supervisor.protect_shm()
             if time.monotonic() > deadline:
                 self.stop()
                 raise BackendUnavailable(f"tritonserver was not ready within {timeout_s:.0f}s (its log above says why)")
@@ -324,11 +347,17 @@ class TritonServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
-    def wait(self) -> int:
+    def wait(self, timeout_s: float | None = None) -> int:
+        """tritonserver's exit status; SIGKILL after ``timeout_s`` (None: wait as long as it takes)."""
         assert self.proc is not None
+        end = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
-                return self.proc.wait()
+                return self.proc.wait(None if end is None else max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop within %.0fs; killing it", timeout_s)
+                self.proc.kill()
+                end = None
             except KeyboardInterrupt:  # pragma: no cover - the handler forwards signals
                 continue
 
@@ -367,17 +396,27 @@ def serve(
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
     allow_shared_memory: bool = False,
+    on_started: Callable[[TritonServer, Supervisor], None] | None = None,
 ) -> int:
     """``step37-deploy serve``: a repository in a temporary folder, ``tritonserver`` on it, and in
     front of it the gateway (nginx, on ``host`` and the given ports; Triton then listens on
     127.0.0.1 only), in the foreground until SIGINT/SIGTERM; then drain the embedder (through
     Triton, the gateway still up so that new requests get Triton's refusal), stop the gateway
     (graceful: what it still forwards is answered), stop Triton and remove the folder.  Returns 0
-    on a clean stop.  ``limits`` carries the gateway's limits (its ``api_key``, ``tls`` and
-    ``allow_shared_memory`` are set here from the other arguments)."""
-    import shutil
+    on a clean stop (also when the signal came during start-up).  ``limits`` carries the gateway's
+    limits (its ``api_key``, ``tls`` and ``allow_shared_memory`` are set here from the other
+    arguments).
+
+    Raises :class:`ServerCrashed` (exit 4) when a watched process (tritonserver, a stub, the
+    gateway) dies or stalls (``supervise.py``).
+
+    ``on_started(server, supervisor)`` runs once tritonserver is started, before the models are
+    waited for: the place to start processes that front it (a gateway) and hand them to
+    ``supervisor.watch(name, popen, front=True)``, so that their death is a crash too and they are
+    taken down with the rest."""
     import tempfile
 
+    from ..files import remove_tree, temp_sibling
     from .repository import write_repository
 
     install = find_tritonserver(tritonserver)
@@ -414,19 +453,26 @@ def serve(
     stop: list[int] = []
     server: TritonServer | None = None
     front: Gateway | None = None
+    supervisor: Supervisor | None = None
 
     def on_signal(signum: int, _frame) -> None:
         if not stop:
-            log.info("received %s: draining in-flight requests and stopping", signal.Signals(signum).name)
+            log.info("received %s: stopping (in-flight requests are drained first)", signal.Signals(signum).name)
         elif server is not None:  # a second signal: stop now
             server.signal(signal.SIGTERM)
         stop.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    workdir = Path(tempfile.mkdtemp(prefix="step37-serve-"))  # 0700: the gateway's config may hold the key
+    # What a killed serve left (its work folder, shared memory, stubs) is removed by the next one.
+    tmp_root = Path(tempfile.gettempdir())
+    sweep_dead_runs()
+    old_umask = os.umask(0o077)  # the repository, its copies of the weights: the server user's only
+    workdir = temp_sibling(tmp_root / "step37-serve", directory=True)  # .step37-serve.step37-tmp-HOST-PID-...
+    os.chmod(workdir, 0o700)
     try:
         repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
         if stop:
+            log.info("stopped during start-up")
             return 0
         if gateway:
             # Triton on loopback only, free ports; the user's address and ports are the gateway's.
@@ -445,7 +491,12 @@ def serve(
                 repo, workdir, install, host, http_port, grpc_port, metrics_port, exit_timeout_s, log_verbose,
                 allow_shared_memory=allow_shared_memory, grpc_tls=tls,
             )  # fmt: skip
-        server.start(ready_timeout_s, should_stop=lambda: bool(stop))
+        supervisor = Supervisor(server.shm_prefix)
+        server.launch()
+        supervisor.watch("tritonserver", server.proc, front=True, stubs=True)
+        if on_started is not None:
+            on_started(server, supervisor)
+        server.wait_ready(ready_timeout_s, should_stop=lambda: bool(stop), supervisor=supervisor)
         ports = {"http": server.http_port, "grpc": server.grpc_port, "metrics": server.metrics_port}
         if gateway and not stop:
             probe = server.probe_host if host in ("0.0.0.0", "") else host
@@ -455,37 +506,43 @@ def serve(
                 "metrics": metrics_port or free_port(probe),
             }
             front = Gateway(workdir, host, listen, ports, limits, nginx).start()
+            supervisor.watch("gateway", front.proc, front=True)  # its death is a crash; killed first
             ports = listen
-        if not stop:
-            log.info(
-                "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d (%s); models %s (repository %s)",
-                host,
-                ports["http"],
-                host,
-                ports["grpc"],
-                host,
-                ports["metrics"],
-                "through the nginx gateway" if front is not None else "tritonserver itself, no gateway",
-                ", ".join(server.models),
-                repo,
-            )
-        while server.proc.poll() is None and (front is None or front.alive()) and not stop:
-            time.sleep(0.2)
-        if not stop and front is not None and not front.alive():
-            raise BackendUnavailable(
-                f"the gateway (nginx) exited unexpectedly with status {front.proc.returncode} (its log above says why)"
-            )
+        if stop:  # SIGTERM/SIGINT before every model was ready: nothing was served, nothing to drain
+            log.info("stopped during start-up")
+            supervisor.kill_all()
+            return 0
+        supervisor.protect_shm()
+        supervisor.discover()
+        log.info(
+            "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d (%s); models %s (repository %s); watching %d stubs",
+            host,
+            ports["http"],
+            host,
+            ports["grpc"],
+            host,
+            ports["metrics"],
+            "through the nginx gateway" if front is not None else "tritonserver itself, no gateway",
+            ", ".join(server.models),
+            repo,
+            len(supervisor.stubs()),
+        )
+        while not stop:
+            problem = supervisor.check()
+            if problem is not None:
+                log.error("crash: %s; taking the server down", problem)
+                supervisor.kill_all()
+                raise ServerCrashed(f"{problem}: the server was taken down (restart serve)")
+            time.sleep(POLL_S)
         drained = False
-        if stop and server.proc.poll() is None:
+        if server.proc.poll() is None:
             drained = server.drain(exit_timeout_s)
             log.info("%s; stopping tritonserver", "in-flight requests done" if drained else "drain timed out")
         if front is not None:
             front.stop()  # graceful: it closes idle client connections and its keep-alive ones to Triton
         if stop:
             server.signal(signal.SIGTERM)
-        rc = server.wait()
-        if not stop:
-            raise BackendUnavailable(f"tritonserver exited unexpectedly with status {rc} (its log above says why)")
+        rc = server.wait(exit_timeout_s + 15)
         if rc != 0 and drained:
             # Every embedder request was answered before SIGTERM; what Triton still waited for is
             # almost always clients' idle keep-alive HTTP connections (it waits for those first).
@@ -503,10 +560,11 @@ def serve(
         log.info("stopped cleanly" if rc == 0 else "stopped")
         return 0
     finally:
-        if front is not None and front.alive():
-            front.stop()
-        if server is not None and server.proc is not None and server.proc.poll() is None:
+        if supervisor is not None:
+            supervisor.kill_all()  # nothing outlives serve: stubs that ignore SIGTERM, a gateway
+        elif server is not None and server.proc is not None and server.proc.poll() is None:
             server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_tree(workdir)
+        os.umask(old_umask)
         for s, h in previous.items():
             signal.signal(s, h)

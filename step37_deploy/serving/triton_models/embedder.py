@@ -88,6 +88,36 @@ def _gpu_projector(weight: np.ndarray, bias: np.ndarray | None, record: dict) ->
     return w, (torch.from_numpy(bias).to("cuda", dtype) if bias is not None else None)
 
 
+class _Cancelled(Exception):
+    """The request's client cancelled it or its deadline passed (gRPC)."""
+
+
+class _TowerBusy(Exception):
+    """A tower refused the views: its queue was full or the wait timed out."""
+
+
+#: Triton's messages for a request its queue policy refused (``Exceeds maximum queue size``) or
+#: timed out (``Request timeout expired``).
+_BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
+
+
+def _code(name: str):
+    """A ``TritonError`` code by name, INTERNAL where this backend version lacks it."""
+    return getattr(pb_utils.TritonError, name, pb_utils.TritonError.INTERNAL)
+
+
+def _cancelled(request) -> bool:
+    """Triton (2.39+) marks a request cancelled when its gRPC client cancels or its deadline passes."""
+    check = getattr(request, "is_cancelled", None)
+    return bool(check()) if check is not None else False
+
+
+def _cancelled_response():
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError("request cancelled by its client (or its deadline passed)", _code("CANCELLED"))
+    )
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from PIL import Image
@@ -130,7 +160,15 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
+                if _cancelled(request):  # its client gave up while it waited: no work for nobody
+                    responses.append(_cancelled_response())
+                    continue
                 responses.append(await self._embed(request))
+            except _Cancelled:
+                responses.append(_cancelled_response())
+            except _TowerBusy as exc:  # a tower's queue refused the views: retryable, as Triton's own refusals
+                err = pb_utils.TritonError(str(exc), _code("UNAVAILABLE"))
+                responses.append(pb_utils.InferenceResponse(error=err))
             except Step37Error as exc:
                 err = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=err))
@@ -180,6 +218,8 @@ class TritonPythonModel:
         raw = self._image_bytes(request)
         check_not_empty(raw)
         pre = preprocess(raw, self.pcfg, pixel_dtype=self.pixel_dtype)  # pcfg.max_pixels is --max-image-pixels
+        if _cancelled(request):  # given up during preprocessing: the towers never see it
+            raise _Cancelled
         jobs = [self._tower(self.pcfg.image_size, pre.global_view[None])]
         if pre.num_crops:
             jobs.append(self._tower(self.pcfg.patch_size, pre.crops))
@@ -227,6 +267,9 @@ class TritonPythonModel:
         outs = []
         for resp in await asyncio.gather(*calls):
             if resp.has_error():
-                raise RuntimeError(f"tower {name}: {resp.error().message()}")
+                message = resp.error().message()
+                if any(m in message for m in _BUSY_MESSAGES):
+                    raise _TowerBusy(f"tower {name}: {message}")
+                raise RuntimeError(f"tower {name}: {message}")
             outs.append(pb_utils.get_output_tensor_by_name(resp, C.TOWER_OUTPUT).as_numpy())
         return np.concatenate(outs)

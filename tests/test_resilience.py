@@ -1,0 +1,484 @@
+"""``serve`` under faults and overload (issue 16): a dead or frozen process makes it exit with the
+crash code and leave nothing behind, the next run sweeps what a killed run left, bounded queues
+refuse work fast instead of computing answers nobody waits for, and what the server writes is its
+user's alone (issue 15 item 4).
+
+The supervision, queue-policy and client-retry logic is checked without a server first; then real
+``step37-deploy serve`` subprocesses (ONNX FP32 towers of the tiny checkpoint, loopback, free ports):
+one per crash (a crash ends it), and one shared by the overload and permission checks, which is
+started right after a run killed with SIGKILL so that it shows the sweep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from step37_deploy.errors import ServerError
+from step37_deploy.serving import supervise
+from step37_deploy.serving.client import EmbedClient
+from tests.conftest import start_serve, stop_serve
+
+# -- without a server ---------------------------------------------------------------------------------
+
+
+def _child(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
+
+def test_stub_identity_from_the_command_line():
+    cmd = [
+        "/x/backends/python/triton_python_backend_stub", "/tmp/r/step37_vision_728/1/model.py",
+        "step37_1_2_uuid", "1048576", "1048576", "77", "/x/backends/python", "336", "step37_vision_728_0_0", "DEFAULT",
+    ]  # fmt: skip
+    assert supervise.stub_identity(cmd) == ("step37_vision_728", "step37_vision_728_0_0")
+    assert supervise.stub_identity(["/usr/bin/python3", "-c", "pass"]) is None
+    assert supervise.stub_identity([]) is None
+
+
+def test_supervisor_sees_a_death_and_a_stall_and_kills_what_ignores_sigterm():
+    stubborn = _child("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)")
+    other = _child("import time; time.sleep(120)")
+    try:
+        sup = supervise.Supervisor(stall_s=0.5)
+        sup.watch("gateway", stubborn, front=False)
+        sup.watch("tritonserver", other, front=True)
+        time.sleep(0.5)  # the interpreters are up
+        assert sup.check() is None
+        os.kill(other.pid, signal.SIGKILL)
+        other.wait(10)
+        assert sup.check() == "tritonserver was killed by SIGKILL"
+        # A stall: stopped for longer than stall_s, not before.
+        sup = supervise.Supervisor(stall_s=0.5)
+        sup.watch("gateway", stubborn)
+        os.kill(stubborn.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        assert sup.check(t0) is None
+        assert sup.check(t0 + 0.3) is None
+        assert sup.check(t0 + 0.6) == "gateway stalled (stopped for more than 0.5s)"
+        # kill_all: a running process that ignores SIGTERM gets SIGKILL after the grace.
+        os.kill(stubborn.pid, signal.SIGCONT)
+        t0 = time.monotonic()
+        killed = sup.kill_all(grace_s=1.0)
+        stubborn.wait(5)  # (psutil reaped it: Popen cannot see the signal any more)
+        assert killed == [stubborn.pid] and not psutil.pid_exists(stubborn.pid)
+        assert time.monotonic() - t0 < 5
+        # A stopped one is SIGKILLed at once (it would act on SIGTERM only once continued).
+        frozen = _child("import time; time.sleep(120)")
+        time.sleep(0.3)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        sup = supervise.Supervisor()
+        sup.watch("stub", frozen)
+        t0 = time.monotonic()
+        assert sup.kill_all(grace_s=5.0) == [] and time.monotonic() - t0 < 2
+        frozen.wait(5)
+    finally:
+        for p in (stubborn, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_queue_policy_in_every_config():
+    """Every served model has a bounded queue with a timeout that a request may shorten; a tower's
+    bound never refuses what the embedder instances can send it."""
+    from step37_deploy.serving.repository import (
+        RepositoryOptions,
+        TowerArtifact,
+        config_text,
+        embedder_config,
+        tower_config,
+    )
+
+    tower = TowerArtifact(728, "onnx", Path("t.onnx"), "float32", "fp32", 169, 64, None)
+    opts = RepositoryOptions(max_queue_size=5, queue_timeout_ms=1500, preprocess_instances=3, max_batch=8)
+    emb, tow = embedder_config(opts), tower_config(tower, opts)
+    assert emb.max_batch_size == 0  # the wire contract: one image per request, unchanged
+    p = emb.dynamic_batching.default_queue_policy
+    assert (p.max_queue_size, p.default_timeout_microseconds, p.allow_timeout_override) == (5, 1_500_000, True)
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    assert p.timeout_action == pb.ModelQueuePolicy.REJECT and "max_queue_size: 5" in config_text(emb)
+    t = tow.dynamic_batching.default_queue_policy
+    # 3 instances x (a global view + 36 crops of a 3024 px image in chunks of 8) = 3 x 6 = 18 > 5
+    assert (t.max_queue_size, t.default_timeout_microseconds, t.allow_timeout_override) == (18, 1_500_000, True)
+    assert (
+        tower_config(
+            tower, RepositoryOptions(max_queue_size=100, preprocess_instances=1)
+        ).dynamic_batching.default_queue_policy.max_queue_size
+        == 100
+    )
+
+
+def test_client_retries_unavailable_with_backoff_within_its_deadline_never_invalid_arg(monkeypatch):
+    client = EmbedClient("127.0.0.1:1", "grpc", timeout=2.0)
+    calls: list[float] = []
+
+    def flaky(data, left_s):
+        calls.append(left_s)
+        if len(calls) < 3:
+            raise ServerError("Exceeds maximum queue size", "StatusCode.UNAVAILABLE", retryable=True)
+        return "answer"
+
+    monkeypatch.setattr(client, "_embed_once", flaky)
+    assert client.embed(b"x") == "answer" and len(calls) == 3 and client.retries == 2
+    assert calls[0] <= 2.0 and calls[2] < calls[0]  # each try gets what is left of one deadline
+
+    calls.clear()
+
+    def bad(data, left_s):
+        calls.append(left_s)
+        raise ServerError("cannot read image", "StatusCode.INVALID_ARGUMENT", retryable=False)
+
+    monkeypatch.setattr(client, "_embed_once", bad)
+    with pytest.raises(ServerError, match="cannot read image"):
+        client.embed(b"x")
+    assert len(calls) == 1  # never retried
+
+    def busy(data, left_s):
+        calls.append(left_s)
+        raise ServerError("Exceeds maximum queue size", "StatusCode.UNAVAILABLE", retryable=True)
+
+    calls.clear()
+    monkeypatch.setattr(client, "_embed_once", busy)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="maximum queue size"):
+        client.embed(b"x", deadline=0.8)
+    assert time.monotonic() - t0 < 1.0 and len(calls) > 2  # backed off, gave up inside the deadline
+    with pytest.raises(ServerError):
+        EmbedClient("127.0.0.1:1", "grpc", retry=False).embed(b"x")  # a refused connection, final at once
+
+
+def test_backoff_is_exponential_with_full_jitter():
+    from step37_deploy.serving.client import backoff_s
+
+    draws = [[backoff_s(a, 0.1, 1.0) for _ in range(200)] for a in range(6)]
+    for a, d in enumerate(draws):
+        cap = min(1.0, 0.1 * 2**a)
+        assert all(0 <= x <= cap for x in d) and max(d) > 0.5 * cap and len(set(d)) > 150
+
+
+def test_loadtest_without_the_serve_extra_is_one_line_exit_2(monkeypatch, capsys):
+    from step37_deploy.cli import main
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if not installed
+    rc = main(["loadtest", "--url", "127.0.0.1:1", "--images", "x.png", "--checkpoint", "ckpt", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'step37-deploy[serve]'" in err and len(err.strip().splitlines()) == 1
+
+
+# -- against real `serve` processes ----------------------------------------------------------------------
+
+pytest.importorskip("tritonclient.grpc", reason="the [serve] extra (tritonclient) is not installed")
+pytest.importorskip("pytriton", reason="the [serve] extra (nvidia-pytriton) is not installed")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+EXIT_CRASH = 4
+
+
+def _args(checkpoint: Path, artifacts: tuple[Path, Path], *extra: str) -> list[str]:
+    return [
+        "--checkpoint", str(checkpoint), "--backend", "onnx", "--artifacts", *map(str, artifacts),
+        "--preprocess-instances", "2", "--cache-mb", "0", "--exit-timeout", "10", *extra,
+    ]  # fmt: skip
+
+
+def _run_facts(log: Path) -> tuple[Path, str]:
+    """The work folder and the shared-memory prefix of a running serve, from its log (once serve
+    has logged ``ready``: its models can be ready a moment before)."""
+    deadline = time.monotonic() + 30
+    while "ready: HTTP" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text(errors="replace")
+    workdir = Path(re.search(r"repository (\S+)/model_repository", text).group(1))
+    prefix = re.search(r"shm-region-prefix-name=(\S+)", text).group(1)
+    return workdir, prefix
+
+
+def _leftover_processes(prefix: str) -> list[psutil.Process]:
+    """tritonserver and stubs of the run with this shared-memory prefix that still exist."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if prefix in cmd and p.info.get("status") != psutil.STATUS_ZOMBIE:
+            out.append(p)
+    return out
+
+
+def _stub_pid(prefix: str, instance: str) -> int:
+    for p in _leftover_processes(prefix):
+        cmd = p.cmdline()
+        if supervise.stub_identity(cmd) and cmd[8] == instance:
+            return p.pid
+    raise AssertionError(f"no stub {instance} for {prefix}")
+
+
+def _triton_pid(prefix: str) -> int:
+    (p,) = [p for p in _leftover_processes(prefix) if p.cmdline()[0].endswith("tritonserver")]
+    return p.pid
+
+
+def _ready(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _assert_gone(proc: subprocess.Popen, log: Path, workdir: Path, prefix: str) -> None:
+    deadline = time.monotonic() + 5
+    while _leftover_processes(prefix) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _leftover_processes(prefix), [p.cmdline()[:2] for p in _leftover_processes(prefix)]
+    assert not workdir.exists()
+    assert not supervise.shm_regions(prefix)
+
+
+@pytest.mark.parametrize(
+    ("target", "names"),
+    [
+        ("step37_vision_728_0_0", "model step37_vision_728 (stub step37_vision_728_0_0"),
+        ("step37_embedder_0_1", "model step37_embedder (stub step37_embedder_0_1"),
+        ("tritonserver", "tritonserver was killed by SIGKILL"),
+    ],
+    ids=["tower-stub", "embedder-stub", "tritonserver"],
+)
+def test_sigkill_is_a_crash_that_takes_everything_down(tiny_fp32, exported, tmp_path, target, names):
+    """Documented behaviour (option b): readiness stops answering within a moment, serve logs one
+    line naming what died, kills the rest, removes its leftovers and exits 4."""
+    log = tmp_path / "serve.log"
+    proc, ports = start_serve(_args(tiny_fp32, (exported[("fp32", 728)], exported[("fp32", 504)])), log)
+    try:
+        workdir, prefix = _run_facts(log)
+        assert "watching 4 stubs" in log.read_text()  # two towers, two embedder instances
+        pid = _triton_pid(prefix) if target == "tritonserver" else _stub_pid(prefix, target)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        last_ready = killed
+        while proc.poll() is None and time.monotonic() - killed < 30:
+            if _ready(ports["http"]):
+                last_ready = time.monotonic()
+            time.sleep(0.1)
+        assert proc.wait(5) == EXIT_CRASH
+        assert last_ready - killed < 3.0  # health never says ready for more than a moment
+        text = log.read_text(errors="replace")
+        crash = [line for line in text.splitlines() if line.startswith("step37-deploy: crash:")]
+        assert len(crash) == 1 and names in crash[0], text[-2000:]
+        _assert_gone(proc, log, workdir, prefix)
+    finally:
+        stop_serve(proc)
+
+
+def test_a_stub_frozen_for_3s_is_a_crash(tiny_fp32, exported, tmp_path):
+    log = tmp_path / "serve.log"
+    proc, _ports = start_serve(_args(tiny_fp32, (exported[("fp32", 728)], exported[("fp32", 504)])), log)
+    try:
+        workdir, prefix = _run_facts(log)
+        pid = _stub_pid(prefix, "step37_vision_504_0_0")
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(3)
+        # Seen while still frozen: serve did not wait for the stub to run again.
+        assert "stalled (stopped for more than 1s)" in log.read_text(errors="replace")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        assert proc.wait(15) == EXIT_CRASH
+        _assert_gone(proc, log, workdir, prefix)
+    finally:
+        stop_serve(proc)
+
+
+def test_sigterm_during_start_up_stops_cleanly(tiny_fp32, exported, tmp_path):
+    from step37_deploy.serving.server import free_port
+
+    log = tmp_path / "serve.log"
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "step37_deploy.cli", "serve", "--host", "127.0.0.1"]
+    cmd += _args(tiny_fp32, (exported[("fp32", 728)], exported[("fp32", 504)]))
+    cmd += [f"--{k}-port={free_port()}" for k in ("http", "grpc", "metrics")]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        deadline = time.monotonic() + 120
+        while "starting " not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # tritonserver is loading the models
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        text = log.read_text(errors="replace")
+        assert "stopped during start-up" in text and "in flight" not in text and "step37-deploy: error" not in text
+        _assert_gone(proc, log, *_run_facts_start(text))
+    finally:
+        stop_serve(proc)
+
+
+def _run_facts_start(text: str) -> tuple[Path, str]:
+    """Work folder and prefix from the ``starting`` line (the run never reached ``ready``)."""
+    m = re.search(r"--model-repository=(\S+)/model_repository", text)
+    return Path(m.group(1)), re.search(r"shm-region-prefix-name=(\S+)", text).group(1)
+
+
+@pytest.fixture(scope="module")
+def survivor(tiny_fp32, exported, tmp_path_factory):
+    """A serve killed with SIGKILL together with its tritonserver and stubs (as the OOM killer of a
+    container might), then the next serve: it sweeps the dead run's leftovers and then serves the
+    overload and permission tests."""
+    artifacts = (exported[("fp32", 728)], exported[("fp32", 504)])
+    folder = tmp_path_factory.mktemp("survivor")
+    dead_log = folder / "dead.log"
+    dead, _ = start_serve(_args(tiny_fp32, artifacts), dead_log)
+    workdir, prefix = _run_facts(dead_log)
+    triton = _triton_pid(prefix)
+    dead.kill()
+    os.killpg(triton, signal.SIGKILL)  # tritonserver's group: it and every stub
+    dead.wait()
+    deadline = time.monotonic() + 10
+    while _leftover_processes(prefix) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {"workdir": workdir, "prefix": prefix, "regions": supervise.shm_regions(prefix), "pid": dead.pid}
+    assert workdir.is_dir() and left["regions"], "the killed run left nothing to sweep"
+    log = folder / "serve.log"
+    proc, ports = start_serve(_args(tiny_fp32, artifacts), log)
+    try:
+        yield {"proc": proc, "ports": ports, "log": log, "left": left, "checkpoint": tiny_fp32, "artifacts": artifacts}
+    finally:
+        stop_serve(proc)
+
+
+def test_the_next_serve_removes_a_killed_runs_leftovers(survivor):
+    left, text = survivor["left"], survivor["log"].read_text(errors="replace")
+    assert not left["workdir"].exists() and not any(r.exists() for r in left["regions"])
+    assert f"removed {left['workdir']}, a temporary left by a killed run (pid {left['pid']})" in text
+    for region in left["regions"]:
+        assert f"removed {region} (" in text and f"shared memory left by a killed serve (pid {left['pid']})" in text
+
+
+def test_shared_memory_and_repository_are_the_server_users_only(survivor):
+    workdir, prefix = _run_facts(survivor["log"])
+    regions = supervise.shm_regions(prefix)
+    assert len(regions) >= 4  # one per stub: two towers, two embedder instances
+    for r in regions:
+        assert r.stat().st_mode & 0o777 == 0o600, (r, oct(r.stat().st_mode))
+    assert workdir.stat().st_mode & 0o777 == 0o700
+    files = [p for p in workdir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert files
+    for f in files:
+        st = f.stat()
+        # What serve wrote is 0600 (umask 077); a hard link to an input artifact keeps the input's own
+        # mode (changing it would modify the user's file) and is reachable only through the 0700 folder.
+        assert st.st_mode & 0o077 == 0 or st.st_nlink > 1, (f, oct(st.st_mode))
+
+
+def _png(seed: int, w: int, h: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _pending(metrics_port: int) -> float:
+    from step37_deploy.serving.loadtest import parse_metrics
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        m = parse_metrics(r.read().decode())
+    return sum(v for (name, _), v in m.items() if name == "nv_inference_pending_request_count")
+
+
+def test_open_loop_overload_is_refused_fast_and_every_answer_is_right(survivor):
+    """~4x capacity for 15 s, 5 s client deadline: requests are refused fast (bounded queue), each
+    ends in exactly one answer or one error, every answer is correct, and the server's pending count
+    is back to zero within 25 s of the load stopping."""
+    from step37_deploy.runtime import ImageEmbedding, VisionEmbedder
+    from step37_deploy.serving import loadtest as lt
+
+    ports = survivor["ports"]
+    payloads = [_png(200 + i, w, h) for i, (w, h) in enumerate([(610, 470), (530, 530), (980, 760), (450, 640)])]
+    twin = VisionEmbedder.from_artifacts(survivor["checkpoint"], "onnx", list(survivor["artifacts"]), cache_mb=0)
+    refs = []
+    for p in payloads:
+        (r,) = twin.embed_images([p])
+        refs.append(ImageEmbedding(lt._numpy(r.features), r.token_ids, r.text, r.num_crops, r.newline_mask))
+    client = EmbedClient(f"127.0.0.1:{ports['grpc']}", "grpc", timeout=5.0, retry=False)
+    try:
+        out, sent, wall = lt.drive(client.embed, payloads, refs, 8, 4, 120, 60, 1e-4, "", False)
+        assert sent == 8 and all(o.error is None and not o.wrong for o in out), [o.error or o.wrong for o in out]
+        capacity = 8 / wall
+        rate = 4 * capacity
+        t0 = time.monotonic()
+        out, sent, wall, late = lt.drive_open_loop(
+            client.embed, payloads, refs, rate, 15.0, 5.0, 1e-4, "", False, on_exit=client.close_thread
+        )
+        load_stopped = t0 + 15.0
+    finally:
+        client.close()
+    m = lt.measure_open_loop(out, sent, wall, late, rate, 5.0, 15.0)
+    assert sent == len(out) and m.lost == 0  # each request: exactly one answer or one error
+    assert m.mismatches == 0, m.error_messages
+    answered = sent - m.errors
+    assert answered > 0 and m.goodput_ips > 0
+    others = [o.error for o in out if o.error and o.kind is None]
+    assert not others, others[:3]  # only refusals and deadline misses
+    full = [o.latency_s for o in out if o.error and "Exceeds maximum queue size" in o.error]
+    assert full, "nothing was refused at 4x capacity"
+    assert np.percentile(full, 90) < 1.0, np.percentile(full, 90)  # refused fast, not after a wait
+    while _pending(ports["metrics"]) > 0:
+        assert time.monotonic() - load_stopped < 25, "requests still pending 25 s after the load stopped"
+        time.sleep(0.5)
+
+
+def test_a_request_whose_grpc_deadline_passed_is_never_computed(survivor):
+    """Both embedder instances busy with two large images; ten small requests with a 50 ms gRPC
+    deadline queue behind them and time out.  None of them reaches a tower: the 728 tower sees
+    exactly the two large images' global views."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+
+    url = f"127.0.0.1:{survivor['ports']['grpc']}"
+
+    def tower_views() -> int:
+        stats = grpcclient.InferenceServerClient(url).get_inference_statistics("step37_vision_728", as_json=True)
+        return int(stats["model_stats"][0].get("inference_count", 0))
+
+    from PIL import Image
+
+    def jpeg(seed: int) -> bytes:  # 3000x3000: 36 crops, seconds of tower work on a CPU
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    big = [jpeg(300 + i) for i in range(2)]
+    small = [_png(400 + i, 300, 300) for i in range(10)]
+    before = tower_views()
+    answers: list = []
+    with EmbedClient(url, "grpc", timeout=300) as slow:
+        threads = [threading.Thread(target=lambda b=b: answers.append(slow.embed(b))) for b in big]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # both instances are decoding / preprocessing / in the towers
+        statuses = []
+        with EmbedClient(url, "grpc", timeout=0.05, retry=False) as hasty:
+            for raw in small:
+                with pytest.raises(ServerError) as err:
+                    hasty.embed(raw)
+                statuses.append(err.value.status)
+        for t in threads:
+            t.join(300)
+    assert len(answers) == 2 and set(statuses) == {"StatusCode.DEADLINE_EXCEEDED"}, statuses
+    time.sleep(2.0)
+    assert tower_views() - before == 2
