@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_handoff_parser(sub: argparse._SubParsersAction) -> None:
     """``handoff TARGET``: one target per LLM engine (``step37_deploy/handoff/TARGET.py``)."""
     p = sub.add_parser("handoff", help="turn the service's embeddings into an LLM engine's request")
-    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET", help="the LLM engine: sglang")
     t = targets.add_parser(
         "sglang",
         help="write SGLang's /generate body (expanded input_ids + precomputed_embedding rows) for a prompt",
