@@ -475,7 +475,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_loadtest_parser(sub)
     _add_serving_parsers(sub)
+    _add_handoff_parser(sub)
     return parser
+
+
+def _add_handoff_parser(sub: argparse._SubParsersAction) -> None:
+    """``handoff TARGET``: one target per LLM engine (``step37_deploy/handoff/TARGET.py``)."""
+    p = sub.add_parser("handoff", help="turn the service's embeddings into an LLM engine's request")
+    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET", help="the LLM engine: sglang")
+    t = targets.add_parser(
+        "sglang",
+        help="write SGLang's /generate body (expanded input_ids + precomputed_embedding rows) for a prompt",
+        formatter_class=_HelpFormatter,
+    )
+    t.add_argument("--url", required=True, help="HOST:PORT of the embedding service (its --protocol endpoint)")
+    t.add_argument("--protocol", choices=["http", "grpc"], default="http", help="protocol of --url")
+    t.add_argument("--timeout", type=POSITIVE_FLOAT, default=60.0, help="seconds one embedding request may take")
+    t.add_argument("--tokenizer", required=True, help="folder with the checkpoint's tokenizer (tokenizer.json)")
+    t.add_argument("--prompt", required=True, help="prompt text with one <im_patch> where each --image goes")
+    t.add_argument("--image", action="append", required=True, help="image file, repeatable, in prompt order")
+    t.add_argument("--out", required=True, help="the JSON body to write (atomically; replaces only such a body)")
+    t.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="rows asked of the service: bf16 rounds them as a bf16 LLM will (half the bytes from the service)",
+    )
+    t.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="sampling_params.max_new_tokens")
+    t.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="sampling_params.temperature")
+    _add_common(t)
 
 
 def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
@@ -984,7 +1012,17 @@ def _cmd_serve(args: argparse.Namespace, progress: bool) -> int:
     )
 
 
+def _cmd_handoff(args: argparse.Namespace, progress: bool) -> int:
+    if args.target == "sglang":
+        from .handoff.sglang import handoff_command
+
+        handoff_command(args, progress)
+        print(args.out)
+    return 0
+
+
 COMMANDS = {
+    "handoff": _cmd_handoff,
     "make-checkpoint": _cmd_make_checkpoint,
     "export": _cmd_export,
     "compare": _cmd_compare,

@@ -34,15 +34,24 @@ from .preprocess import PreprocessConfig, as_pixel_dtype, host_pixel_dtype, imag
 log = logging.getLogger(__name__)
 
 
+#: What :meth:`VisionEmbedder.embed_images` can compute per image (the served ``contract.ROW_KINDS``).
+ROW_KINDS = ("features", "vision_features")
+_FEATURES_ONLY = frozenset({"features"})
+
+
 @dataclass
 class ImageEmbedding:
-    """One image's projected features in token order (crops first, then the global view)."""
+    """One image's projected features in token order (crops first, then the global view).
+
+    ``vision_features`` are the tower's rows before the projector ([L, 6144], the same row order),
+    present only when asked for; ``features`` is None when only those were asked for."""
 
     features: Any  # [L, hidden]: numpy, or a torch tensor on the runner's device
     token_ids: list[int]
     text: str
     num_crops: int
     newline_mask: list[bool]
+    vision_features: Any = None  # [L, 6144] before the projector, when asked for
 
 
 class EmbeddingCache:
@@ -132,17 +141,33 @@ def image_key(image: Any) -> str | None:
     return None
 
 
+def _nbytes(f: Any) -> int:
+    if f is None:
+        return 0
+    return int(f.nbytes if isinstance(f, np.ndarray) else f.element_size() * f.nelement())
+
+
 def _embedding_nbytes(e: ImageEmbedding) -> int:
-    f = e.features
-    feats = f.nbytes if isinstance(f, np.ndarray) else f.element_size() * f.nelement()
-    return int(feats) + 8 * len(e.token_ids) + len(e.text) + len(e.newline_mask) + 256
+    feats = _nbytes(e.features) + _nbytes(e.vision_features)
+    return feats + 8 * len(e.token_ids) + len(e.text) + len(e.newline_mask) + 256
+
+
+def _copy_rows(f: Any) -> Any:
+    if f is None:
+        return None
+    return f.copy() if isinstance(f, np.ndarray) else f.clone()
 
 
 def _copy_embedding(e: ImageEmbedding) -> ImageEmbedding:
     """A private copy, so that a caller editing its result cannot change what the cache returns."""
-    f = e.features
-    feats = f.copy() if isinstance(f, np.ndarray) else f.clone()
-    return ImageEmbedding(feats, list(e.token_ids), e.text, e.num_crops, list(e.newline_mask))
+    return ImageEmbedding(
+        _copy_rows(e.features),
+        list(e.token_ids),
+        e.text,
+        e.num_crops,
+        list(e.newline_mask),
+        _copy_rows(e.vision_features),
+    )
 
 
 class VisionEmbedder:
@@ -282,19 +307,27 @@ class VisionEmbedder:
         (then normalised per runner)."""
         return host_pixel_dtype(r.input_spec().dtype for r in (self.global_runner, self.crop_runner))
 
-    def embed_images(self, images: Sequence[Any]) -> list[ImageEmbedding]:
+    def embed_images(self, images: Sequence[Any], outputs: Sequence[str] = ("features",)) -> list[ImageEmbedding]:
         """Preprocess (to the runners' input dtype), run all global views and all crops in batches,
         project, and reassemble per image in token order.  With the cache on, only images not in it
-        are computed (each distinct one once) and every result is a private copy."""
+        are computed (each distinct one once) and every result is a private copy.
+
+        ``outputs``: the row kinds to compute (:data:`ROW_KINDS`): ``features`` (projected, the
+        default) and/or ``vision_features`` (the towers' rows, before the projector: without
+        ``features`` the projector does not run and ``ImageEmbedding.features`` is None)."""
+        kinds = frozenset(outputs)
+        if not kinds or not kinds <= set(ROW_KINDS):
+            raise InputError(f"outputs must be one or more of {ROW_KINDS}, got {list(outputs)}")
         if not self.cache.enabled:
-            return self._embed_uncached(images)
-        keys = [image_key(im) for im in images]
+            return self._embed_uncached(images, kinds)
+        suffix = "" if kinds == {"features"} else ":" + ",".join(sorted(kinds))  # one entry per answer kind
+        keys = [k if k is None else k + suffix for k in (image_key(im) for im in images)]
         out: list[ImageEmbedding | None] = [self.cache.get(k) for k in keys]
         todo: dict[Any, list[int]] = {}  # one computation per distinct missing image
         for i, (k, e) in enumerate(zip(keys, out, strict=True)):
             if e is None:
                 todo.setdefault(k if k is not None else ("uncached", i), []).append(i)
-        fresh = self._embed_uncached([images[idx[0]] for idx in todo.values()])
+        fresh = self._embed_uncached([images[idx[0]] for idx in todo.values()], kinds)
         for (k, idx), e in zip(todo.items(), fresh, strict=True):
             if isinstance(k, str):
                 self.cache.put(k, e, _embedding_nbytes(e))
@@ -302,24 +335,26 @@ class VisionEmbedder:
                 out[i] = e
         return [_copy_embedding(e) for e in out]  # type: ignore[arg-type]
 
-    def _embed_uncached(self, images: Sequence[Any]) -> list[ImageEmbedding]:
+    def _embed_uncached(self, images: Sequence[Any], kinds: frozenset[str] = _FEATURES_ONLY) -> list[ImageEmbedding]:
         pixel_dtype = self.pixel_dtype
         pre = [preprocess(im, self.pcfg, pixel_dtype=pixel_dtype) for im in images]
         globals_ = np.stack([p.global_view for p in pre]) if pre else None
         crops = [p.crops for p in pre if p.num_crops]
         gdtype, cdtype = self.global_runner.input_spec().dtype, self.crop_runner.input_spec().dtype
-        gfeat = self._project(self.encode(as_pixel_dtype(globals_, gdtype))) if pre else None
-        cfeat = self._project(self.encode(as_pixel_dtype(np.concatenate(crops), cdtype))) if crops else None
-        out, k = [], 0
+        gtower = self.encode(as_pixel_dtype(globals_, gdtype)) if pre else None
+        ctower = self.encode(as_pixel_dtype(np.concatenate(crops), cdtype)) if crops else None
+        rows: dict[str, list[Any]] = {}
+        if "vision_features" in kinds:
+            rows["vision_features"] = _per_image(pre, gtower, ctower)
+        if "features" in kinds:
+            gfeat = self._project(gtower) if pre else None
+            cfeat = self._project(ctower) if crops else None
+            rows["features"] = _per_image(pre, gfeat, cfeat)
+        out = []
         for i, p in enumerate(pre):
-            parts = []
-            if p.num_crops:
-                parts.append(cfeat[k : k + p.num_crops].reshape(-1, cfeat.shape[-1]))
-                k += p.num_crops
-            parts.append(gfeat[i])
-            feats = parts[0] if len(parts) == 1 else _cat(parts)
             text, ids = image_layout(p.num_crops, p.newline_mask, self.tokens, self.pcfg)
-            out.append(ImageEmbedding(feats, ids, text, p.num_crops, p.newline_mask))
+            feats, vision = (rows[k][i] if k in rows else None for k in ROW_KINDS)
+            out.append(ImageEmbedding(feats, ids, text, p.num_crops, p.newline_mask, vision))
         return out
 
     def fuse(
@@ -375,6 +410,20 @@ def _recorded_metadata(backend: str, path: str | Path) -> dict[str, str]:
 
     recorded = read_manifest(path).get("onnx_metadata", {})
     return recorded if isinstance(recorded, dict) else {}
+
+
+def _per_image(pre: Sequence[Any], gfeat: Any, cfeat: Any) -> list[Any]:
+    """Per image, its rows in token order: its crops' rows (row-major crop order), then its global
+    view's, cut from the batched global [N, P, D] and crop [sum n_i, P', D] outputs."""
+    out, k = [], 0
+    for i, p in enumerate(pre):
+        parts = []
+        if p.num_crops:
+            parts.append(cfeat[k : k + p.num_crops].reshape(-1, cfeat.shape[-1]))
+            k += p.num_crops
+        parts.append(gfeat[i])
+        out.append(parts[0] if len(parts) == 1 else _cat(parts))
+    return out
 
 
 def _cat(parts: list[Any]) -> Any:

@@ -108,7 +108,7 @@ def test_repeats_in_one_call_are_computed_once(embedders):
     )
     calls = []
     real = cached._embed_uncached
-    cached._embed_uncached = lambda ims: calls.append(len(ims)) or real(ims)
+    cached._embed_uncached = lambda ims, *kinds: calls.append(len(ims)) or real(ims, *kinds)
     out = cached.embed_images([IMAGES[1], IMAGES[1], Image.open(io.BytesIO(IMAGES[1])), IMAGES[1]])
     assert calls == [2]  # the bytes once, the PIL image (no key) once
     for e in out[1:]:

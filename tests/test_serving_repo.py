@@ -96,6 +96,12 @@ def test_trt_repository_configs_agree_with_engine_manifests(tiny_fp32, engines, 
         ("features", "TYPE_FP32"),
         ("token_ids", "TYPE_INT64"),
         ("num_crops", "TYPE_INT32"),
+        # optional answers (computed only when named): 16-bit rows, rows before the projector
+        ("features_fp16", "TYPE_FP16"),
+        ("features_bf16", "TYPE_BF16"),
+        ("vision_features", "TYPE_FP32"),
+        ("vision_features_fp16", "TYPE_FP16"),
+        ("vision_features_bf16", "TYPE_BF16"),
     ]
     assert emb.instance_group[0].count == default_preprocess_instances()
 

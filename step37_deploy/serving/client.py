@@ -37,7 +37,7 @@ from ..config import TokenIds
 from ..errors import InputError, ServerError
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig, image_layout, to_rgb
 from ..runtime import ImageEmbedding
-from .contract import EMBEDDER_INPUT, EMBEDDER_IO, EMBEDDER_MODEL, EMBEDDER_OUTPUTS
+from .contract import EMBEDDER_INPUT, EMBEDDER_IO, EMBEDDER_MODEL, EMBEDDER_OUTPUTS, ROW_DTYPES, ROW_KINDS, row_output
 
 PROTOCOLS = ("grpc", "http")
 #: The header ``serve --api-key-file`` checks at its gateway.
@@ -73,19 +73,24 @@ def image_bytes(image: Any) -> bytes:
 
 
 def embedding_from_outputs(
-    features: np.ndarray, token_ids: np.ndarray, num_crops: int, cfg: PreprocessConfig = DEFAULT_PREPROCESS
+    features: Any,
+    token_ids: np.ndarray,
+    num_crops: int,
+    cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+    vision_features: Any = None,
 ) -> ImageEmbedding:
-    """An :class:`ImageEmbedding` from the served tensors.  The newline mask is read off the token
-    layout (a crop block followed by neither ``<patch_start>`` nor ``<im_start>`` ends a row) and
-    the whole layout is rebuilt from it and compared, so a malformed answer is a ``ServerError``."""
+    """An :class:`ImageEmbedding` from the served tensors (``features`` / ``vision_features``: None
+    when not asked for).  The newline mask is read off the token layout (a crop block followed by
+    neither ``<patch_start>`` nor ``<im_start>`` ends a row) and the whole layout is rebuilt from it
+    and compared, so a malformed answer is a ``ServerError``."""
     ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
     block = cfg.patch_tokens + 2
     glob = cfg.image_tokens + 2
     rows = num_crops * cfg.patch_tokens + cfg.image_tokens
-    if num_crops < 0 or len(ids) < num_crops * block + glob or features.ndim != 2 or features.shape[0] != rows:
+    shapes = [tuple(a.shape) for a in (features, vision_features) if a is not None]
+    if num_crops < 0 or len(ids) < num_crops * block + glob or any(len(s) != 2 or s[0] != rows for s in shapes):
         raise ServerError(
-            f"malformed answer: {num_crops} crops, {len(ids)} token ids, features {tuple(features.shape)} "
-            f"(expected {rows} rows)"
+            f"malformed answer: {num_crops} crops, {len(ids)} token ids, rows {shapes} (expected {rows} rows)"
         )
     im_start = ids[-glob]
     patch_start = ids[0] if num_crops else -1
@@ -108,7 +113,21 @@ def embedding_from_outputs(
     text, expected = image_layout(num_crops, mask, tokens, cfg)
     if expected != ids:
         raise ServerError(f"malformed answer: the token layout of {num_crops} crops is not Step3p7Processor's")
-    return ImageEmbedding(features, ids, text, num_crops, mask)
+    return ImageEmbedding(features, ids, text, num_crops, mask, vision_features)
+
+
+def _answer_rows(arr: np.ndarray, dtype: str) -> Any:
+    """Served rows as the caller asked: numpy float32 / float16, or a torch bfloat16 tensor (numpy
+    has none; tritonclient gives BF16 as ``ml_dtypes.bfloat16`` since r26.06, as float32 before:
+    both convert exactly)."""
+    if dtype != "bf16":
+        return np.asarray(arr, dtype=np.float32 if dtype == "fp32" else np.float16)
+    import torch
+
+    a = np.asarray(arr)
+    if a.dtype.itemsize == 2:
+        return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a, dtype=np.float32)).to(torch.bfloat16)
 
 
 class EmbedClient:
@@ -237,9 +256,24 @@ class EmbedClient:
         except ServerError:
             return False
 
-    def embed(self, image: Any, deadline: float | None = None) -> ImageEmbedding:
+    def embed(
+        self, image: Any, outputs: Sequence[str] = ("features",), dtype: str = "fp32", deadline: float | None = None
+    ) -> ImageEmbedding:
         """One image (path, bytes, PIL image or uint8 array) -> its :class:`ImageEmbedding`, within
-        ``deadline`` seconds (default: the client's ``timeout``), retrying what is worth retrying."""
+        ``deadline`` seconds (default: the client's ``timeout``), retrying what is worth retrying.
+
+        ``outputs``: the row kinds to ask for (``contract.ROW_KINDS``): ``features`` (projected,
+        [L, hidden]) and/or ``vision_features`` (the tower's rows before the projector, [L, 6144];
+        ``ImageEmbedding.features`` is None when only these are asked for, and the server skips the
+        projector).  ``dtype``: ``fp32`` (numpy float32, the default answer), ``fp16`` (numpy float16)
+        or ``bf16`` (torch bfloat16 tensors): 16-bit rows are cast by the server from its FP32 rows
+        and take half the bytes on the wire."""
+        kinds = list(dict.fromkeys(outputs))
+        if not kinds or any(k not in ROW_KINDS for k in kinds):
+            raise InputError(f"outputs must be one or more of {ROW_KINDS}, got {list(outputs)}")
+        if dtype not in ROW_DTYPES:
+            raise InputError(f"dtype must be one of {sorted(ROW_DTYPES)}, got {dtype!r}")
+        names = [row_output(k, dtype) for k in kinds] + [_TOKEN_IDS, _NUM_CROPS]
         data = image_bytes(image)
         budget = self.timeout if deadline is None else deadline
         if not budget > 0:
@@ -248,7 +282,7 @@ class EmbedClient:
         attempt = 0
         while True:
             try:
-                return self._embed_once(data, end - time.monotonic())
+                return self._embed_once(data, names, kinds, dtype, end - time.monotonic())
             except ServerError as exc:
                 wait = backoff_s(attempt)
                 if not (self.retry and exc.retryable) or time.monotonic() + wait >= end - 0.001:
@@ -258,7 +292,7 @@ class EmbedClient:
             with self._lock:
                 self.retries += 1
 
-    def _embed_once(self, data: bytes, left_s: float) -> ImageEmbedding:
+    def _embed_once(self, data: bytes, names: list[str], kinds: list[str], dtype: str, left_s: float) -> ImageEmbedding:
         """One try with ``left_s`` seconds: gRPC's deadline and the request's queue timeout."""
         lib = self._lib()
         (spec,) = EMBEDDER_IO["inputs"]
@@ -266,10 +300,10 @@ class EmbedClient:
         arr = np.array([data], dtype=np.object_).reshape(spec.dims)
         if self.protocol == "http":
             inp.set_data_from_numpy(arr, binary_data=True)
-            outs = [lib.InferRequestedOutput(n, binary_data=True) for n in EMBEDDER_OUTPUTS]
+            outs = [lib.InferRequestedOutput(n, binary_data=True) for n in names]
         else:
             inp.set_data_from_numpy(arr)
-            outs = [lib.InferRequestedOutput(n) for n in EMBEDDER_OUTPUTS]
+            outs = [lib.InferRequestedOutput(n) for n in names]
         client = self._client()
         left_s = max(left_s, 0.001)
         kwargs: dict[str, Any] = {"timeout": max(1, int(left_s * 1e6))}  # Triton: microseconds in queues
@@ -279,12 +313,12 @@ class EmbedClient:
             f"{self.model} infer", client.infer, self.model, [inp], outputs=outs, headers=self._headers, **kwargs
         )
         try:
-            feats = np.asarray(result.as_numpy(_FEATURES), dtype=np.float32)
+            rows = {k: _answer_rows(result.as_numpy(row_output(k, dtype)), dtype) for k in kinds}
             ids = result.as_numpy(_TOKEN_IDS)
             crops = int(np.asarray(result.as_numpy(_NUM_CROPS)).reshape(-1)[0])
         except (TypeError, ValueError, IndexError) as exc:
             raise ServerError(f"{self.protocol}://{self.url} {self.model}: answer lacks an output: {exc}") from exc
-        return embedding_from_outputs(feats, ids, crops, self.pcfg)
+        return embedding_from_outputs(rows.get(_FEATURES), ids, crops, self.pcfg, rows.get("vision_features"))
 
     def embed_many(self, images: Sequence[Any], concurrency: int = 4) -> list[ImageEmbedding]:
         """Embeddings of ``images`` in order, ``concurrency`` requests in flight (each its own

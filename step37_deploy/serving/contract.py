@@ -20,7 +20,31 @@ TOWER_OUTPUT = "image_features"
 
 #: Embedder model I/O (``max_batch_size: 0``: dims are the full request shape).
 EMBEDDER_INPUT = "image"
+#: The answer every client has always asked for, unchanged: FP32 projected rows, token ids, crop count.
 EMBEDDER_OUTPUTS = ("features", "token_ids", "num_crops")
+
+#: Row kinds a request may ask for: ``features`` (after the projector, [L, hidden]) and
+#: ``vision_features`` (the tower's output before the projector, [L, 6144], same row order: all
+#: crops row-major, then the global view).  Megatron-Bridge's decoupled encoder takes the latter.
+ROW_KINDS = ("features", "vision_features")
+#: Answer dtypes of the rows: each kind is served under one output name per dtype (``features``,
+#: ``features_fp16``, ``features_bf16``, ...), so every output keeps one fixed Triton data type that
+#: the server checks, an old client that names ``features`` gets exactly what it always got, and a
+#: new client picks 16-bit rows (half the bytes on the wire) by naming the output.
+ROW_DTYPES = {"fp32": ("", "TYPE_FP32"), "fp16": ("_fp16", "TYPE_FP16"), "bf16": ("_bf16", "TYPE_BF16")}
+
+
+def row_output(kind: str, dtype: str = "fp32") -> str:
+    """The output name serving rows of ``kind`` (:data:`ROW_KINDS`) in ``dtype`` (:data:`ROW_DTYPES`)."""
+    if kind not in ROW_KINDS:
+        raise ValueError(f"row kind must be one of {ROW_KINDS}, got {kind!r}")
+    if dtype not in ROW_DTYPES:
+        raise ValueError(f"answer dtype must be one of {sorted(ROW_DTYPES)}, got {dtype!r}")
+    return kind + ROW_DTYPES[dtype][0]
+
+
+#: Every row output: name -> (kind, dtype).
+ROW_OUTPUTS = {row_output(k, d): (k, d) for k in ROW_KINDS for d in ROW_DTYPES}
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,9 @@ EMBEDDER_IO = {
         TensorContract("features", "TYPE_FP32", (-1, -1)),  # [L, hidden], token order
         TensorContract("token_ids", "TYPE_INT64", (-1,)),  # [T], Step3p7Processor's layout
         TensorContract("num_crops", "TYPE_INT32", (1,)),
+        # Optional answers (computed only when a request names them): the rows in 16 bits, and the
+        # tower's rows before the projector, [L, 6144], in each dtype.
+        *(TensorContract(n, ROW_DTYPES[d][1], (-1, -1)) for n, (_, d) in ROW_OUTPUTS.items() if n != "features"),
     ),
 }
 

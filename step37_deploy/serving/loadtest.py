@@ -651,7 +651,12 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
         raise InputError(f"--rate must be a finite number > 0, got {list(opts.rates)}")
     api_key = read_api_key(opts.api_key_file) if opts.api_key_file is not None else None
     client = EmbedClient(
-        opts.url, opts.protocol, timeout=opts.timeout_s, api_key=api_key, tls=opts.tls, root_certificates=opts.tls_ca,
+        opts.url,
+        opts.protocol,
+        timeout=opts.timeout_s,
+        api_key=api_key,
+        tls=opts.tls,
+        root_certificates=opts.tls_ca,
         retry=opts.retry,
     )
     report = LoadtestReport(opts, [str(f) for f in files])

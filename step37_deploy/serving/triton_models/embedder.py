@@ -7,9 +7,15 @@ at once, and Triton's dynamic batcher merges them with the views of the other em
 requests), project, and answer ``features`` (crops then global view, token order), ``token_ids``
 and ``num_crops``.  Every failure is that request's error response; the model keeps serving.
 
+Only what the request names (``request.requested_output_names()``) is computed and sent: the
+tower's rows before the projector (``vision_features*``) skip the projector when no ``features*``
+output is named, 16-bit answers (``*_fp16``, ``*_bf16``) are cast from the FP32 rows at the end,
+and a request for ``token_ids``/``num_crops`` alone runs no tower at all (``contract.ROW_OUTPUTS``).
+
 In front of all that sits the embedding cache (``runtime.EmbeddingCache``, config parameter
 ``cache_mb``, 0 = off): a request whose image bytes (SHA-256) were answered before gets the stored
-tensors.  Its hits and misses are Prometheus counters on Triton's metrics endpoint
+FP32 tensors (a request for a row kind the entry lacks computes it and adds it to the entry).  Its
+hits and misses are Prometheus counters on Triton's metrics endpoint
 (``contract.CACHE_HITS_METRIC`` / ``CACHE_MISSES_METRIC``) and lines in the log.
 
 At load it checks the repository against its record (``step37_repository.json``: file digests and
@@ -188,20 +194,27 @@ class TritonPythonModel:
         raw = arr[0]
         return raw if isinstance(raw, bytes) else bytes(raw)
 
+    @staticmethod
+    def _requested(request) -> list[str]:
+        """The outputs this request names, in its order; the classic three when it names none (Triton
+        fills in every output then, but a backend that passes an empty list gets the old answer)."""
+        names = list(request.requested_output_names()) if hasattr(request, "requested_output_names") else []
+        return names or list(C.EMBEDDER_OUTPUTS)
+
     async def _embed(self, request):
         """The embedding cache in front of :meth:`_compute`: a hit answers the stored tensors."""
         raw = self._image_bytes(request)
+        names = self._requested(request)
+        kinds = {C.ROW_OUTPUTS[n][0] for n in names if n in C.ROW_OUTPUTS}
         key = EmbeddingCache.key_of(raw) if self.cache.enabled else None
-        outputs = self.cache.get(key)
+        stored = self.cache.get(key)
+        hit = stored is not None and kinds <= stored.keys()
         if key is not None:
-            self._count_cache(key, hit=outputs is not None)
-        if outputs is not None:
-            return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in outputs])
-        response = await self._compute(request)
-        if key is not None:
-            outputs = [(t.name(), np.array(t.as_numpy(), copy=True)) for t in response.output_tensors()]
-            self.cache.put(key, outputs, sum(a.nbytes for _, a in outputs) + 256)
-        return response
+            self._count_cache(key, hit=hit)
+        tensors = stored if hit else {**(stored or {}), **(await self._compute(request, raw, kinds))}
+        if key is not None and not hit:
+            self.cache.put(key, tensors, sum(a.nbytes for a in tensors.values()) + 256)
+        return pb_utils.InferenceResponse(output_tensors=[_answer(n, tensors) for n in names])
 
     def _count_cache(self, key: str, hit: bool) -> None:
         if self.cache_counters is not None:
@@ -214,28 +227,26 @@ class TritonPythonModel:
                 f"{st['bytes'] / 2**20:.1f} of {st['max_bytes'] / 2**20:.0f} MiB"
             )
 
-    async def _compute(self, request):
-        raw = self._image_bytes(request)
+    async def _compute(self, request, raw: bytes, kinds: set[str]) -> dict[str, np.ndarray]:
+        """The FP32 tensors of ``raw``: the layout always, and the rows of each kind in ``kinds``
+        (``vision_features``: the towers' rows; ``features``: projected).  No kind, no tower call."""
         check_not_empty(raw)
         pre = preprocess(raw, self.pcfg, pixel_dtype=self.pixel_dtype)  # pcfg.max_pixels is --max-image-pixels
+        _, ids = image_layout(pre.num_crops, pre.newline_mask, self.tokens, self.pcfg)
+        out = {"token_ids": np.asarray(ids, dtype=np.int64), "num_crops": np.asarray([pre.num_crops], dtype=np.int32)}
+        if not kinds:
+            return out
         if _cancelled(request):  # given up during preprocessing: the towers never see it
             raise _Cancelled
         jobs = [self._tower(self.pcfg.image_size, pre.global_view[None])]
         if pre.num_crops:
             jobs.append(self._tower(self.pcfg.patch_size, pre.crops))
         feats = await asyncio.gather(*jobs)
-        projected = [self._project(f) for f in feats]
-        parts = [projected[1].reshape(-1, projected[1].shape[-1])] if pre.num_crops else []
-        parts.append(projected[0][0])
-        features = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-        _, ids = image_layout(pre.num_crops, pre.newline_mask, self.tokens, self.pcfg)
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor(C.EMBEDDER_OUTPUTS[0], features),
-                pb_utils.Tensor(C.EMBEDDER_OUTPUTS[1], np.asarray(ids, dtype=np.int64)),
-                pb_utils.Tensor(C.EMBEDDER_OUTPUTS[2], np.asarray([pre.num_crops], dtype=np.int32)),
-            ]
-        )
+        if "vision_features" in kinds:
+            out["vision_features"] = _token_rows(feats)
+        if "features" in kinds:
+            out["features"] = _token_rows([self._project(f) for f in feats])
+        return out
 
     def _project(self, feats: np.ndarray) -> np.ndarray:
         """The projector: on the GPU for TensorRT towers, else in numpy (as the in-process embedder
@@ -273,3 +284,28 @@ class TritonPythonModel:
                 raise RuntimeError(f"tower {name}: {message}")
             outs.append(pb_utils.get_output_tensor_by_name(resp, C.TOWER_OUTPUT).as_numpy())
         return np.concatenate(outs)
+
+
+def _token_rows(parts: list[np.ndarray]) -> np.ndarray:
+    """[L, D] FP32 rows in token order from ``[global [1, P, D], crops [n, P', D]]``: every crop's
+    rows (row-major crop order), then the global view's."""
+    rows = [parts[1].reshape(-1, parts[1].shape[-1])] if len(parts) > 1 else []
+    rows.append(parts[0][0])
+    return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
+
+
+def _answer(name: str, tensors: dict[str, np.ndarray]):
+    """Output ``name`` from the FP32 tensors: as stored, or its rows cast to FP16 / BF16 (numpy has no
+    bfloat16: that one goes through torch and DLPack, which the Python backend carries as TYPE_BF16)."""
+    if name not in C.ROW_OUTPUTS:
+        return pb_utils.Tensor(name, tensors[name])
+    kind, dtype = C.ROW_OUTPUTS[name]
+    rows = tensors[kind]
+    if dtype == "fp32":
+        return pb_utils.Tensor(name, rows)
+    if dtype == "fp16":
+        return pb_utils.Tensor(name, rows.astype(np.float16))
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(rows).to(torch.bfloat16)))
