@@ -186,7 +186,7 @@ def lm_text_config(hidden: int) -> dict:
         "attention_other_setting": None,
         "use_head_wise_attn_gate": True,
         "rope_scaling": None,
-        "sliding_window": None,
+        "sliding_window": 4096,  # unused: every layer is full_attention (transformers wants a value)
         "swiglu_limits": None,
         "swiglu_limits_shared": None,
         "num_nextn_predict_layers": 0,

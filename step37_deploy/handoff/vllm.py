@@ -50,7 +50,9 @@ leaves it empty.  Nothing else in ``DIR`` is touched.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -318,7 +320,10 @@ class VllmCacheWriter:
         path = self.path_of(mm_id)
         check_rows(embedding, layout, f"image {mm_id}", self.cfg)
         feats = embedding.features
-        t = feats.detach().cpu() if hasattr(feats, "detach") else torch.from_numpy(np.ascontiguousarray(feats))
+        if hasattr(feats, "detach"):
+            t = feats.detach().cpu()
+        else:
+            t = torch.from_numpy(np.require(feats, requirements=["C", "W"]))
         t = t.to(getattr(torch, DTYPES[self.dtype])).contiguous()
         meta = {"written_by": WRITTEN_BY, "rows": str(t.shape[0]), "vllm": VLLM_VERSION}
         with atomic_path(path, suffix=".safetensors") as tmp:
@@ -509,3 +514,190 @@ def _combine(
     mask = list(layout.newline_mask)
     text, ids = image_layout(layout.num_crops, mask, tokens, cfg)
     return ImageEmbedding(feats, ids, text, layout.num_crops, mask)
+
+
+# -- request examples --------------------------------------------------------------------------------
+def offline_request(prompt: str, image: Any, mm_id: str) -> dict[str, Any]:
+    """The prompt for vLLM's offline ``LLM.generate`` with an ``ec_consumer`` engine: the image is
+    still given (vLLM's processor sizes the placeholders from it), the ID names our file::
+
+        llm = LLM(model=CKPT, trust_remote_code=True, ec_transfer_config={"ec_connector": "ECExampleConnector",
+                  "ec_role": "ec_consumer", "ec_connector_extra_config": {"shared_storage_path": DIR}})
+        llm.generate(offline_request("... <im_patch> ...", pil_image, produced.id), sampling_params)
+    """
+    return {"prompt": prompt, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [check_id(mm_id)]}}
+
+
+def openai_image_part(image_url: str, mm_id: str) -> dict[str, Any]:
+    """A chat-completions content part for ``vllm serve ... --ec-transfer-config '{...ec_consumer...}'``:
+    the image as usual plus ``uuid`` (vLLM's ``renderers/chat_utils.py`` reads it per part)."""
+    return {"type": "image_url", "image_url": {"url": image_url}, "uuid": check_id(mm_id)}
+
+
+# -- the EPD router ----------------------------------------------------------------------------------
+def content_id(data: bytes) -> str:
+    """A stable ID for an image: the SHA-256 of its bytes (the same image reuses one file)."""
+    return "sha256-" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class RouterLimits:
+    """Bounds of :class:`EpdRouter`: body size, images per request, requests in flight (more get 429)
+    and the upstream timeout."""
+
+    max_body_bytes: int = 64 << 20
+    max_images: int = 8
+    max_inflight: int = 16
+    upstream_timeout_s: float = 600.0
+
+
+class EpdRouter:
+    """An OpenAI-compatible front (``aiohttp``, which ``tritonclient[http]`` brings with the
+    ``[serve]`` extra) for encoder/prefill/decode disaggregation: ``POST /v1/chat/completions``
+    embeds every ``data:`` image through the producer (the embedding service), writes its cache file
+    under its content ID, adds ``"uuid": ID`` to the part and forwards the request to vLLM
+    (``ec_consumer``), whose answer (streamed or not) goes back unchanged.
+
+    Only ``data:`` URLs are accepted: the router never fetches a URL a client names.  ``GET /health``
+    is 200 only when the embedding service answers ``is_ready`` and vLLM's ``/health`` is 200.
+    Other paths under ``/v1/`` (``/v1/models``...) are forwarded as they are."""
+
+    def __init__(
+        self,
+        producer: VllmProducer,
+        vllm_url: str,
+        ready: Callable[[], bool] = lambda: True,
+        limits: RouterLimits | None = None,
+    ) -> None:
+        if not vllm_url.startswith(("http://", "https://")):
+            raise InputError(f"--vllm-url must be an http(s):// URL, got {vllm_url!r}")
+        self.producer, self.vllm_url, self.ready = producer, vllm_url.rstrip("/"), ready
+        self.limits = limits or RouterLimits()
+        self._inflight = 0
+
+    def app(self) -> Any:
+        try:
+            import aiohttp
+            from aiohttp import web
+        except ImportError:
+            raise InputError("the EPD router needs aiohttp: install step37-deploy[serve]") from None
+        self._upstream = web.AppKey("upstream", aiohttp.ClientSession)
+        app = web.Application(client_max_size=self.limits.max_body_bytes)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/health", self._health)
+        app.router.add_route("*", "/v1/{tail:.*}", self._forward)
+        app.cleanup_ctx.append(self._session)
+        return app
+
+    async def _session(self, app: Any) -> Any:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.limits.upstream_timeout_s)
+        app[self._upstream] = aiohttp.ClientSession(timeout=timeout)
+        yield
+        await app[self._upstream].close()
+
+    @staticmethod
+    def _error(status: int, message: str, kind: str = "invalid_request_error") -> Any:
+        from aiohttp import web
+
+        return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+    async def _health(self, request: Any) -> Any:
+        import asyncio
+
+        from aiohttp import web
+
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(None, self.ready)
+            async with request.app[self._upstream].get(self.vllm_url + "/health") as r:
+                ok = ok and r.status == 200
+        except Exception as exc:  # a health check answers, whatever went wrong
+            log.info("health: %s", exc)
+            ok = False
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    def _image_parts(self, body: Any) -> list[dict]:
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise InputError("body must be a chat-completions object with a 'messages' list")
+        parts = []
+        for m in body["messages"]:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):
+                parts += [p for p in content if isinstance(p, dict) and p.get("type") == "image_url"]
+        if len(parts) > self.limits.max_images:
+            raise InputError(f"{len(parts)} images in one request; at most {self.limits.max_images}")
+        return parts
+
+    def _embed_parts(self, parts: list[dict]) -> None:
+        """Decode each part's data URL, write the files that are not there yet, set ``uuid``."""
+        images, ids = [], []
+        for p in parts:
+            url = (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), dict) else p.get("image_url")
+            if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+                raise InputError("image_url must be a data:...;base64, URL (the router fetches no URLs)")
+            try:
+                data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+            except ValueError:
+                raise InputError("image_url holds invalid base64") from None
+            p["uuid"] = mm_id = content_id(data)
+            path = self.producer.writer.path_of(mm_id)
+            if path.is_file() and _own_file(path):
+                os.utime(path)  # reused: keep it under the retention policy's age limit
+                continue
+            images.append(data)
+            ids.append(mm_id)
+        if images:
+            self.producer.produce_many(images, ids)
+
+    async def _chat(self, request: Any) -> Any:
+        import asyncio
+
+        from aiohttp import web
+
+        from ..errors import ServerError
+
+        if self._inflight >= self.limits.max_inflight:
+            return self._error(429, f"more than {self.limits.max_inflight} requests in flight", "rate_limit_error")
+        self._inflight += 1
+        try:
+            try:
+                body = await request.json()
+            except web.HTTPRequestEntityTooLarge:
+                return self._error(413, f"body over {self.limits.max_body_bytes} bytes")
+            except ValueError:
+                return self._error(400, "body is not JSON")
+            try:
+                parts = self._image_parts(body)
+                await asyncio.get_running_loop().run_in_executor(None, self._embed_parts, parts)
+            except InputError as exc:
+                return self._error(400, str(exc))
+            except (ServerError, OutputError) as exc:
+                return self._error(502, f"embedding failed: {exc}", "upstream_error")
+            return await self._send(request, "POST", "/v1/chat/completions", json.dumps(body).encode())
+        finally:
+            self._inflight -= 1
+
+    async def _forward(self, request: Any) -> Any:
+        data = await request.read()
+        return await self._send(request, request.method, request.path_qs, data)
+
+    async def _send(self, request: Any, method: str, path: str, data: bytes) -> Any:
+        import aiohttp
+        from aiohttp import web
+
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        try:
+            session = request.app[self._upstream]
+            async with session.request(method, self.vllm_url + path, data=data, headers=headers) as up:
+                resp = web.StreamResponse(status=up.status)
+                resp.content_type = up.content_type
+                await resp.prepare(request)
+                async for chunk in up.content.iter_any():
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self._error(502, f"vLLM at {self.vllm_url} did not answer: {type(exc).__name__}", "upstream_error")
