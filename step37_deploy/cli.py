@@ -467,7 +467,70 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_loadtest_parser(sub)
     _add_serving_parsers(sub)
+    _add_handoff_parsers(sub)
     return parser
+
+
+def _add_handoff_parsers(sub: argparse._SubParsersAction) -> None:
+    """vLLM hand-off: ``vllm-cache`` (write encoder-cache files) and ``epd-router`` (an OpenAI front)."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--checkpoint", required=True, help="checkpoint folder: token ids (and weights for torch; required)"
+        )
+        p.add_argument("--dir", required=True, help="vLLM's shared_storage_path: files go to DIR/ID/ (required)")
+        p.add_argument(
+            "--dtype",
+            choices=["bf16", "fp16", "fp32"],
+            default="bf16",
+            help="the LLM's dtype, the files' (default bf16)",
+        )
+        p.add_argument(
+            "--mismatch",
+            choices=["vllm", "refuse"],
+            default="vllm",
+            help="images vLLM 0.32 crops unlike the reference: follow vLLM's layout, or refuse (default vllm)",
+        )
+        p.add_argument("--max-age-s", type=float_in(0, 1e9), default=3600, help="retention: file age (default 3600)")
+        p.add_argument("--max-gb", type=float_in(0, 1e6), default=8.0, help="retention: total size (default 8 GB)")
+
+    def source(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument(
+            "--server",
+            required=required,
+            default=None,
+            help="the embedding service, HOST:PORT" + (" (required)" if required else " (default: embed in process)"),
+        )
+        p.add_argument(
+            "--protocol", choices=["grpc", "http"], default="grpc", help="--server's protocol (default grpc)"
+        )
+
+    p = sub.add_parser("vllm-cache", help="embed images and write vLLM encoder-cache files (ec_consumer input)")
+    common(p)
+    source(p, required=False)
+    p.add_argument(
+        "--backend", choices=["trt", "onnx", "torch"], default=None, help="in-process runner without --server"
+    )
+    p.add_argument("--artifacts", nargs="+", default=[], help="onnx/trt: the 728 and 504 files (default: none)")
+    p.add_argument("--image", action="append", required=True, help="image file, repeatable (required)")
+    p.add_argument(
+        "--id",
+        action="append",
+        default=None,
+        help="multi_modal_uuid per image, repeatable (default: sha256 of its bytes)",
+    )
+    _add_common(p)
+
+    p = sub.add_parser("epd-router", help="OpenAI-compatible front: embed via the service, forward to vLLM by ID")
+    common(p)
+    source(p, required=True)
+    p.add_argument("--vllm-url", required=True, help="vLLM's OpenAI server (ec_consumer), http://HOST:PORT (required)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=PORT, default=8100, help="port to listen on (default 8100)")
+    p.add_argument("--max-body-mb", type=POSITIVE, default=64, help="largest request body (default 64 MiB)")
+    p.add_argument("--max-images", type=POSITIVE, default=8, help="images per request (default 8)")
+    p.add_argument("--max-inflight", type=POSITIVE, default=16, help="requests in flight; more get 429 (default 16)")
+    _add_common(p)
 
 
 def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
@@ -875,7 +938,15 @@ COMMANDS = {
     "loadtest": _cmd_loadtest,
     "triton-repo": _cmd_triton_repo,
     "serve": _cmd_serve,
+    "vllm-cache": lambda args, progress: _handoff("cache_command", args),
+    "epd-router": lambda args, progress: _handoff("router_command", args),
 }
+
+
+def _handoff(name: str, args: argparse.Namespace) -> int:
+    from .handoff import vllm
+
+    return getattr(vllm, name)(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -238,3 +238,20 @@ def test_retention_touches_only_what_it_wrote(tmp_path):
     newer = writer.write("newer", e, lay)
     os.utime(new, (past, past))
     assert writer.cleanup() == [new] and newer.exists() and not (root / "new").exists()
+
+
+def test_vllm_cache_cli(tmp_path, tiny_fp32, capsys):
+    from step37_deploy.cli import main
+
+    img = tmp_path / "a.png"
+    Image.fromarray(synthetic_image(728, 546)).save(img)
+    args = ["vllm-cache", "--checkpoint", str(tiny_fp32), "--dir", str(tmp_path / "ec"), "--image", str(img), "-q"]
+    assert main([*args, "--backend", "torch"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["id"] == hv.content_id(img.read_bytes()) and line["rows"] == 331 and line["layout"] == "vllm"
+    assert line["multi_modal_uuids"] == {"image": [line["id"]]} and Path(line["file"]).is_file()
+    assert main([*args, "--backend", "torch", "--mismatch", "refuse"]) == 2
+    assert main(args) == 2  # neither --server nor --backend
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "refused" in err[0] and "--server" in err[1]
+    assert main([*args, "--backend", "torch", "--id", "../x"]) == 2

@@ -701,3 +701,63 @@ class EpdRouter:
                 return resp
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self._error(502, f"vLLM at {self.vllm_url} did not answer: {type(exc).__name__}", "upstream_error")
+
+
+# -- the CLI ------------------------------------------------------------------------------------------
+def _producer_from_args(args: Any) -> tuple[VllmProducer, Callable[[], bool], Callable[[], None]]:
+    """The producer of ``vllm-cache`` / ``epd-router``: the service's client (``--server``) or an
+    in-process embedder; returns it with a readiness probe and a close function."""
+    from ..config import Step37Config
+
+    tokens = Step37Config.from_checkpoint(args.checkpoint).tokens
+    retention = Retention(max_age_s=args.max_age_s or None, max_bytes=int(args.max_gb * 1e9) or None)
+    writer = VllmCacheWriter(args.dir, dtype=args.dtype, retention=retention)
+    if args.server:
+        from ..serving.client import EmbedClient
+
+        client = EmbedClient(args.server, args.protocol)
+        return VllmProducer(client.embed_many, writer, tokens, args.mismatch), client.is_ready, client.close
+    if getattr(args, "backend", None) is None:
+        raise InputError("give --server HOST:PORT (the embedding service) or --backend (embed in process)")
+    from ..runtime import VisionEmbedder
+
+    emb = VisionEmbedder.from_artifacts(args.checkpoint, args.backend, args.artifacts)
+    return VllmProducer(emb.embed_images, writer, tokens, args.mismatch), lambda: True, lambda: None
+
+
+def cache_command(args: Any) -> int:
+    """``step37-deploy vllm-cache``: one file per ``--image``; prints one JSON line per image with its
+    ID, rows, layout and the ``multi_modal_uuids`` to send."""
+    if args.id is not None and len(args.id) != len(args.image):
+        raise InputError(f"{len(args.id)} --id for {len(args.image)} --image: give one per image or none")
+    datas = []
+    for path in args.image:
+        try:
+            datas.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise InputError(f"cannot read --image {path}: {os_reason(exc)}") from None
+    ids = args.id or [content_id(d) for d in datas]
+    producer, _, close = _producer_from_args(args)
+    try:
+        made = producer.produce_many(datas, ids)
+    finally:
+        close()
+    for path, p in zip(args.image, made, strict=True):
+        line = {"image": path, "id": p.id, "rows": p.rows, "layout": p.layout, "file": str(p.path)}
+        print(json.dumps({**line, "multi_modal_uuids": {"image": [p.id]}}))
+    return 0
+
+
+def router_command(args: Any) -> int:
+    """``step37-deploy epd-router``: serve :class:`EpdRouter` until interrupted."""
+    from aiohttp import web
+
+    producer, ready, close = _producer_from_args(args)
+    limits = RouterLimits(args.max_body_mb << 20, args.max_images, args.max_inflight)
+    router = EpdRouter(producer, args.vllm_url, ready, limits)
+    log.info("EPD router on http://%s:%d -> %s (files in %s)", args.host, args.port, args.vllm_url, args.dir)
+    try:
+        web.run_app(router.app(), host=args.host, port=args.port, print=None)
+    finally:
+        close()
+    return 0
