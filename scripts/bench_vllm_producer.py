@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from vllm_harness import export_fp32  # noqa: E402
 
 from step37_deploy.config import Step37Config  # noqa: E402
 from step37_deploy.handoff.vllm import VllmCacheWriter, VllmProducer  # noqa: E402
@@ -66,25 +69,8 @@ def main() -> int:
         else:
             from step37_deploy.runtime import VisionEmbedder
 
-            subprocess.run(
-                [
-                    *cli,
-                    "export",
-                    "--checkpoint",
-                    str(ck),
-                    "--out",
-                    str(work / "onnx"),
-                    "--precision",
-                    "fp32",
-                    "--resolution",
-                    "728",
-                    "--resolution",
-                    "504",
-                    "-q",
-                ],
-                check=True,
-            )
-            embedder = VisionEmbedder.from_artifacts(ck, "onnx", sorted((work / "onnx").glob("*.onnx")))
+            onnx = export_fp32(ck, work / "onnx")
+            embedder = VisionEmbedder.from_artifacts(ck, "onnx", onnx)
             embed, what = embedder.embed_images, "in-process VisionEmbedder (onnx fp32)"
         tokens = Step37Config.from_checkpoint(ck).tokens
         producer = VllmProducer(embed, VllmCacheWriter(work / "ec", dtype="bf16"), tokens)

