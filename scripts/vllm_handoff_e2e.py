@@ -19,7 +19,12 @@
    no file for its content hash), ``multi_modal_uuids={"image": [ID]}`` (our file), and the ID of
    the noise file;
 5. checks: ours == own (same tokens, same top-5 ids, logprobs within ``--tol``), noise != own (a
-   different token, or a top-5 logprob off by more than 10x ``--tol``: proof that the file is read).
+   different token, or a top-5 logprob off by more than 10x ``--tol``: proof that the file is read);
+   a file one row too long is accepted, one row short kills vLLM's engine (the last request, run
+   around our writer, which refuses to write it);
+6. ``python -m vllm.entrypoints.openai.api_server`` as ``ec_consumer`` with :class:`EpdRouter` in
+   front (``--no-openai`` skips it): for two images the router's answer equals vLLM's own encoder's,
+   and a part whose ``uuid`` names a noise file changes the answer.
 
 Tolerance.  With ``--dtype fp32`` (the default) both encoders compute the same function of almost
 the same pixels: vLLM normalises then resizes float tensors with torchvision, we resize uint8 with
@@ -60,7 +65,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 TOLERANCE = {"fp32": 0.02, "bf16": 0.25}
 
 CONSUMER = r"""
-import json, sys, time
+import json, os, sys, time
 def main():
     job = json.loads(open(sys.argv[1]).read())
     from vllm import LLM, SamplingParams
@@ -79,12 +84,18 @@ def main():
         if req["id"] is not None:
             prompt["multi_modal_uuids"] = {"image": [req["id"]]}
         t = time.time()
-        out = llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0]
+        try:
+            out = llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0]
+        except Exception as exc:  # the short file, last: vLLM's engine dies
+            results.append({"name": req["name"], "variant": req["variant"], "error": f"{type(exc).__name__}: {exc}"})
+            break
         top = [{str(k): v.logprob for k, v in sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:5]}
                for lp in out.logprobs]
         results.append({"name": req["name"], "variant": req["variant"], "tokens": list(out.token_ids),
                         "top5": top, "seconds": time.time() - t})
-    json.dump({"init_s": init_s, "results": results}, open(sys.argv[2], "w"))
+    with open(sys.argv[2], "w") as fh:
+        json.dump({"init_s": init_s, "results": results}, fh)
+    os._exit(0)  # a dead engine can hang the interpreter's shutdown
 if __name__ == "__main__":
     main()
 """
@@ -186,6 +197,10 @@ def produce(embed, what: str, ck: Path, cache: Path, images: dict[str, Path], dt
         noise = (torch.randn(ours.shape, generator=gen) * ours.float().std()).to(ours.dtype)
         (cache / f"{p.id}-noise").mkdir(exist_ok=True)
         save_file({CACHE_TENSOR: noise}, str(cache / f"{p.id}-noise" / CACHE_FILE))
+        if n == "square":  # written around our writer, which refuses a short file
+            for tag, rows in (("extra", torch.cat([ours, ours[:1]])), ("short", ours[:-1])):
+                (cache / f"{p.id}-{tag}").mkdir(exist_ok=True)
+                save_file({CACHE_TENSOR: rows.contiguous()}, str(cache / f"{p.id}-{tag}" / CACHE_FILE))
         facts["files"][n] = {
             "id": p.id,
             "rows": p.rows,
@@ -438,6 +453,9 @@ def _consume(args, vpy: Path, work: Path, ck: Path, cache: Path, images: dict, f
         fid = facts["files"][name]["id"]
         for variant, mm_id in (("own", None), ("ours", fid), ("noise", f"{fid}-noise"), ("jitter", f"{fid}-jitter")):
             requests.append({"name": name, "variant": variant, "image": str(path), "id": mm_id})
+    sq = images["square"]
+    for variant in ("extra", "short"):  # the short file kills vLLM's engine: last
+        requests.append({"name": "square", "variant": variant, "image": str(sq), "id": f"step37-square-{variant}"})
     job = {
         "model": str(ck),
         "dir": str(cache),
@@ -461,7 +479,22 @@ def _consume(args, vpy: Path, work: Path, ck: Path, cache: Path, images: dict, f
         print(f"vLLM failed (exit {res.returncode}); see {work / 'vllm.log'}", file=sys.stderr)
         return 1
     consumer = json.loads((work / "out.json").read_text())
+    edge = {r["variant"]: r for r in consumer["results"] if r["variant"] in ("extra", "short")}
+    consumer["results"] = [r for r in consumer["results"] if r["variant"] not in ("extra", "short")]
     ok, checks = compare(consumer["results"], args.tol)
+    rows = {
+        "one_row_extra": "accepted" if "tokens" in edge.get("extra", {}) else edge.get("extra", {}).get("error"),
+        "one_row_short": edge.get("short", {}).get("error", "accepted"),
+        "one_row_short_engine_log": next(
+            (
+                ln.split("] ", 1)[-1].strip()
+                for ln in (work / "vllm.log").read_text().splitlines()
+                if "Attempted to assign" in ln
+            ),
+            None,
+        ),
+    }
+    ok = ok and rows["one_row_extra"] == "accepted" and rows["one_row_short_engine_log"] is not None
     vllm_s = time.time() - t
     openai = None if args.no_openai else openai_stage(vpy, work, ck, cache, producer, images, args.dtype, args.tol)
     ok = ok and (openai is None or openai["ok"])
@@ -475,6 +508,7 @@ def _consume(args, vpy: Path, work: Path, ck: Path, cache: Path, images: dict, f
         "llm_init_s": consumer["init_s"],
         **facts,
         "checks": checks,
+        "row_count_edges": rows,
         "request_s": {f"{r['name']}/{r['variant']}": r["seconds"] for r in consumer["results"]},
         "openai_server": openai,
     }

