@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -28,7 +30,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from vllm_harness import export_fp32  # noqa: E402
 
 from step37_deploy.config import Step37Config  # noqa: E402
-from step37_deploy.handoff.vllm import VllmCacheWriter, VllmProducer  # noqa: E402
+from step37_deploy.handoff.vllm import VllmCacheWriter, VllmProducer, image_size, vllm_layout  # noqa: E402
+from step37_deploy.runtime import ImageEmbedding  # noqa: E402
 from tests.preprocess_cases import synthetic_image  # noqa: E402
 
 AGREE = [(1000, 800), (600, 1300), (400, 400), (1512, 1008)]  # 4, 3, 0, 6 crops; same layout in both rules
@@ -87,6 +90,12 @@ def main() -> int:
                 t = time.perf_counter()
                 producer.produce_many(images, ids)
                 rates["producer"].append(len(images) / (time.perf_counter() - t))
+            made = producer.produce_many(images, ids)
+            layouts = [vllm_layout(*image_size(im)) for im in images]
+            t = time.perf_counter()
+            for p, layout in zip(made, layouts, strict=True):  # the file alone: check, bf16 cast, write, rename
+                producer.writer.write(p.id, p.embedding, layout)
+            write_ms = 1000 * (time.perf_counter() - t) / len(made)
             med = {k: statistics.median(v) for k, v in rates.items()}
             report[label] = {
                 "sizes": sizes,
@@ -94,7 +103,19 @@ def main() -> int:
                 "embed_images_per_s": round(med["embed"], 3),
                 "producer_images_per_s": round(med["producer"], 3),
                 "producer_over_embed": round(med["producer"] / med["embed"], 3),
+                "write_ms_per_image": round(write_ms, 2),
+                "rows_per_image": [p.rows for p in made],
             }
+        # the file alone at the release's width: a 12-crop image (2016x1512: 1,141 rows x 4096, bf16 9.3 MB)
+        big = vllm_layout(2016, 1512)
+        rows = np.random.default_rng(0).standard_normal((big.rows(), 4096), dtype=np.float32)
+        e = ImageEmbedding(rows, [], "", big.num_crops, list(big.newline_mask))
+        times = []
+        for i in range(5):
+            t = time.perf_counter()
+            producer.writer.write(f"release-{i}", e, big)
+            times.append(1000 * (time.perf_counter() - t))
+        report["release_12_crop_write_ms"] = round(statistics.median(times), 1)
     print(json.dumps(report, indent=2))
     return 0
 
