@@ -491,8 +491,18 @@ def _add_handoff_parsers(sub: argparse._SubParsersAction) -> None:
             default="vllm",
             help="images vLLM 0.32 crops unlike the reference: follow vLLM's layout, or refuse (default vllm)",
         )
-        p.add_argument("--max-age-s", type=float_in(0, 1e9), default=3600, help="retention: file age (default 3600)")
-        p.add_argument("--max-gb", type=float_in(0, 1e6), default=8.0, help="retention: total size (default 8 GB)")
+        p.add_argument(
+            "--max-age-s",
+            type=float_in(0, 1e9),
+            default=3600,
+            help="retention: remove our files older than this many seconds (default 3600; 0: no limit)",
+        )
+        p.add_argument(
+            "--max-gb",
+            type=float_in(0, 1e6),
+            default=8.0,
+            help="retention: keep our files under this many GB, oldest removed first (default 8; 0: no limit)",
+        )
 
     def source(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument(
@@ -509,7 +519,10 @@ def _add_handoff_parsers(sub: argparse._SubParsersAction) -> None:
     common(p)
     source(p, required=False)
     p.add_argument(
-        "--backend", choices=["trt", "onnx", "torch"], default=None, help="in-process runner without --server"
+        "--backend",
+        choices=["trt", "onnx", "torch"],
+        default=None,
+        help="in-process runner instead of --server (default none)",
     )
     p.add_argument("--artifacts", nargs="+", default=[], help="onnx/trt: the 728 and 504 files (default: none)")
     p.add_argument("--image", action="append", required=True, help="image file, repeatable (required)")
