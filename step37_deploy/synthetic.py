@@ -463,7 +463,7 @@ def make_checkpoint(
                 weight_map[key] = fname
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             apply_umask(tmp / fname)  # safetensors creates 0600
-            if sparse and not punch_holes(tmp / fname, [k for k, _, real in group if not real]) and not lm:
+            if sparse and not punch_holes(tmp / fname, [k for k, _, real in group if not real]):
                 sparse = False  # this file system keeps the zeros: the rest must fit in full
                 check_free_space(tmp, sum(math.prod(sh) for g in groups[i + 1 :] for _, sh, _ in g) * itemsize)
             if bar is not None:
