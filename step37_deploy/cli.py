@@ -311,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("make-checkpoint", help="write a synthetic checkpoint in the release layout")
-    p.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny", help="model size")
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "tiny-lm", "small", "full"],
+        default="tiny",
+        help="model size (tiny-lm: tiny with head_dim 32 and a 64-wide language model, for vLLM's CPU build)",
+    )
     p.add_argument("--out", required=True, help="checkpoint folder to create (required)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="tensor dtype on disk")
     p.add_argument("--shards", type=POSITIVE, default=2, help="number of safetensors shards")
@@ -332,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stress checkpoint: a few residual channels far above FP16's range from an early block on "
         "(default off; see docs/fp16.md)",
+    )
+    p.add_argument(
+        "--with-language-model",
+        action="store_true",
+        help="write a full Step3p7 checkpoint: a real tiny language model (2 layers, one MoE) instead of decoys, a "
+        "WordLevel tokenizer and a remote-code config class, loadable by transformers and vLLM (default off; "
+        "use --preset tiny-lm for vLLM's CPU build; see docs/handoff.md)",
     )
     _add_common(p)
 
@@ -476,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loadtest_parser(sub)
     _add_serving_parsers(sub)
     _add_handoff_parser(sub)
+    _add_handoff_parsers(sub)
     return parser
 
 
@@ -504,6 +517,81 @@ def _add_handoff_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="sampling_params.max_new_tokens")
     t.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="sampling_params.temperature")
     _add_common(t)
+
+
+def _add_handoff_parsers(sub: argparse._SubParsersAction) -> None:
+    """vLLM hand-off: ``vllm-cache`` (write encoder-cache files) and ``epd-router`` (an OpenAI front)."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--checkpoint", required=True, help="checkpoint folder: token ids (and weights for torch; required)"
+        )
+        p.add_argument("--dir", required=True, help="vLLM's shared_storage_path: files go to DIR/ID/ (required)")
+        p.add_argument(
+            "--dtype",
+            choices=["bf16", "fp16", "fp32"],
+            default="bf16",
+            help="the LLM's dtype, the files' (default bf16)",
+        )
+        p.add_argument(
+            "--mismatch",
+            choices=["vllm", "refuse"],
+            default="vllm",
+            help="images vLLM 0.32 crops unlike the reference: follow vLLM's layout, or refuse (default vllm)",
+        )
+        p.add_argument(
+            "--max-age-s",
+            type=float_in(0, 1e9),
+            default=3600,
+            help="retention: remove our files older than this many seconds (default 3600; 0: no limit)",
+        )
+        p.add_argument(
+            "--max-gb",
+            type=float_in(0, 1e6),
+            default=8.0,
+            help="retention: keep our files under this many GB, oldest removed first (default 8; 0: no limit)",
+        )
+
+    def source(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument(
+            "--server",
+            required=required,
+            default=None,
+            help="the embedding service, HOST:PORT" + (" (required)" if required else " (default: embed in process)"),
+        )
+        p.add_argument(
+            "--protocol", choices=["grpc", "http"], default="grpc", help="--server's protocol (default grpc)"
+        )
+
+    p = sub.add_parser("vllm-cache", help="embed images and write vLLM encoder-cache files (ec_consumer input)")
+    common(p)
+    source(p, required=False)
+    p.add_argument(
+        "--backend",
+        choices=["trt", "onnx", "torch"],
+        default=None,
+        help="in-process runner instead of --server (default none)",
+    )
+    p.add_argument("--artifacts", nargs="+", default=[], help="onnx/trt: the 728 and 504 files (default: none)")
+    p.add_argument("--image", action="append", required=True, help="image file, repeatable (required)")
+    p.add_argument(
+        "--id",
+        action="append",
+        default=None,
+        help="multi_modal_uuid per image, repeatable (default: sha256 of its bytes)",
+    )
+    _add_common(p)
+
+    p = sub.add_parser("epd-router", help="OpenAI-compatible front: embed via the service, forward to vLLM by ID")
+    common(p)
+    source(p, required=True)
+    p.add_argument("--vllm-url", required=True, help="vLLM's OpenAI server (ec_consumer), http://HOST:PORT (required)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=PORT, default=8100, help="port to listen on (default 8100)")
+    p.add_argument("--max-body-mb", type=POSITIVE, default=64, help="largest request body (default 64 MiB)")
+    p.add_argument("--max-images", type=POSITIVE, default=8, help="images per request (default 8)")
+    p.add_argument("--max-inflight", type=POSITIVE, default=16, help="requests in flight; more get 429 (default 16)")
+    _add_common(p)
 
 
 def _add_serving_parsers(sub: argparse._SubParsersAction) -> None:
@@ -764,6 +852,7 @@ def _cmd_make_checkpoint(args: argparse.Namespace, progress: bool) -> int:
         overwrite=args.overwrite,
         decoy_ratio=args.decoy_ratio,
         massive_activations=args.massive_activations,
+        with_language_model=args.with_language_model,
     )
     print(out)
     return 0
@@ -1034,7 +1123,15 @@ COMMANDS = {
     "loadtest": _cmd_loadtest,
     "triton-repo": _cmd_triton_repo,
     "serve": _cmd_serve,
+    "vllm-cache": lambda args, progress: _handoff("cache_command", args),
+    "epd-router": lambda args, progress: _handoff("router_command", args),
 }
+
+
+def _handoff(name: str, args: argparse.Namespace) -> int:
+    from .handoff import vllm
+
+    return getattr(vllm, name)(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -385,6 +385,13 @@ PRESETS: dict[str, Step37Config] = {
         projector=ProjectorConfig(256, 96, False),
         text_hidden_size=96,
     ),
+    # ``tiny`` sized for ``make-checkpoint --with-language-model`` and vLLM's CPU build: its attention
+    # kernel needs head_dim 32 (``tiny`` has 16), and the language model's hidden size is 64.
+    "tiny-lm": Step37Config(
+        vision=VisionConfig(width=64, layers=2, heads=2, mlp_ratio=8960 / 1536),
+        projector=ProjectorConfig(256, 64, False),
+        text_hidden_size=64,
+    ),
 }
 
 

