@@ -257,7 +257,11 @@ class EmbedClient:
             return False
 
     def embed(
-        self, image: Any, outputs: Sequence[str] = ("features",), dtype: str = "fp32", deadline: float | None = None
+        self,
+        image: Any,
+        deadline: float | None = None,
+        outputs: Sequence[str] = ("features",),
+        dtype: str = "fp32",
     ) -> ImageEmbedding:
         """One image (path, bytes, PIL image or uint8 array) -> its :class:`ImageEmbedding`, within
         ``deadline`` seconds (default: the client's ``timeout``), retrying what is worth retrying.
@@ -282,7 +286,7 @@ class EmbedClient:
         attempt = 0
         while True:
             try:
-                return self._embed_once(data, names, kinds, dtype, end - time.monotonic())
+                return self._embed_once(data, end - time.monotonic(), names=names, kinds=kinds, dtype=dtype)
             except ServerError as exc:
                 wait = backoff_s(attempt)
                 if not (self.retry and exc.retryable) or time.monotonic() + wait >= end - 0.001:
@@ -292,7 +296,9 @@ class EmbedClient:
             with self._lock:
                 self.retries += 1
 
-    def _embed_once(self, data: bytes, names: list[str], kinds: list[str], dtype: str, left_s: float) -> ImageEmbedding:
+    def _embed_once(
+        self, data: bytes, left_s: float, *, names: list[str], kinds: list[str], dtype: str
+    ) -> ImageEmbedding:
         """One try with ``left_s`` seconds: gRPC's deadline and the request's queue timeout."""
         lib = self._lib()
         (spec,) = EMBEDDER_IO["inputs"]

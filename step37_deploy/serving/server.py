@@ -278,6 +278,10 @@ class TritonServer:
             cmd.append(f"--backend-directory={backends}")
         return cmd
 
+    def redacted(self, cmd: list[str]) -> str:
+        """The command line for the log, with the admin key replaced."""
+        return " ".join(cmd).replace(self.admin_key, "<redacted>")
+
     def launch(self) -> subprocess.Popen:
         """Start tritonserver (its own process group, umask 077, SIGTERM when this process dies)."""
         cmd = self.command()
