@@ -41,7 +41,6 @@ removes a killed run's folder, shared memory and stubs (``supervise.sweep_dead_r
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -53,13 +52,12 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ConfigError, ServerCrashed
 from . import contract as C
-from .gateway import Gateway, GatewayOptions, check_tls_files, read_api_key, require_nginx
+from .gateway import Gateway, GatewayOptions, check_tls_files, die_with_parent, read_api_key, require_nginx
 from .supervise import POLL_S, Supervisor, shm_prefix, sweep_dead_runs
 
 log = logging.getLogger(__name__)
@@ -188,10 +186,7 @@ def models_ready(http_url: str, models: tuple[str, ...] = SERVED_MODELS) -> bool
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     os.umask(0o077)  # what tritonserver and its stubs create is the server user's alone
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent()
 
 
 class TritonServer:
@@ -400,7 +395,6 @@ def serve(
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
     allow_shared_memory: bool = False,
-    on_started: Callable[[TritonServer, Supervisor], None] | None = None,
 ) -> int:
     """``step37-deploy serve``: a repository in a temporary folder, ``tritonserver`` on it, and in
     front of it the gateway (nginx, on ``host`` and the given ports; Triton then listens on
@@ -412,12 +406,7 @@ def serve(
     arguments).
 
     Raises :class:`ServerCrashed` (exit 4) when a watched process (tritonserver, a stub, the
-    gateway) dies or stalls (``supervise.py``).
-
-    ``on_started(server, supervisor)`` runs once tritonserver is started, before the models are
-    waited for: the place to start processes that front it (a gateway) and hand them to
-    ``supervisor.watch(name, popen, front=True)``, so that their death is a crash too and they are
-    taken down with the rest."""
+    gateway) dies or stalls (``supervise.py``)."""
     import tempfile
 
     from ..files import remove_tree, temp_sibling
@@ -498,8 +487,6 @@ def serve(
         supervisor = Supervisor(server.shm_prefix)
         server.launch()
         supervisor.watch("tritonserver", server.proc, front=True, stubs=True)
-        if on_started is not None:
-            on_started(server, supervisor)
         server.wait_ready(ready_timeout_s, should_stop=lambda: bool(stop), supervisor=supervisor)
         ports = {"http": server.http_port, "grpc": server.grpc_port, "metrics": server.metrics_port}
         if gateway and not stop:
