@@ -1,0 +1,123 @@
+"""Every command's ``--help`` against its golden file, and ``--help`` imports nothing heavy.
+
+The golden files (``tests/golden_help/``) were recorded from the command line before it became a
+package (issue 20); a change to any option's name, text or default shows up here as a diff.  They
+are rendered at a fixed width (``COLUMNS=100``) and with the Python minor version named in
+``PYTHON`` (argparse's layout changes between versions; on another version the text comparison
+skips with that reason, the import check still runs).  Record them again after a deliberate change:
+
+    COLUMNS=100 python -m tests.test_cli_help --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import step37_deploy
+from step37_deploy import cli
+
+GOLDEN = Path(__file__).with_name("golden_help")
+COLUMNS = "100"
+#: Modules that ``--help`` must not import: it answers at once.
+HEAVY = ("torch", "onnx", "onnxruntime", "tritonclient", "tensorrt", "tensorrt_rtx", "transformers", "numpy", "ray")
+
+
+def commands(parser: argparse.ArgumentParser | None = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command line that has its own ``--help``: ``()`` for the top, then each (sub)command."""
+    parser = parser or cli.build_parser()
+    out = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += commands(sub, (*prefix, name))
+    return out
+
+
+def golden_path(argv: tuple[str, ...]) -> Path:
+    return GOLDEN / f"{'-'.join(argv) or 'step37-deploy'}.txt"
+
+
+def help_text(argv: tuple[str, ...]) -> str:
+    """What ``step37-deploy ARGV --help`` prints (in process, at the fixed width)."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = COLUMNS
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--help"])
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+    assert exc.value.code == 0
+    return out.getvalue()
+
+
+def _recorded_python() -> str:
+    return (GOLDEN / "PYTHON").read_text().strip()
+
+
+def _this_python() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+ALL = commands()
+
+
+@pytest.mark.parametrize("argv", ALL, ids=[" ".join(a) or "step37-deploy" for a in ALL])
+def test_help_matches_golden(argv):
+    if _recorded_python() != _this_python():
+        pytest.skip(f"golden help recorded with Python {_recorded_python()}; argparse lays it out otherwise on "
+                    f"{_this_python()}")
+    path = golden_path(argv)
+    assert path.is_file(), f"no golden help for {' '.join(argv)!r}: record it (see this module's docstring)"
+    assert help_text(argv) == path.read_text(), f"help of {' '.join(argv) or 'step37-deploy'} differs from {path}"
+
+
+def test_every_golden_file_is_a_command():
+    names = {golden_path(a).name for a in ALL}
+    stale = sorted(p.name for p in GOLDEN.glob("*.txt") if p.name not in names)
+    assert len(names) >= 10 and not stale, stale
+
+
+def test_help_imports_nothing_heavy():
+    """All ``--help`` texts in one fresh interpreter; after each, none of :data:`HEAVY` is loaded."""
+    code = (
+        "import sys\n"
+        "from step37_deploy.cli import main\n"
+        f"for argv in {[list(a) for a in ALL]!r}:\n"
+        "    try:\n"
+        "        main([*argv, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        f"    heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
+        "    assert not heavy, (argv, heavy)\n"
+        "print('CHECKED')\n"
+    )
+    root = Path(step37_deploy.__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env={**os.environ}
+    )
+    assert run.returncode == 0 and "CHECKED" in run.stdout, run.stderr[-2000:]
+
+
+def record() -> None:
+    """Write every command's help into :data:`GOLDEN` (and the Python version it was laid out by)."""
+    GOLDEN.mkdir(exist_ok=True)
+    for argv in ALL:
+        golden_path(argv).write_text(help_text(argv))
+    (GOLDEN / "PYTHON").write_text(_this_python() + "\n")
+    print(f"recorded {len(ALL)} help texts in {GOLDEN}")
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    record()
