@@ -76,8 +76,9 @@ ALL = commands()
 @pytest.mark.parametrize("argv", ALL, ids=[" ".join(a) or "step37-deploy" for a in ALL])
 def test_help_matches_golden(argv):
     if _recorded_python() != _this_python():
-        pytest.skip(f"golden help recorded with Python {_recorded_python()}; argparse lays it out otherwise on "
-                    f"{_this_python()}")
+        pytest.skip(
+            f"golden help recorded with Python {_recorded_python()}; argparse lays it out otherwise on {_this_python()}"
+        )
     path = golden_path(argv)
     assert path.is_file(), f"no golden help for {' '.join(argv)!r}: record it (see this module's docstring)"
     assert help_text(argv) == path.read_text(), f"help of {' '.join(argv) or 'step37-deploy'} differs from {path}"
