@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import TensorRef, _open, iter_tensors
-from .config import Step37Config
+from .config import CALIBRATION_VIEWS, Step37Config
 from .errors import InputError
 from .model import PrecisionPolicy, Step37VisionModel
 
@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
 #: A tensor stored in FP16 is protected when its calibrated max |x| exceeds FP16_MAX / SAFETY_MARGIN.
 SAFETY_MARGIN = 8.0
-#: Seeded random CLIP-normalised views used when no calibration images are given.
-DEFAULT_VIEWS = 2
+DEFAULT_VIEWS = CALIBRATION_VIEWS
 DEFAULT_SEED = 1234
 #: Per-block tensors the FP16 graph stores in FP16 (the residual only outside a protected span).
 BLOCK_TENSORS = ("residual", "attn_out", "mlp_hidden", "mlp_out")

@@ -45,6 +45,23 @@ DOWNSAMPLE_STRIDE = 4
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# -- defaults of the later stages, kept in this light module: the command line's --help shows them
+#    and must not import torch (the stages import them from here).
+
+#: Largest image (width x height) decoded by default: Pillow's own decompression-bomb threshold
+#: (~89.5 MP, a 0.27 GB RGB buffer).  Larger images are refused with an :class:`InputError` before
+#: their pixels are decoded; ``PreprocessConfig.max_pixels`` changes it (Pillow itself refuses
+#: above twice its ``PIL.Image.MAX_IMAGE_PIXELS`` whatever this says).
+MAX_PIXELS = 89_478_485
+#: ONNX opsets we export and test.  18 is the first the dynamo exporter emits; 17 lacks nothing we
+#: need but the exporter refuses it.  TensorRT 10.x/11.x and ORT >= 1.17 parse all of these.
+SUPPORTED_OPSETS = (18, 19, 20, 21)
+DEFAULT_OPSET = 18
+#: FP16 export: seeded random CLIP-normalised views the calibration runs when no images are given.
+CALIBRATION_VIEWS = 2
+#: Synthetic checkpoints: decoy language-model bytes relative to the vision tower's bytes.
+DECOY_RATIO = 1.25
+
 
 #: Upper bounds far above any released tower (the release: width 1536, 47 layers, 16 heads, 728 px):
 #: a corrupt or hostile config.json must fail here, not build a model of a billion layers.

@@ -37,17 +37,13 @@ import torch
 
 from . import __version__
 from .checkpoint import TensorRef, _open, require_finite, vision_refs, weights_digest, weights_fingerprint
-from .config import Step37Config
+from .config import DEFAULT_OPSET, SUPPORTED_OPSETS, Step37Config
 from .errors import CheckpointError, ExportError, InputError, OutputError, Step37Error
 from .files import check_output_dir, os_reason, refuse_inputs, remove_tree, temp_sibling
 from .model import PrecisionPolicy, Step37VisionModel, fold_normalisation, resample_posemb, rope_tables
 
 log = logging.getLogger(__name__)
 
-#: Opsets we export and test.  18 is the first the dynamo exporter emits; 17 lacks nothing we need
-#: but the exporter refuses it.  TensorRT 10.x/11.x and ORT >= 1.17 parse all of these.
-SUPPORTED_OPSETS = (18, 19, 20, 21)
-DEFAULT_OPSET = 18
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 #: ``--input``: ``float`` takes CLIP-normalised views in the graph's dtype; ``uint8`` takes the raw
 #: resized/padded views (0..255) and folds the normalisation into conv1.

@@ -27,7 +27,7 @@ import numpy as np
 from .backends.base import Runner
 from .config import Step37Config, TokenIds
 from .errors import InputError, OutputError
-from .files import atomic_path, check_output_file, check_replaceable_json, refuse_inputs, write_json
+from .files import check_output_file, check_replaceable_json, refuse_inputs
 from .fusion import insert_features, insert_features_torch, project, project_torch
 from .preprocess import PreprocessConfig, as_pixel_dtype, host_pixel_dtype, image_layout, preprocess
 
@@ -432,38 +432,6 @@ def _cat(parts: list[Any]) -> Any:
     import torch
 
     return torch.cat(parts)
-
-
-def embed_command(args: Any, progress: bool) -> None:
-    """``step37-deploy embed``: features per image to FILE.npy, layout to FILE.json (both atomic)."""
-    out, side = check_embed_outputs(args.out, args.artifacts, args.image)
-    checkpoint, *files = args.artifacts
-    pcfg = PreprocessConfig(max_pixels=getattr(args, "max_pixels", PreprocessConfig.max_pixels))
-    emb = VisionEmbedder.from_artifacts(
-        checkpoint, args.backend, files, provider=args.provider, batch_size=args.batch, preprocess_cfg=pcfg
-    )
-    results = emb.embed_images(args.image)
-    feats = [
-        np.asarray(r.features.float().cpu() if hasattr(r.features, "cpu") else r.features, np.float32) for r in results
-    ]
-    all_feats = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
-    layout, start = [], 0
-    for path, r, f in zip(args.image, results, feats, strict=True):
-        layout.append(
-            {
-                "image": str(path),
-                "rows": [start, start + len(f)],
-                "num_crops": r.num_crops,
-                "newline_mask": r.newline_mask,
-                "token_ids": r.token_ids,
-                "text": r.text,
-            }
-        )
-        start += len(f)
-    with atomic_path(out, suffix=".npy") as tmp:
-        np.save(tmp, all_feats)
-    write_json(side, {"hidden_size": int(all_feats.shape[-1]), "images": layout})
-    log.info("wrote %s %s and %s", out, all_feats.shape, side)
 
 
 def check_embed_outputs(out: str | Path, artifacts: Sequence[str], images: Sequence[str]) -> tuple[Path, Path]:

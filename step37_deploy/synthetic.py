@@ -30,14 +30,12 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import INDEX_FILE, parse_dtype, read_header
-from .config import SPECIAL_TOKENS, Step37Config, TokenIds, preset
+from .config import DECOY_RATIO, SPECIAL_TOKENS, Step37Config, TokenIds, preset
 from .errors import CheckpointError, OutputError
 from .files import apply_umask, check_output_dir, ensure_dir, os_reason, replace_dir, temp_sibling
 
 log = logging.getLogger(__name__)
 
-#: Decoy bytes relative to the vision tower's bytes.
-DECOY_RATIO = 1.25
 #: The marker file: what wrote the folder and every file it holds.
 MARKER = "synthetic.json"
 WRITTEN_BY = "step37-deploy make-checkpoint"

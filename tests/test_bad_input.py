@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from step37_deploy import cli, files
+from step37_deploy.cli import artifacts
 from step37_deploy.errors import OutputError, ThresholdError
 from tests.test_bad_input_readers import one_line_error, run_cli, tree_state
 
@@ -480,24 +481,24 @@ def _raising(exc: BaseException):
 
 
 def test_internal_error_is_one_line_exit_3(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(cli.COMMANDS, "inspect", _raising(KeyError("surprise")))
+    monkeypatch.setattr(artifacts, "run_inspect", _raising(KeyError("surprise")))
     assert cli.main(["inspect", str(tmp_path / "x.plan"), "-q"]) == 3
     err = capsys.readouterr().err
     assert err.strip() == "step37-deploy: internal error: KeyError: 'surprise' (run with --verbose for the traceback)"
 
 
 def test_internal_error_traceback_under_verbose(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(cli.COMMANDS, "inspect", _raising(ZeroDivisionError("boom")))
+    monkeypatch.setattr(artifacts, "run_inspect", _raising(ZeroDivisionError("boom")))
     assert cli.main(["inspect", str(tmp_path / "x.plan"), "--verbose"]) == 3
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().endswith("ZeroDivisionError: boom")
 
 
 def test_threshold_exit_1_and_multiline_messages_are_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(cli.COMMANDS, "inspect", _raising(ThresholdError("onnx 504\nmissed cos_min")))
+    monkeypatch.setattr(artifacts, "run_inspect", _raising(ThresholdError("onnx 504\nmissed cos_min")))
     assert cli.main(["inspect", "x", "-q"]) == 1
     assert capsys.readouterr().err == "step37-deploy: onnx 504 missed cos_min\n"
-    monkeypatch.setitem(cli.COMMANDS, "inspect", _raising(OutputError("a\nb")))
+    monkeypatch.setattr(artifacts, "run_inspect", _raising(OutputError("a\nb")))
     assert cli.main(["inspect", "x", "-q"]) == 2
     assert capsys.readouterr().err == "step37-deploy: error: a b\n"
 

@@ -122,3 +122,68 @@ def record() -> None:
 
 if __name__ == "__main__" and "--record" in sys.argv:
     record()
+
+
+# -- option names and defaults (issue 20) ----------------------------------------------------------
+CLIENTS = [
+    ["loadtest", "--images", "x.png", "--checkpoint", "c"],
+    ["handoff", "sglang", "--tokenizer", "t", "--prompt", "p", "--image", "x.png", "--out", "o.json"],
+]
+
+
+@pytest.mark.parametrize("argv", CLIENTS, ids=lambda a: a[0])
+def test_old_url_option_still_works_and_warns_once(argv, capsys):
+    """``--url`` became ``--server``: the old name sets the same option, warns once per run on
+    stderr, and is not shown in ``--help``; the protocol defaults to gRPC as everywhere."""
+    args = cli.build_parser().parse_args([*argv, "--url", "h:1", "--url", "h:2"])
+    assert args.server == "h:2" and args.protocol == "grpc"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--url is deprecated, use --server" in err[0], err
+    assert cli.build_parser().parse_args([*argv, "--server", "h:3"]).server == "h:3"
+    assert capsys.readouterr().err == ""
+    command = tuple(argv[: argv.index(next(a for a in argv if a.startswith("-")))])
+    assert "--server HOST:PORT" in help_text(command) and "--url" not in help_text(command)
+
+
+def test_service_options_mean_one_thing_everywhere():
+    """Every client command names the service ``--server`` with one protocol default."""
+    parser = cli.build_parser()
+    found = {}
+    for argv in ALL:
+        p = parser
+        for name in argv:
+            p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        acts = {s: a for a in p._actions for s in a.option_strings}
+        if "--protocol" in acts:
+            found[" ".join(argv)] = (acts["--server"].metavar, acts["--protocol"].default, "--url" in acts)
+    assert set(found) == {"loadtest", "handoff sglang", "vllm-cache", "epd-router"}, found
+    assert set(found.values()) == {("HOST:PORT", "grpc", False)}, found
+
+
+def test_defaults_are_read_from_the_modules_that_own_them():
+    from step37_deploy import calibrate, export, preprocess, synthetic
+    from step37_deploy.handoff.vllm import Retention, RouterLimits
+    from step37_deploy.serving import gateway, repository
+
+    def defaults(*argv: str) -> argparse.Namespace:
+        return cli.build_parser().parse_args(list(argv))
+
+    serve = defaults("serve", "--checkpoint", "c", "--backend", "torch")
+    limits, repo = gateway.GatewayOptions(), repository.RepositoryOptions()
+    assert (serve.max_body_mb, serve.max_connections, serve.idle_timeout_s) == (
+        limits.max_body_mb,
+        limits.max_connections,
+        limits.idle_timeout_s,
+    )
+    for name in ("max_queue_delay_us", "max_image_pixels", "cache_mb", "max_queue_size", "queue_timeout_ms"):
+        assert getattr(serve, name) == getattr(repo, name), name
+    router = defaults("epd-router", "--checkpoint", "c", "--dir", "d", "--server", "h:1", "--vllm-url", "http://v")
+    assert int(router.max_body_mb * (1 << 20)) == RouterLimits().max_body_bytes
+    assert isinstance(router.max_body_mb, float) and isinstance(serve.max_body_mb, float)
+    assert (router.max_images, router.max_inflight) == (RouterLimits().max_images, RouterLimits().max_inflight)
+    assert (router.max_age_s, router.max_gb * 1e9) == (Retention().max_age_s, Retention().max_bytes)
+    export_args = defaults("export", "--checkpoint", "c")
+    assert export_args.opset == export.DEFAULT_OPSET and export_args.calibration_views == calibrate.DEFAULT_VIEWS
+    assert defaults("make-checkpoint", "--out", "o").decoy_ratio == synthetic.DECOY_RATIO
+    embed = defaults("embed", "--backend", "torch", "--artifacts", "c", "--image", "x", "--out", "o.npy")
+    assert embed.max_pixels == preprocess.MAX_PIXELS == repo.max_image_pixels

@@ -145,7 +145,7 @@ def test_sglang_cli_against_the_service(tiny_server, tokenizer_dir, twin, tmp_pa
     img = tmp_path / "tall.png"
     Image.fromarray(synthetic_image(400, 2400)).save(img)
     out = tmp_path / "body.json"
-    cmd = [sys.executable, "-m", "step37_deploy.cli", "handoff", "sglang", "--url", tiny_server.http_url]
+    cmd = [sys.executable, "-m", "step37_deploy.cli", "handoff", "sglang", "--server", tiny_server.grpc_url]
     cmd += ["--tokenizer", str(tokenizer_dir), "--image", str(img), "--out", str(out), "-q"]
     run = subprocess.run([*cmd, "--prompt", "describe <im_patch> ."], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

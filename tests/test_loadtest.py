@@ -206,9 +206,9 @@ def test_loadtest_against_serve(tiny_server, tmp_path, capsys):
     images = _write_images(tmp_path / "img", [(610, 470), (530, 530), (700, 420), (450, 640), (980, 760), (620, 610)])
     out = tmp_path / "report.json"
     rc = _loadtest(
-        tiny_server, "--url", tiny_server.http_url, "--images", str(images), "--concurrency", "8",
-        "--requests", "48", "--duration", "300", "--in-process", "--cache-mb", "64", "--rounds", "2",
-        "--json", str(out),
+        tiny_server, "--server", tiny_server.http_url, "--protocol", "http", "--images", str(images),
+        "--concurrency", "8", "--requests", "48", "--duration", "300", "--in-process", "--cache-mb", "64",
+        "--rounds", "2", "--json", str(out),
     )  # fmt: skip
     table = capsys.readouterr().out
     assert rc == 0, table
@@ -247,7 +247,7 @@ def test_loadtest_fails_on_wrong_answers_and_bad_input(tiny_server, tiny_bf16, t
 
     rc = main(
         [
-            "loadtest", "--url", tiny_server.grpc_url, "--protocol", "grpc", "--images", str(images),
+            "loadtest", "--server", tiny_server.grpc_url, "--protocol", "grpc", "--images", str(images),
             "--concurrency", "2", "--requests", "4", "--checkpoint", str(tiny_bf16), "--backend", "torch",
             "--metrics-url", f"127.0.0.1:{tiny_server.metrics_port}", "--json", str(out), "--quiet",
         ]
@@ -260,7 +260,7 @@ def test_loadtest_fails_on_wrong_answers_and_bad_input(tiny_server, tiny_bf16, t
     # A file that is not an image is the user's error: exit 2, naming it.
     bad = images / "zz.png"
     bad.write_bytes(b"not an image")
-    assert _loadtest(tiny_server, "--url", tiny_server.http_url, "--images", str(images), "--requests", "1") == 2
+    assert _loadtest(tiny_server, "--server", tiny_server.grpc_url, "--images", str(images), "--requests", "1") == 2
     assert "zz.png" in capsys.readouterr().err
 
 
@@ -282,7 +282,7 @@ def test_loadtest_fails_on_wrong_answers_and_bad_input(tiny_server, tiny_bf16, t
     ],
 )
 def test_loadtest_refuses_bad_numbers_before_any_work(option, value, words, capsys):
-    args = ["loadtest", "--url", "127.0.0.1:1", "--images", "none.png", "--checkpoint", "none", option, value, "-q"]
+    args = ["loadtest", "--server", "127.0.0.1:1", "--images", "none.png", "--checkpoint", "none", option, value, "-q"]
     argparse_error(args, capsys, f"argument {option}", words)
 
 

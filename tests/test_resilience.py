@@ -176,7 +176,7 @@ def test_loadtest_without_the_serve_extra_is_one_line_exit_2(monkeypatch, capsys
     from step37_deploy.cli import main
 
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if not installed
-    rc = main(["loadtest", "--url", "127.0.0.1:1", "--images", "x.png", "--checkpoint", "ckpt", "-q"])
+    rc = main(["loadtest", "--server", "127.0.0.1:1", "--images", "x.png", "--checkpoint", "ckpt", "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "pip install 'step37-deploy[serve]'" in err and len(err.strip().splitlines()) == 1
 

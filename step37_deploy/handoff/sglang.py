@@ -164,24 +164,3 @@ def load_tokenizer(path: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise InputError(f"--tokenizer {path}: cannot read a tokenizer there: {' '.join(str(exc).split())}") from None
-
-
-def handoff_command(args: Any, progress: bool) -> None:
-    """``step37-deploy handoff sglang``: embed ``--image`` through the service, write the body to ``--out``."""
-    import json
-
-    from ..files import atomic_path, check_output_file, check_replaceable_json, refuse_inputs
-    from ..serving.client import EmbedClient
-
-    out = check_output_file(args.out, "--out")
-    refuse_inputs({"--out": out}, {"--image": args.image, "--tokenizer": args.tokenizer})
-    check_replaceable_json(out, "--out", {"input_ids", "sampling_params"})
-    tokenizer = load_tokenizer(args.tokenizer)
-    with EmbedClient(args.url, args.protocol, timeout=args.timeout) as client:
-        embeddings = [client.embed(image, dtype=args.dtype) for image in args.image]
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    body = generate_body(args.prompt, embeddings, tokenizer, sampling)
-    with atomic_path(out) as tmp:  # compact: a 12-crop image is ~4.7 M numbers
-        tmp.write_text(json.dumps(body, separators=(",", ":")))
-    rows = sum(e.features.shape[0] for e in embeddings)
-    log.info("wrote %s: %d input ids, %d image rows (%s)", out, len(body["input_ids"]), rows, args.dtype)

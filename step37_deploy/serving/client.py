@@ -37,9 +37,17 @@ from ..config import TokenIds
 from ..errors import InputError, ServerError
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig, image_layout, to_rgb
 from ..runtime import ImageEmbedding
-from .contract import EMBEDDER_INPUT, EMBEDDER_IO, EMBEDDER_MODEL, EMBEDDER_OUTPUTS, ROW_DTYPES, ROW_KINDS, row_output
+from .contract import (
+    EMBEDDER_INPUT,
+    EMBEDDER_IO,
+    EMBEDDER_MODEL,
+    EMBEDDER_OUTPUTS,
+    PROTOCOLS,
+    ROW_DTYPES,
+    ROW_KINDS,
+    row_output,
+)
 
-PROTOCOLS = ("grpc", "http")
 #: The header ``serve --api-key-file`` checks at its gateway.
 API_KEY_HEADER = "x-api-key"
 _FEATURES, _TOKEN_IDS, _NUM_CROPS = EMBEDDER_OUTPUTS

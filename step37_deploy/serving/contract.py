@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import MAX_PIXELS
+
 #: Tower models, one per resolution (global views / crops).
 TOWER_MODELS = {728: "step37_vision_728", 504: "step37_vision_504"}
 #: The image -> embedding model (Python backend; BLS calls to the towers).
@@ -99,3 +101,35 @@ CACHE_HITS_METRIC = "step37_embedder_cache_hits"
 CACHE_MISSES_METRIC = "step37_embedder_cache_misses"
 #: ``config.pbtxt`` parameter of the embedder model: its embedding cache budget in MiB (0 = off).
 CACHE_MB_PARAMETER = "cache_mb"
+
+
+# -- defaults of the service: the repository writer, the gateway, the client and the command line
+#    (whose --help shows them) all read them here; this module imports nothing heavy.
+
+#: Triton's two protocols; clients use gRPC, the production path, unless told otherwise.
+PROTOCOLS = ("grpc", "http")
+DEFAULT_PROTOCOL = "grpc"
+
+#: ``max_batch_size`` of Python-backend towers when ``--max-batch`` is not given.
+DEFAULT_MAX_BATCH = 8
+DEFAULT_QUEUE_DELAY_US = 2000
+#: Pillow's own decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS``, about 89 MP).
+DEFAULT_MAX_IMAGE_PIXELS = MAX_PIXELS
+#: Embedding cache of each embedder instance, MiB (``--cache-mb``; 0 = off).
+DEFAULT_CACHE_MB = 256.0
+#: Requests each served model may hold waiting (``--max-queue-size``); one more is refused at once
+#: with UNAVAILABLE "Exceeds maximum queue size".  docs/serving.md ("Operations") has the measurement
+#: behind it: at the tiny preset's capacity a full queue of 32 drains in well under the timeout.
+DEFAULT_MAX_QUEUE_SIZE = 32
+#: How long a request may wait in a queue before it is refused (``--queue-timeout-ms``); a client's
+#: own ``timeout`` request parameter overrides it (``allow_timeout_override``).
+DEFAULT_QUEUE_TIMEOUT_MS = 5000
+
+#: Gateway: default body limit.  A 12 MP photo is 6 MiB as JPEG, 26 MiB as PNG, and 12 MP of noise
+#: (the worst case) 13 MiB as JPEG, 34 MiB as PNG, measured with Pillow; 64 MiB leaves room for those.
+#: An image at --max-image-pixels (89 MP) can weigh up to 256 MiB as PNG: raise it for those.
+DEFAULT_MAX_BODY_MB = 64.0
+#: Gateway: default bound on requests in flight per port (and, times two, on open connections).
+DEFAULT_MAX_CONNECTIONS = 1024
+#: Gateway: default idle timeout, nginx's own default for client header/body reads.
+DEFAULT_IDLE_TIMEOUT_S = 60.0

@@ -56,19 +56,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ConfigError
+from .contract import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
 
 log = logging.getLogger(__name__)
 
 #: The one documented install line (Debian/Ubuntu); ``serve`` names it when nginx is missing.
 NGINX_INSTALL = "apt-get install -y nginx"
-#: Default body limit: a 12 MP photo is 6 MiB as JPEG, 26 MiB as PNG, and 12 MP of noise (the
-#: worst case) 13 MiB as JPEG, 34 MiB as PNG, measured with Pillow; 64 MiB leaves room for those.
-#: An image at --max-image-pixels (89 MP) can weigh up to 256 MiB as PNG: raise it for those.
-DEFAULT_MAX_BODY_MB = 64.0
-#: Default bound on requests in flight per port (and, times two, on open connections).
-DEFAULT_MAX_CONNECTIONS = 1024
-#: Default idle timeout: nginx's own default for client header/body reads.
-DEFAULT_IDLE_TIMEOUT_S = 60.0
 #: How long nginx waits for Triton's answer to one request (Triton's queue policy answers sooner).
 UPSTREAM_TIMEOUT_S = 300
 #: What an API key may contain: nginx's config holds it literally (hex or base64 keys fit).

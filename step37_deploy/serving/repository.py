@@ -38,25 +38,19 @@ from ..errors import ConfigError, EngineError, InputError, OutputError
 from ..files import apply_umask, atomic_dir, check_output_dir, ensure_dir, os_reason, read_json, replace_dir
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig
 from . import contract as C
+from .contract import (  # RepositoryOptions' defaults: in the contract, where the CLI's --help reads them
+    DEFAULT_CACHE_MB,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_QUEUE_DELAY_US,
+    DEFAULT_QUEUE_TIMEOUT_MS,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "step37-triton-repository/1"
 BACKENDS = ("trt", "onnx", "torch")
-#: ``max_batch_size`` of Python-backend towers when ``--max-batch`` is not given.
-DEFAULT_MAX_BATCH = 8
-DEFAULT_QUEUE_DELAY_US = 2000
-#: Pillow's own decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS``, about 89 MP).
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-#: Embedding cache of each embedder instance, MiB (``--cache-mb``; 0 = off).
-DEFAULT_CACHE_MB = 256.0
-#: Requests each served model may hold waiting (``--max-queue-size``); one more is refused at once
-#: with UNAVAILABLE "Exceeds maximum queue size".  docs/serving.md ("Operations") has the measurement
-#: behind it: at the tiny preset's capacity a full queue of 32 drains in well under the timeout.
-DEFAULT_MAX_QUEUE_SIZE = 32
-#: How long a request may wait in a queue before it is refused (``--queue-timeout-ms``); a client's
-#: own ``timeout`` request parameter overrides it (``allow_timeout_override``).
-DEFAULT_QUEUE_TIMEOUT_MS = 5000
 _MODELS_DIR = Path(__file__).with_name("triton_models")
 _TORCH_CKPT = "checkpoint"  # torch towers: a vision-only checkpoint in the version folder
 
