@@ -18,7 +18,6 @@ the server only casts and sends, so the difference is transfer alone.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import signal
@@ -130,20 +129,17 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write the result here, atomically (default none)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from PIL import Image
-
-    from step37_deploy.preprocess import DEFAULT_PREPROCESS
+    from step37_deploy.preprocess import DEFAULT_PREPROCESS, encode_png
     from tests.preprocess_cases import synthetic_image
 
-    buf = io.BytesIO()
-    Image.fromarray(synthetic_image(*SIZE)).save(buf, "PNG")
+    png = encode_png(synthetic_image(*SIZE))
     with tempfile.TemporaryDirectory(prefix="bench-answer-dtype-") as tmp:
         work = Path(tmp)
         ckpt, onnx = build(work)
         proc, ports = serve(ckpt, onnx, args.cache_mb, work / "serve.log")
         try:
             url = f"127.0.0.1:{ports[args.protocol]}"
-            result = measure(url, args.protocol, buf.getvalue(), args.requests, args.rounds)
+            result = measure(url, args.protocol, png, args.requests, args.rounds)
         finally:
             stop(proc)
     rows = 12 * DEFAULT_PREPROCESS.patch_tokens + DEFAULT_PREPROCESS.image_tokens

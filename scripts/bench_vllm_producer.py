@@ -31,6 +31,7 @@ from vllm_harness import export_fp32  # noqa: E402
 
 from step37_deploy.config import Step37Config  # noqa: E402
 from step37_deploy.handoff.vllm import VllmCacheWriter, VllmProducer, image_size, vllm_layout  # noqa: E402
+from step37_deploy.preprocess import encode_png  # noqa: E402
 from step37_deploy.runtime import ImageEmbedding  # noqa: E402
 from tests.preprocess_cases import synthetic_image  # noqa: E402
 
@@ -39,16 +40,7 @@ DIFFER = [(728, 546), (728, 728), (500, 1300), (1000, 400)]  # vLLM cuts these d
 
 
 def _pngs(sizes: list[tuple[int, int]], copies: int) -> list[bytes]:
-    import io
-
-    from PIL import Image
-
-    out = []
-    for w, h in sizes * copies:
-        buf = io.BytesIO()
-        Image.fromarray(synthetic_image(w, h)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return [encode_png(synthetic_image(w, h)) for w, h in sizes * copies]
 
 
 def main() -> int:

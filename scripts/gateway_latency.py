@@ -19,7 +19,6 @@ Every answer is checked against the first one.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -33,11 +32,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from step37_deploy.preprocess import encode_png  # noqa: E402
 from step37_deploy.serving.client import EmbedClient  # noqa: E402
 from step37_deploy.serving.server import free_port, models_ready  # noqa: E402
 
@@ -120,9 +119,7 @@ def main() -> int:
             from step37_deploy.synthetic import make_checkpoint
 
             checkpoint = make_checkpoint(Path(tmp) / "tiny", "tiny", dtype="fp32", shards=1, seed=1)
-        buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(buf, "PNG")
-        image = buf.getvalue()
+        image = encode_png(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
         proc, gateway, direct = start(checkpoint, args.backend, Path(tmp) / "serve.log")
         results = []
         try:
