@@ -1,14 +1,11 @@
 """The package's own import graph has no cycle, and ``--help`` does not import torch.
 
-The graph is read from the source with ``ast`` (no module is imported): every ``import`` and
-``from ... import`` of a ``step37_deploy`` module, relative or absolute, at the top of a file or
-inside a function, is an edge.  ``from . import name`` is an edge to the submodule ``name`` when
-there is one, else to the package's ``__init__``.
+The graph is read from the source with ``ast`` by ``scripts/code_facts.py`` (no module is
+imported; its docstring says what is an edge).
 """
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -16,73 +13,14 @@ from pathlib import Path
 import pytest
 
 import step37_deploy
+from scripts import code_facts
+from scripts.code_facts import find_cycle
 
 PKG_DIR = Path(step37_deploy.__file__).parent
-PKG = "step37_deploy"
-
-
-def _modules() -> dict[str, Path]:
-    mods = {}
-    for path in sorted(PKG_DIR.rglob("*.py")):
-        parts = list(path.relative_to(PKG_DIR.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        mods[".".join(parts)] = path
-    return mods
-
-
-def _resolve(importer: str, is_package: bool, level: int, module: str | None) -> str:
-    if level == 0:
-        return module or ""
-    base = importer.split(".") if is_package else importer.split(".")[:-1]
-    base = base[: len(base) - (level - 1)]
-    return ".".join(base + ([module] if module else []))
 
 
 def import_graph() -> dict[str, set[str]]:
-    mods = _modules()
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    for name, path in mods.items():
-        is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = _resolve(name, is_package, node.level, node.module)
-                for a in node.names:
-                    sub = f"{base}.{a.name}"
-                    targets.append(sub if sub in mods else base)
-            for t in targets:
-                # the deepest package module that the dotted name starts with
-                while t and t not in mods:
-                    t = t.rpartition(".")[0]
-                if t.startswith(PKG) and t != name:
-                    graph[name].add(t)
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle as a list of modules (first == last), or None."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(graph[n]):
-            if state.get(m) == 1:
-                return [*stack[stack.index(m) :], m]
-            if m not in state and (found := visit(m)):
-                return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in sorted(graph):
-        if n not in state and (found := visit(n)):
-            return found
-    return None
+    return code_facts.import_graph(PKG_DIR)
 
 
 def test_graph_reader_sees_the_package():
