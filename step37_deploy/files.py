@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, OutputError
-from .process import PROCESS_START as _PROCESS_START
+from .process import PROCESS_START as _PROCESS_START  # a module global here: tests move it
 from .process import alive, current_umask
 
 log = logging.getLogger(__name__)

@@ -109,21 +109,23 @@ def gateway_options(
 
 
 def plan_serve(
+    *,
     backend: str,
-    host: str = "127.0.0.1",
-    ports: dict[str, int | None] | None = None,
-    tritonserver: str | Path | None = None,
-    exit_timeout_s: int = 30,
-    log_verbose: int = 0,
-    gateway: bool = True,
-    limits: GatewayOptions | None = None,
-    api_key_file: str | Path | None = None,
-    tls_cert: str | Path | None = None,
-    tls_key: str | Path | None = None,
-    allow_shared_memory: bool = False,
+    tritonserver: str | Path | None,
+    host: str,
+    ports: dict[str, int | None],
+    gateway: bool,
+    limits: GatewayOptions | None,
+    api_key_file: str | Path | None,
+    tls_cert: str | Path | None,
+    tls_key: str | Path | None,
+    allow_shared_memory: bool,
+    exit_timeout_s: int,
+    log_verbose: int,
 ) -> ServePlan:
-    """``serve``'s arguments checked (the server, its TensorRT backend, TLS files, nginx, the key
-    file, the ports) and resolved into a :class:`ServePlan`; one line naming what is wrong if not."""
+    """``serve``'s arguments (same names; ``ports`` by protocol: ``http``, ``grpc``, ``metrics``)
+    checked (the server, its TensorRT backend, TLS files, nginx, the key file, the ports) and
+    resolved into a :class:`ServePlan`; one line naming what is wrong if not."""
     install = find_tritonserver(tritonserver)
     if (
         backend == "trt"
@@ -146,7 +148,7 @@ def plan_serve(
             "--api-key-file needs the gateway: under --no-gateway the key would have to go on tritonserver's "
             "command line, which every local user can read in ps"
         )
-    ports = {name: (ports or {}).get(name) for name in ("http", "grpc", "metrics")}
+    ports = {name: ports.get(name) for name in ("http", "grpc", "metrics")}
     for name, port in ports.items():
         if port:
             check_port_free(host, port, f"--{name}-port")

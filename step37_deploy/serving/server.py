@@ -485,8 +485,10 @@ def serve(
     from .repository import write_repository
 
     plan = plan_serve(
-        backend, host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}, tritonserver,
-        exit_timeout_s, log_verbose, gateway, limits, api_key_file, tls_cert, tls_key, allow_shared_memory,
+        backend=backend, tritonserver=tritonserver, host=host,
+        ports={"http": http_port, "grpc": grpc_port, "metrics": metrics_port}, gateway=gateway, limits=limits,
+        api_key_file=api_key_file, tls_cert=tls_cert, tls_key=tls_key, allow_shared_memory=allow_shared_memory,
+        exit_timeout_s=exit_timeout_s, log_verbose=log_verbose,
     )  # fmt: skip
     run = ServeRun(plan)
     with run.handling_signals(), private_work_folder() as workdir:

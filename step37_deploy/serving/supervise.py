@@ -275,11 +275,6 @@ def sweep_dead_runs() -> list[str]:
     gone when the ``serve`` PID in its region prefix no longer runs the process that started it
     (``process.alive``: a reused PID is not that ``serve``); a live run's are never touched.
     Returns one line per thing removed (also logged)."""
-    return _kill_orphaned_stubs() + _remove_orphaned_shm()
-
-
-def _kill_orphaned_stubs() -> list[str]:
-    """Stubs whose ``serve`` and whose parent (tritonserver) are both gone: killed."""
     import psutil
 
     done: list[str] = []
@@ -300,12 +295,6 @@ def _kill_orphaned_stubs() -> list[str]:
             )
             log.warning("%s", line)
             done.append(line)
-    return done
-
-
-def _remove_orphaned_shm() -> list[str]:
-    """Shared-memory regions of a ``serve`` that is gone: unlinked."""
-    done: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
@@ -317,12 +306,11 @@ def _remove_orphaned_shm() -> list[str]:
         path = SHM_DIR / name
         try:
             st = path.stat()
-        except OSError:  # removed meanwhile
-            continue
-        if st.st_mtime >= PROCESS_START or alive(int(m.group(1)), st.st_mtime):
-            continue
-        try:
+            if st.st_mtime >= PROCESS_START or alive(int(m.group(1)), st.st_mtime):
+                continue
             path.unlink()
+        except FileNotFoundError:  # removed meanwhile (by the serve it belongs to)
+            continue
         except OSError as exc:
             log.warning("could not remove %s, shared memory of a killed serve: %s", path, exc)
             continue
