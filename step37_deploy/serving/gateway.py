@@ -23,9 +23,9 @@ the API key when one is given) and enforces:
   (its connection reuse, logged at most once a second);
 * ``idle_timeout_s`` for a request's header and body, between keep-alive requests and on idle
   HTTP/2 connections;
-* with an API key: inference, metadata, config and statistics require ``x-api-key`` (HTTP 401,
-  gRPC ``UNAUTHENTICATED``); health and readiness stay open for probes.  The key is removed from
-  the request before it reaches Triton, and is never on any command line;
+* with an API key (read by ``auth.py``): inference, metadata, config and statistics require
+  ``x-api-key`` (HTTP 401, gRPC ``UNAUTHENTICATED``); health and readiness stay open for probes.
+  The key is removed from the request before it reaches Triton, and is never on any command line;
 * TLS (HTTPS and gRPC over TLS) when given a certificate and key.
 
 nginx runs in the foreground (``daemon off``) as a child of ``serve`` with its pid file, temporary
