@@ -9,10 +9,14 @@ equally right on TensorRT 10.x.  Two flavours are supported:
 * ``tensorrt_rtx`` ahead of time on any machine, CPU-only included, for the compute capabilities
   asked for (SM75..SM121; Polygraphy drives it with ``POLYGRAPHY_USE_TENSORRT_RTX=1``).
 
-Every engine gets a JSON manifest beside it (``NAME.plan.json``) with the flavour and version,
-targets, profile, precision, resolution, I/O, the ONNX digest and the engine's own digest, so that
-the runner can refuse an engine that does not fit the installed TensorRT or the GPU with a clear
+Every engine gets a JSON manifest beside it (``NAME.plan.json``, ``engine_manifest.py``) with the
+flavour and version, targets, profile, precision, resolution, I/O, the ONNX digest and the engine's
+own digest, and what the builder did (``engine_facts.py``), so that the runner can refuse an engine
+that does not fit the installed TensorRT or the GPU (:func:`check_runtime_compat`) with a clear
 error instead of a segfault.  Engine and manifest are written to temporary files and renamed.
+
+This module builds, and says where an engine runs; the manifest's and the facts' names are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -23,21 +27,52 @@ import importlib
 import json
 import logging
 import os
-import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .engine_facts import CapturedBuilderLog, build_facts, fusion_facts, fusion_summary, json_or_none
+from .engine_manifest import (
+    MANIFEST_SUFFIX,
+    Manifest,
+    is_step37_manifest,
+    manifest_path,
+    read_manifest,
+    verify_engine_file,
+)
 from .errors import BackendUnavailable, EngineError
-from .files import atomic_path, check_output_file, read_json, refuse_inputs, temp_sibling
+from .files import atomic_path, check_output_file, refuse_inputs, temp_sibling
 from .inputs import onnx_external_files, require_file
+
+#: Importable from here as before the split: the manifest's and the build facts' names.
+__all__ = [
+    "DEFAULT_RTX_TARGETS",
+    "MANIFEST_SUFFIX",
+    "BuildOptions",
+    "Manifest",
+    "OnnxFacts",
+    "build_engine",
+    "check_build_outputs",
+    "check_runtime_compat",
+    "check_timing_cache",
+    "detect_flavour",
+    "engine_filename",
+    "fusion_facts",
+    "fusion_summary",
+    "inspect_engine",
+    "manifest_path",
+    "onnx_facts",
+    "parse_cc",
+    "read_manifest",
+    "trt_module",
+    "verify_engine_file",
+]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_SUFFIX = ".json"
 DEFAULT_RTX_TARGETS = ("8.6", "8.9")
 
 
@@ -209,42 +244,6 @@ def _sha256_onnx(path: Path, model: Any) -> str:
     return h.hexdigest()
 
 
-# -- build ----------------------------------------------------------------------------------------
-@dataclass
-class Manifest:
-    """What an engine was built from and where it can run (``NAME.plan.json``)."""
-
-    flavour: str
-    trt_version: str
-    targets: dict[str, Any]
-    profile: dict[str, list[list[int]]]
-    precision: str
-    resolution: int | None
-    inputs: dict[str, dict[str, Any]]
-    outputs: dict[str, dict[str, Any]]
-    onnx_file: str
-    onnx_sha256: str
-    engine_sha256: str
-    engine_bytes: int
-    toolkit_version: str
-    built_at: str
-    build_seconds: float
-    builder: dict[str, Any] = field(default_factory=dict)
-    format: str = "step37-engine-manifest/1"
-    #: The source ONNX's metadata (``step37.`` dropped): vision-weights digest and fingerprint,
-    #: source checkpoint, precision... so that a server can check the engine against its checkpoint.
-    onnx_metadata: dict[str, str] = field(default_factory=dict)
-    #: What the builder did (``fusion_facts``): fused attention count, accumulators, activation memory.
-    fusion: dict[str, Any] = field(default_factory=dict)
-    #: The ONNX file's FP16 protection decision (``step37.fp16_protection``), None for older files.
-    fp16_protection: dict[str, Any] | None = None
-
-
-def manifest_path(engine_path: str | Path) -> Path:
-    p = Path(engine_path)
-    return p.with_name(p.name + MANIFEST_SUFFIX)
-
-
 def _current_gpu() -> dict[str, Any] | None:
     try:
         import torch
@@ -257,20 +256,29 @@ def _current_gpu() -> dict[str, Any] | None:
     return None
 
 
-def build_engine(
-    onnx_path: str | Path, out_path: str | Path, opts: BuildOptions | None = None, progress: bool = False
-) -> dict[str, Any]:
-    """Build one engine + manifest; returns the manifest as a dict."""
-    opts = opts or BuildOptions()
-    opts.validate()
-    check_build_outputs(onnx_path, out_path, opts.timing_cache)
-    facts = onnx_facts(onnx_path)
+@dataclass
+class _Target:
+    """Which TensorRT builds the engine, and for which GPUs."""
+
+    flavour: str
+    trt: Any  # the flavour's module
+    gpu: dict[str, Any] | None  # this machine's GPU, if any
+    targets: dict[str, Any]  # the manifest's targets
+    ccs: list[str]  # compute capabilities (TensorRT-RTX ahead of time)
+
+
+def _require_precision(onnx_path: str | Path, facts: OnnxFacts, opts: BuildOptions) -> None:
     if opts.require_fp16 and not facts.fp16_typed:
         raise EngineError(
             f"{onnx_path} is an FP32-typed graph but an FP16 engine was asked for: strongly typed TensorRT "
             "(and TensorRT 11, which has no FP16 flag) builds the precision the graph has. "
             "Export with --precision fp16, or pass --allow-fp32 for an FP32 engine."
         )
+
+
+def _choose_target(opts: BuildOptions) -> _Target:
+    """The installed flavour (``opts.flavour`` first) and what it builds for: ``tensorrt`` the GPU it
+    runs on, ``tensorrt_rtx`` the compute capabilities asked for (this GPU's, or the defaults)."""
     flavour = opts.flavour or detect_flavour()
     if flavour is None:
         raise BackendUnavailable(
@@ -288,58 +296,80 @@ def build_engine(
             )
         if gpu is None:
             raise BackendUnavailable("tensorrt needs a CUDA GPU to build; use tensorrt-rtx for ahead-of-time builds")
-        targets: dict[str, Any] = {"gpu": gpu["name"], "compute_capabilities": [gpu["compute_capability"]]}
-    else:
-        if not ccs:
-            if gpu is None:
-                ccs = list(DEFAULT_RTX_TARGETS)
-                log.info("no GPU and no --compute-capability: building for %s", ", ".join(ccs))
-            else:
-                ccs = [gpu["compute_capability"]]
-        for cc in ccs:
-            if not hasattr(trt.ComputeCapability, "SM{}{}".format(*parse_cc(cc))):
-                supported = sorted(c for c in dir(trt.ComputeCapability) if c.startswith("SM"))
-                raise EngineError(
-                    f"TensorRT-RTX {trt.__version__} cannot target compute capability {cc}; it supports {supported}"
-                )
-        targets = {"gpu": gpu["name"] if gpu else None, "compute_capabilities": ccs}
+        return _Target(flavour, trt, gpu, {"gpu": gpu["name"], "compute_capabilities": [gpu["compute_capability"]]}, [])
+    if not ccs:
+        if gpu is None:
+            ccs = list(DEFAULT_RTX_TARGETS)
+            log.info("no GPU and no --compute-capability: building for %s", ", ".join(ccs))
+        else:
+            ccs = [gpu["compute_capability"]]
+    for cc in ccs:
+        if not hasattr(trt.ComputeCapability, "SM{}{}".format(*parse_cc(cc))):
+            supported = sorted(c for c in dir(trt.ComputeCapability) if c.startswith("SM"))
+            raise EngineError(
+                f"TensorRT-RTX {trt.__version__} cannot target compute capability {cc}; it supports {supported}"
+            )
+    return _Target(flavour, trt, gpu, {"gpu": gpu["name"] if gpu else None, "compute_capabilities": ccs}, ccs)
 
-    pgtrt = _polygraphy_trt(flavour)
-    from polygraphy.exception import PolygraphyException
 
-    name = facts.input_name
+def _input_shape(onnx_path: str | Path, facts: OnnxFacts) -> list[int | None]:
+    """``[None, 3, H, W]``: only the batch may be dynamic."""
     shape = [int(d) if isinstance(d, int) and d > 0 else None for d in facts.input_shape]
     if shape[0] is not None or any(d is None for d in shape[1:]):
         raise EngineError(
-            f"{onnx_path}: input {name} must be [batch, 3, H, W] with only batch dynamic, got {facts.input_shape}"
+            f"{onnx_path}: input {facts.input_name} must be [batch, 3, H, W] with only batch dynamic, "
+            f"got {facts.input_shape}"
         )
+    return shape
+
+
+def _builder_config(pgtrt: Any, target: _Target, opts: BuildOptions, name: str, shape: list, cache_in: Any) -> Any:
+    """Polygraphy's builder config: one optimisation profile, the workspace and optimisation level
+    asked for, the timing cache to start from."""
     mn, opt, mx = opts.batch
     profile = pgtrt.Profile().add(name, (mn, *shape[1:]), (opt, *shape[1:]), (mx, *shape[1:]))
     config_kwargs: dict[str, Any] = {"profiles": [profile]}
     if opts.workspace_gib:
-        config_kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(opts.workspace_gib * (1 << 30))}
+        config_kwargs["memory_pool_limits"] = {target.trt.MemoryPoolType.WORKSPACE: int(opts.workspace_gib * (1 << 30))}
     if opts.opt_level is not None:
         config_kwargs["builder_optimization_level"] = opts.opt_level
+    if cache_in is not None:
+        config_kwargs["load_timing_cache"] = cache_in
+    if target.flavour == "tensorrt_rtx":
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        return CreateConfigRTX(compute_capabilities=[parse_cc(c) for c in target.ccs], **config_kwargs)
+    return pgtrt.CreateConfig(**config_kwargs)
+
+
+def _engine_bytes(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    opts: BuildOptions,
+    target: _Target,
+    facts: OnnxFacts,
+    shape: list,
+    cache_tmp: Path | None,
+    progress: bool,
+) -> tuple[memoryview, list[str], float]:
+    """Build: the engine (no copy of a multi-GB engine), the builder's log, the seconds it took.
+    The new timing cache goes to ``cache_tmp``."""
+    pgtrt = _polygraphy_trt(target.flavour)
+    from polygraphy.exception import PolygraphyException
+
     # The timing cache goes in and out through open files: given paths, Polygraphy would rewrite
     # the cache in place and leave NAME.lock beside it; the new cache is renamed into place instead.
     cache_in = None
     if opts.timing_cache and Path(opts.timing_cache).is_file():
-        cache_in = config_kwargs["load_timing_cache"] = open(opts.timing_cache, "rb")  # noqa: SIM115
-    cache_tmp = temp_sibling(opts.timing_cache) if opts.timing_cache else None
+        cache_in = open(opts.timing_cache, "rb")  # noqa: SIM115
     cache_out = open(cache_tmp, "w+b") if cache_tmp is not None else None  # noqa: SIM115
-    if flavour == "tensorrt_rtx":
-        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
-
-        config = CreateConfigRTX(compute_capabilities=[parse_cc(c) for c in ccs], **config_kwargs)
-    else:
-        config = pgtrt.CreateConfig(**config_kwargs)
-
-    network = pgtrt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
-    started = time.perf_counter()
-    bar = _Spinner(f"building {Path(out_path).name}") if progress else None
-    engine_bytes = None
+    bar = None
     try:
-        with _CapturedBuilderLog() as build_log:
+        config = _builder_config(pgtrt, target, opts, facts.input_name, shape, cache_in)
+        network = pgtrt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+        started = time.perf_counter()
+        bar = _Spinner(f"building {Path(out_path).name}") if progress else None
+        with CapturedBuilderLog() as build_log:
             engine_bytes = pgtrt.EngineBytesFromNetwork(network, config, save_timing_cache=cache_out)()
     except PolygraphyException as exc:
         raise EngineError(f"TensorRT could not build {onnx_path}: {exc}") from exc
@@ -349,19 +379,30 @@ def build_engine(
         for fh in (cache_in, cache_out):
             if fh is not None:
                 fh.close()
-        if cache_tmp is not None and engine_bytes is None:  # failed: no new cache either
-            cache_tmp.unlink(missing_ok=True)
     if engine_bytes is None:
         raise EngineError(f"TensorRT returned no engine for {onnx_path} (see the log above)")
-    data = memoryview(engine_bytes)  # no copy of a multi-GB engine
-    seconds = time.perf_counter() - started
+    return memoryview(engine_bytes), build_log, time.perf_counter() - started
 
-    fusion = _build_facts(onnx_path, facts, build_log, data, flavour, trt if gpu is not None else None)
+
+def _manifest(
+    onnx_path: str | Path,
+    opts: BuildOptions,
+    target: _Target,
+    facts: OnnxFacts,
+    shape: list,
+    data: memoryview,
+    build_log: list[str],
+    seconds: float,
+) -> Manifest:
+    """The manifest of a finished build."""
+    trt = target.trt
+    fusion = build_facts(onnx_path, facts.metadata, build_log, data, target.flavour, trt if target.gpu else None)
     out_shape = [int(d) if isinstance(d, int) and d > 0 else "batch" for d in facts.output_shape]
-    manifest = Manifest(
-        flavour=flavour,
+    name, (mn, opt, mx) = facts.input_name, opts.batch
+    return Manifest(
+        flavour=target.flavour,
         trt_version=trt.__version__,
-        targets=targets,
+        targets=target.targets,
         profile={name: [[mn, *shape[1:]], [opt, *shape[1:]], [mx, *shape[1:]]]},
         precision=facts.metadata.get("precision", "fp16" if facts.fp16_typed else "fp32"),
         resolution=int(facts.metadata["resolution"]) if "resolution" in facts.metadata else shape[2],
@@ -382,17 +423,34 @@ def build_engine(
             "strongly_typed": True,
         },
         fusion=fusion,
-        fp16_protection=_json_or_none(facts.metadata.get("fp16_protection")),
+        fp16_protection=json_or_none(facts.metadata.get("fp16_protection")),
     )
+
+
+def build_engine(
+    onnx_path: str | Path, out_path: str | Path, opts: BuildOptions | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Build one engine + manifest; returns the manifest as a dict.  Every check comes before the
+    build: outputs, the graph's precision, the flavour and its targets, the input shape."""
+    opts = opts or BuildOptions()
+    opts.validate()
+    check_build_outputs(onnx_path, out_path, opts.timing_cache)
+    facts = onnx_facts(onnx_path)
+    _require_precision(onnx_path, facts, opts)
+    target = _choose_target(opts)
+    shape = _input_shape(onnx_path, facts)
+    cache_tmp = temp_sibling(opts.timing_cache) if opts.timing_cache else None
     try:
-        _write_atomic_pair(Path(out_path), data, asdict(manifest))
+        data, build_log, seconds = _engine_bytes(onnx_path, out_path, opts, target, facts, shape, cache_tmp, progress)
+        manifest = asdict(_manifest(onnx_path, opts, target, facts, shape, data, build_log, seconds))
+        _write_atomic_pair(Path(out_path), data, manifest)
         if cache_tmp is not None and cache_tmp.stat().st_size:
             os.replace(cache_tmp, opts.timing_cache)
     finally:
-        if cache_tmp is not None:
+        if cache_tmp is not None:  # written into place, or no new cache
             cache_tmp.unlink(missing_ok=True)
-    log.info("built %s (%.1f MB) in %.1fs for %s", out_path, data.nbytes / 1e6, seconds, targets)
-    return asdict(manifest)
+    log.info("built %s (%.1f MB) in %.1fs for %s", out_path, data.nbytes / 1e6, seconds, target.targets)
+    return manifest
 
 
 def check_build_outputs(onnx_path: str | Path, out_path: str | Path, timing_cache: str | None) -> None:
@@ -411,19 +469,11 @@ def check_build_outputs(onnx_path: str | Path, out_path: str | Path, timing_cach
         outputs["--timing-cache"] = Path(timing_cache)
     refuse_inputs(outputs, {"--onnx": onnx_path})
     mpath = manifest_path(out_path)
-    if (out_path.exists() or mpath.exists()) and not _is_step37_manifest(mpath):
+    if (out_path.exists() or mpath.exists()) and not is_step37_manifest(mpath):
         raise EngineError(
             f"--out {out_path}: {out_path.name if out_path.exists() else mpath.name} exists and is not from an engine "
             f"built by step37-deploy (no step37 manifest {mpath.name}): refusing to replace it"
         )
-
-
-def _is_step37_manifest(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(data, dict) and str(data.get("format", "")).startswith("step37-engine-manifest/")
 
 
 def check_timing_cache(trt: Any, path: str | Path) -> None:
@@ -471,75 +521,7 @@ def _write_atomic_pair(engine_path: Path, data: bytes | memoryview, manifest: di
         raise EngineError(f"could not write {engine_path}: {exc}") from exc
 
 
-# -- manifests and inspection -----------------------------------------------------------------------
-def read_manifest(engine_path: str | Path) -> dict[str, Any]:
-    engine_path = Path(engine_path)
-    mpath = manifest_path(engine_path)
-    require_file(engine_path, EngineError, "engine")
-    if not require_file(mpath, EngineError, "engine manifest", missing_ok=True):
-        raise EngineError(f"engine {engine_path} has no manifest ({mpath.name}); rebuild it with step37-deploy build")
-    manifest = read_json(mpath, EngineError)
-    required = {"flavour", "trt_version", "targets", "profile", "engine_sha256", "engine_bytes", "inputs", "outputs"}
-    missing = sorted(required - set(manifest))
-    if missing:
-        raise EngineError(f"manifest {mpath} lacks {missing}; it is not a step37 engine manifest")
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise EngineError(f"manifest {mpath} is not a valid step37 engine manifest: {problem}")
-    return manifest
-
-
-def _manifest_problem(m: dict[str, Any]) -> str | None:
-    """The first field of a manifest that later code could not use, or ``None``."""
-    for key in ("flavour", "trt_version", "engine_sha256"):
-        if not isinstance(m[key], str):
-            return f"{key} must be a string, got {m[key]!r:.40}"
-    if isinstance(m["engine_bytes"], bool) or not isinstance(m["engine_bytes"], int) or m["engine_bytes"] < 0:
-        return f"engine_bytes must be a byte count, got {m['engine_bytes']!r:.40}"
-    if not isinstance(m["targets"], dict) or not isinstance(m["targets"].get("compute_capabilities", []), list):
-        return "targets must be an object with a compute_capabilities list"
-    for key, rank in (("inputs", 4), ("outputs", 3)):  # [batch, 3, H, W] -> [batch, tokens, dim]
-        io = m[key]
-        if not isinstance(io, dict) or len(io) != 1:
-            return f"{key} must map exactly one tensor name to its dtype and shape"
-        (spec,) = io.values()
-        if not isinstance(spec, dict) or spec.get("dtype") not in ("float32", "float16", "uint8"):
-            return f"{key}: dtype must be float32, float16 or uint8"
-        shape = spec.get("shape")
-        if not isinstance(shape, list) or len(shape) != rank or not all(d == "batch" or _is_count(d) for d in shape):
-            return f"{key}: shape must be a list of {rank} sizes or 'batch'"
-    (name,) = m["inputs"]
-    profile = m["profile"]
-    shapes = profile.get(name) if isinstance(profile, dict) else None
-    if not (
-        isinstance(shapes, list)
-        and len(shapes) == 3
-        and all(isinstance(s, list) and s and all(map(_is_count, s)) for s in shapes)
-    ):
-        return f"profile must give [min, opt, max] shapes of input {name!r}"
-    return None
-
-
-def _is_count(d: object) -> bool:
-    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
-
-
-def verify_engine_file(engine_path: str | Path, manifest: dict[str, Any]) -> bytes:
-    """The engine bytes, after checking size and digest against the manifest (truncation etc.)."""
-    try:
-        data = Path(engine_path).read_bytes()
-    except OSError as exc:
-        raise EngineError(f"engine {engine_path} cannot be read: {exc.strerror or exc}") from None
-    if len(data) != manifest["engine_bytes"]:
-        raise EngineError(
-            f"engine {engine_path} has {len(data)} bytes but its manifest says "
-            f"{manifest['engine_bytes']}: the file is truncated or was replaced"
-        )
-    if hashlib.sha256(data).hexdigest() != manifest["engine_sha256"]:
-        raise EngineError(f"engine {engine_path} does not match its manifest's digest: corrupt or replaced")
-    return data
-
-
+# -- where an engine runs, and inspecting one -----------------------------------------------------
 def check_runtime_compat(manifest: dict[str, Any], engine_path: str | Path = "engine") -> Any:
     """The TensorRT module to run this engine with, or a clear error naming both sides."""
     flavour = manifest["flavour"]
@@ -598,176 +580,3 @@ def inspect_engine(engine_path: str | Path) -> str:
 
 def engine_filename(onnx_name: str) -> str:
     return Path(onnx_name).name.removesuffix(".onnx") + ".plan"
-
-
-# -- what the builder did: attention fusion, accumulators, activation memory ------------------------
-#: TensorRT(-RTX) verbose lines naming the ONNX nodes it matched as self-attention.
-_ATTENTION_NODE = re.compile(r"Found (\S+) to be part of self-attention pattern")
-_ACTIVATION_MEMORY = re.compile(r"Total Activation Memory: (\d+) bytes")
-#: TensorRT-RTX engines carry each fused attention kernel's record (``function={ name=_gemm_mha_v2
-#: fqn=... layers="[ONNX Layer: ...]..." }``) and CUDA source, whose ``Kernel_traits_v2_flash_attention``
-#: names the MMA traits of BMM1 (Q.K^T) then BMM2 (P.V), e.g. ``Ampere_hmma_fp32_traits`` =
-#: FP16 inputs, FP32 accumulators.  Not a documented format: written against tensorrt-rtx 1.7.1.
-_MHA_RECORD = re.compile(rb'function=\{ name=_gemm_mha\w* fqn=(\w+) .{0,8192}?layers="([^"]*)"', re.S)
-_MHA_TRAITS = re.compile(rb"Kernel_traits_v2_flash_attention<\s*fmha::(\w+),\s*fmha::(\w+),")
-_MHA_ENTRY = re.compile(rb"__global__ void (_gemm_mha\w*)\(")
-_ONNX_LAYER = re.compile(rb"\[ONNX Layer: ([^\]]+)\]")
-
-
-def _accumulator(traits: str) -> str:
-    """``Ampere_hmma_fp32_traits`` -> ``fp32`` (the last type named in an fmha MMA traits class)."""
-    found = re.findall(r"(fp32|fp16|bf16|int32|e4m3|e5m2)", traits)
-    return found[-1] if found else "unknown"
-
-
-class _CapturedBuilderLog:
-    """Collects the builder's messages down to VERBOSE while a build runs.  Polygraphy's TensorRT
-    logger forwards TensorRT VERBOSE to ``G_LOGGER.extra_verbose``; the capture raises Polygraphy's
-    severity to EXTRA_VERBOSE, routes it through Python logging into a list, passes warnings and
-    errors on to this module's logger, and restores everything afterwards."""
-
-    def __enter__(self) -> list[str]:
-        from polygraphy.logger import G_LOGGER
-
-        self.lines: list[str] = []
-        lines = self.lines
-
-        class Handler(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                msg = record.getMessage()
-                lines.append(msg)
-                if record.levelno >= logging.WARNING:
-                    log.log(record.levelno, "TensorRT: %s", msg)
-
-        self._saved = (G_LOGGER.module_severity, G_LOGGER.use_python_logging_system)
-        G_LOGGER.module_severity = G_LOGGER.EXTRA_VERBOSE
-        G_LOGGER.use_python_logging_system = True
-        self._py = G_LOGGER.python_logger
-        self._py_saved = (self._py.level, self._py.propagate)
-        self._handler = Handler(level=1)
-        self._py.addHandler(self._handler)
-        self._py.setLevel(1)
-        self._py.propagate = False
-        return lines
-
-    def __exit__(self, *exc: object) -> None:
-        from polygraphy.logger import G_LOGGER
-
-        self._py.removeHandler(self._handler)
-        self._py.setLevel(self._py_saved[0])
-        self._py.propagate = self._py_saved[1]
-        G_LOGGER.module_severity, G_LOGGER.use_python_logging_system = self._saved
-
-
-def fusion_facts(
-    log_lines: list[str], onnx_ops: dict[str, str], engine: bytes | memoryview | None, flavour: str, layers: int | None
-) -> dict[str, Any]:
-    """Attention fusion and memory facts of one build; anything not readable is ``"unknown"``.
-
-    ``onnx_ops`` maps ONNX node names to op types (a fused attention is counted by its Softmax);
-    ``engine`` is scanned for fused attention kernels only for TensorRT-RTX."""
-    facts: dict[str, Any] = {"source": "builder log"}
-    matched = [n for line in log_lines for n in _ATTENTION_NODE.findall(line)]
-    softmaxes = sorted({n for n in matched if onnx_ops.get(n) == "Softmax"})
-    facts["attention_fused"] = len(softmaxes) if log_lines else "unknown"
-    facts["attention_nodes_fused"] = sorted(set(matched))
-    if layers is not None:
-        facts["blocks"] = layers
-    mem = [int(m) for line in log_lines for m in _ACTIVATION_MEMORY.findall(line)]
-    facts["activation_memory_bytes"] = {"profile 0": mem[-1]} if mem else "unknown"
-    if flavour == "tensorrt_rtx" and engine is not None:
-        facts["attention_kernels"] = _attention_kernels(engine)
-    else:
-        facts["attention_kernels"] = "unknown"
-    return facts
-
-
-def _attention_kernels(engine: bytes | memoryview) -> list[dict[str, Any]] | str:
-    """Each fused attention kernel in a TensorRT-RTX engine: its ONNX layers and accumulator types."""
-    try:
-        # Sources: each kernel's traits come before its entry point (two literal-prefixed scans).
-        found = [(m.start(), (m.group(1).decode(), m.group(2).decode())) for m in _MHA_TRAITS.finditer(engine)]
-        found += [(m.start(), m.group(1).decode()) for m in _MHA_ENTRY.finditer(engine)]
-        traits: dict[str, tuple[str, str]] = {}
-        last: tuple[str, str] | None = None
-        for _, item in sorted(found, key=lambda x: x[0]):
-            if isinstance(item, tuple):
-                last = item
-            elif last is not None:
-                traits.setdefault(item, last)
-        kernels = []
-        for m in _MHA_RECORD.finditer(engine):
-            fqn = m.group(1).decode()
-            qk, pv = traits.get(fqn, ("unknown", "unknown"))
-            kernels.append(
-                {
-                    "kernel": fqn,
-                    "onnx_layers": [x.decode() for x in _ONNX_LAYER.findall(m.group(2))],
-                    "qk_accumulator": _accumulator(qk),
-                    "pv_accumulator": _accumulator(pv),
-                    "traits": [qk, pv],
-                }
-            )
-        return kernels
-    except Exception as exc:  # an undocumented layout: never fail a build over it
-        log.info("could not read fused attention kernels from the engine: %s", exc)
-        return "unknown"
-
-
-def _inspector_layers(trt: Any, data: bytes | memoryview) -> list[dict[str, Any]] | None:
-    """The engine inspector's layer list where the engine can be deserialised (GPU + its TensorRT)."""
-    try:
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(bytes(data))
-        if engine is None:
-            return None
-        info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-        return [x if isinstance(x, dict) else {"Name": x} for x in info.get("Layers", [])]
-    except Exception as exc:  # no GPU, no driver, a runtime that cannot load it: fall back to the log
-        log.debug("engine inspector unavailable: %s", exc)
-        return None
-
-
-def _json_or_none(text: str | None) -> Any:
-    try:
-        return json.loads(text) if text else None
-    except ValueError:
-        return None
-
-
-def _build_facts(
-    onnx_path: str | Path, facts: OnnxFacts, build_log: list[str], data: memoryview, flavour: str, trt: Any | None
-) -> dict[str, Any]:
-    """``fusion_facts`` for a finished build; the engine inspector's layers where ``trt`` (a GPU) can
-    deserialise it.  Never raises: what cannot be read is recorded as unknown."""
-    try:
-        import onnx
-
-        ops = {n.name: n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
-        vision = _json_or_none(facts.metadata.get("vision_config")) or {}
-        fusion = fusion_facts(build_log, ops, data, flavour, vision.get("layers"))
-        layers = _inspector_layers(trt, data) if trt is not None else None
-        if layers is not None:
-            attn = [x for x in layers if re.search(r"mha|attention", json.dumps(x), re.I)]
-            fusion.update(source="engine inspector", inspector_layers=len(layers), attention_fused=len(attn))
-        return fusion
-    except Exception as exc:  # a build never fails over its own facts
-        log.info("could not record fusion facts: %s", exc)
-        return {"source": "unknown", "attention_fused": "unknown", "activation_memory_bytes": "unknown"}
-
-
-def fusion_summary(fusion: dict[str, Any]) -> str:
-    """One paragraph for ``inspect``."""
-    if not fusion:
-        return "fusion facts: not recorded (engine built before they were)"
-    lines = [f"fusion facts (from the {fusion.get('source', 'builder log')}):"]
-    lines.append(f"  fused attention subgraphs: {fusion.get('attention_fused')} (blocks: {fusion.get('blocks', '?')})")
-    kernels = fusion.get("attention_kernels")
-    if isinstance(kernels, list):
-        acc = sorted({(k["qk_accumulator"], k["pv_accumulator"]) for k in kernels})
-        desc = ", ".join(f"Q.K^T {qk.upper()} / P.V {pv.upper()}" for qk, pv in acc) or "none found"
-        lines.append(f"  fused attention kernels in the engine file: {len(kernels)}; accumulators: {desc}")
-    else:
-        lines.append(f"  fused attention kernels in the engine file: {kernels}")
-    lines.append(f"  activation memory: {fusion.get('activation_memory_bytes')}")
-    return "\n".join(lines)

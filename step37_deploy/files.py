@@ -23,12 +23,13 @@ import re
 import secrets
 import shutil
 import socket
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, OutputError
+from .process import PROCESS_START as _PROCESS_START  # a module global here: tests move it
+from .process import alive, current_umask
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ TMP_MARK = ".step37-tmp-"
 #: a live run's temporaries whose PID means nothing here; only this host's are ever removed.
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 _TMP_RE = re.compile(r"^\..*\.step37-tmp-([A-Za-z0-9-]+?)-(\d+)-[0-9a-f]{8}(?![0-9a-f])")
-_PROCESS_START = time.time()
 
 
 def read_json(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
@@ -53,24 +53,13 @@ def read_json(path: str | Path, error: type[Exception] = ConfigError) -> dict[st
 
 
 # -- temporaries ------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove this tool's temporaries in ``folder`` left by killed runs; returns what was removed.
 
     Only names carrying :data:`TMP_MARK` and this :data:`HOST` are considered, and only those
-    older than this process whose writer's PID is no longer running (a concurrent run's
-    temporaries are left alone).
+    older than this process whose writer is gone: its PID no longer runs, or runs a process that
+    started after the temporary was last written (a reused PID; ``process.alive``).  A concurrent
+    run's temporaries are left alone.
     """
     folder = Path(folder)
     removed: list[Path] = []
@@ -80,11 +69,15 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         return removed
     for entry in entries:
         m = _TMP_RE.match(entry.name)
-        if not m or m.group(1) != HOST or _pid_alive(int(m.group(2))):
+        if not m or m.group(1) != HOST:
             continue
         try:
-            if entry.stat(follow_symlinks=False).st_mtime >= _PROCESS_START:
-                continue
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:  # gone meanwhile: its writer renamed or removed it
+            continue
+        if mtime >= _PROCESS_START or alive(int(m.group(2)), written_at=mtime):
+            continue
+        try:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
             else:
@@ -130,9 +123,7 @@ def temp_sibling(path: str | Path, suffix: str = "", directory: bool = False) ->
 def apply_umask(path: str | Path) -> None:
     """Give ``path`` the permissions a new file gets under the current umask (for libraries that
     create files 0600, such as ``safetensors``' ``save_file``)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def os_reason(exc: OSError) -> str:

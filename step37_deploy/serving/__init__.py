@@ -1,9 +1,12 @@
 """Serving the embedder on Triton Inference Server.
 
 ``contract`` is the served API (model, tensor names, dtypes, dims) that everything else imports;
-``repository`` writes a Triton model repository from artifacts, ``triton_models`` holds the
-``model.py`` files it ships, ``server`` launches ``tritonserver`` on it and ``supervise`` watches
-its processes, ``client`` and ``loadtest`` talk to it.
+``repository`` writes a Triton model repository from artifacts (``towers`` describes them,
+``configs`` makes the model configs), ``triton_models`` holds the ``model.py`` files it ships,
+``server`` launches ``tritonserver`` on it (``prepare`` settles what to run first) behind the
+``gateway`` and ``supervise`` watches its processes; ``client`` and ``loadtest`` (with ``drivers``
+and ``loadreport``) talk to it.  ``auth`` reads the API key and TLS files, ``net`` gives probe
+addresses and free ports; the process helpers they share are ``step37_deploy.process``.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from ..config import TokenIds
 from ..errors import InputError, ServerError
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig, image_layout, to_rgb
 from ..runtime import ImageEmbedding
+from .auth import API_KEY_HEADER
 from .contract import (
     EMBEDDER_INPUT,
     EMBEDDER_IO,
@@ -48,8 +49,6 @@ from .contract import (
     row_output,
 )
 
-#: The header ``serve --api-key-file`` checks at its gateway.
-API_KEY_HEADER = "x-api-key"
 _FEATURES, _TOKEN_IDS, _NUM_CROPS = EMBEDDER_OUTPUTS
 #: Statuses worth another try: the server is overloaded, stopping, or not there (yet).
 RETRYABLE_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "502", "503", "504"})

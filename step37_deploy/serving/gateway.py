@@ -23,9 +23,9 @@ the API key when one is given) and enforces:
   (its connection reuse, logged at most once a second);
 * ``idle_timeout_s`` for a request's header and body, between keep-alive requests and on idle
   HTTP/2 connections;
-* with an API key: inference, metadata, config and statistics require ``x-api-key`` (HTTP 401,
-  gRPC ``UNAUTHENTICATED``); health and readiness stay open for probes.  The key is removed from
-  the request before it reaches Triton, and is never on any command line;
+* with an API key (read by ``auth.py``): inference, metadata, config and statistics require
+  ``x-api-key`` (HTTP 401, gRPC ``UNAUTHENTICATED``); health and readiness stay open for probes.
+  The key is removed from the request before it reaches Triton, and is never on any command line;
 * TLS (HTTPS and gRPC over TLS) when given a certificate and key.
 
 nginx runs in the foreground (``daemon off``) as a child of ``serve`` with its pid file, temporary
@@ -47,7 +47,6 @@ import shutil
 import signal
 import socket
 import ssl
-import stat
 import subprocess
 import time
 import urllib.error
@@ -56,7 +55,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ConfigError
+from ..process import die_with_parent
+from .auth import API_KEY_HEADER
 from .contract import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
+from .net import host_port, probe_host
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,6 @@ log = logging.getLogger(__name__)
 NGINX_INSTALL = "apt-get install -y nginx"
 #: How long nginx waits for Triton's answer to one request (Triton's queue policy answers sooner).
 UPSTREAM_TIMEOUT_S = 300
-#: What an API key may contain: nginx's config holds it literally (hex or base64 keys fit).
-API_KEY_RE = re.compile(r"^[A-Za-z0-9._+/=-]{16,1024}$")
-API_KEY_HEADER = "x-api-key"
 #: gRPC methods of Triton's ``inference.GRPCInferenceService`` the gateway passes on.
 GRPC_SERVICE = "inference.GRPCInferenceService"
 GRPC_OPEN = ("ServerLive", "ServerReady", "ModelReady")  # probes: no key
@@ -95,14 +94,6 @@ GRPC_STATUS = {
 }
 # A model name in a URL: Triton's names, never '..' (the raw URI is checked for it separately).
 _MODEL = r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/versions/[0-9]+)?"
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """SIGTERM this child when ``serve`` dies (``PR_SET_PDEATHSIG``), even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def find_nginx() -> Path | None:
@@ -143,54 +134,6 @@ def require_nginx() -> Path:
     return nginx
 
 
-def read_api_key(path: str | Path) -> str:
-    """The first line of an API key file, refused as ssh refuses a private key: unreadable, empty,
-    or readable by group or others.  Keys are 16 to 1024 characters of ``[A-Za-z0-9._+/=-]``
-    (``openssl rand -hex 32`` makes one)."""
-    p = Path(path)
-    try:
-        st = p.stat()
-        with p.open("rb") as fh:
-            first = fh.readline(8192)
-    except OSError as exc:
-        raise ConfigError(f"--api-key-file {p}: cannot read it ({exc.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"--api-key-file {p} is not a regular file")
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"--api-key-file {p} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
-        )
-    key = first.decode("ascii", "replace").strip()
-    if not key:
-        raise ConfigError(f"--api-key-file {p}: the first line is empty")
-    if not API_KEY_RE.match(key):
-        raise ConfigError(
-            f"--api-key-file {p}: the key must be 16 to 1024 characters of A-Z a-z 0-9 . _ + / = - "
-            "(openssl rand -hex 32 makes one)"
-        )
-    return key
-
-
-def check_tls_files(cert: str | Path | None, key: str | Path | None) -> tuple[Path, Path] | None:
-    """``(cert, key)`` when TLS is asked for, both readable; None when neither is given."""
-    if cert is None and key is None:
-        return None
-    if cert is None or key is None:
-        raise ConfigError("--tls-cert and --tls-key go together: pass both or neither")
-    out = []
-    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
-        p = Path(path).resolve()
-        try:
-            with p.open("rb") as fh:
-                head = fh.read(4096)
-        except OSError as exc:
-            raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
-        if b"-----BEGIN" not in head:
-            raise ConfigError(f"{option} {path} is not a PEM file")
-        out.append(p)
-    return out[0], out[1]
-
-
 @dataclass(frozen=True)
 class GatewayOptions:
     """The limits and the access rules; ``serve``'s options of the same names."""
@@ -212,10 +155,6 @@ class GatewayOptions:
     @property
     def open_files(self) -> int:
         return 2 * self.worker_connections + 64
-
-
-def _listen(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _quote(text: str) -> str:
@@ -253,7 +192,7 @@ class Gateway:
         self.upstream = dict(upstream)
         self.options = options
         self.nginx = Path(nginx) if nginx is not None else require_nginx()
-        self.probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+        self.probe_host = probe_host(host)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -290,7 +229,7 @@ class Gateway:
         proxy = "proxy_pass http://step37_triton_http;"
         out = [
             "server {",
-            f"    listen {_listen(self.host, self.listen['http'])}{' ssl' if o.tls else ''};",
+            f"    listen {host_port(self.host, self.listen['http'])}{' ssl' if o.tls else ''};",
             *self._tls_lines(),
             # The raw URI goes to Triton unchanged: refuse what nginx would normalise differently.
             '    if ($request_uri ~ "(%|\\.\\.|//|/\\./)") { return 400; }',
@@ -322,7 +261,7 @@ class Gateway:
         grpc_pass = "grpc_pass grpc://step37_triton_grpc;"
         out = [
             "server {",
-            f"    listen {_listen(self.host, self.listen['grpc'])}{' ssl' if o.tls else ''} http2;",
+            f"    listen {host_port(self.host, self.listen['grpc'])}{' ssl' if o.tls else ''} http2;",
             *self._tls_lines(),
             '    if ($http_grpc_encoding !~* "^(identity)?$") { return 415; }',
             '    if ($http_content_encoding !~* "^(identity)?$") { return 415; }',
@@ -341,7 +280,7 @@ class Gateway:
     def _metrics_server(self) -> list[str]:
         return [
             "server {",
-            f"    listen {_listen(self.host, self.listen['metrics'])};",
+            f"    listen {host_port(self.host, self.listen['metrics'])};",
             f"    limit_conn step37_inflight {self.options.max_connections};",
             '    location = /metrics { if ($request_method !~ "^(GET|HEAD)$") { return 405; } '
             "proxy_pass http://step37_triton_metrics; }",
@@ -470,9 +409,8 @@ class Gateway:
         scheme = "http"
         if self.options.tls:
             scheme, ctx = "https", ssl._create_unverified_context()  # only asks whether it answers
-        host = f"[{self.probe_host}]" if ":" in self.probe_host else self.probe_host
         try:
-            url = f"{scheme}://{host}:{self.listen['http']}/v2/health/live"
+            url = f"{scheme}://{host_port(self.probe_host, self.listen['http'])}/v2/health/live"
             with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):

@@ -18,8 +18,11 @@ concurrent requests) and applies the projector.
 The repository records what it was built from (``step37_repository.json`` in the embedder's
 version folder): the checkpoint's vision-weights digest, the digest of every served file and the
 weights digest each artifact was exported from.  The embedder checks them all when it loads and
-refuses to start on any mismatch.  Every ``config.pbtxt`` is written through Triton's own protobuf
-(``tritonclient``'s ``model_config_pb2``), so a config Triton cannot parse is never written.
+refuses to start on any mismatch (:func:`verify_repository`).
+
+This module writes and checks the repository; ``towers.py`` describes the towers from their
+artifacts and ``configs.py`` makes every ``config.pbtxt`` through Triton's own protobuf (their
+names are importable from here too).
 """
 
 from __future__ import annotations
@@ -29,347 +32,76 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError, EngineError, InputError, OutputError
 from ..files import apply_umask, atomic_dir, check_output_dir, ensure_dir, os_reason, read_json, replace_dir
-from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig
+from ..preprocess import DEFAULT_PREPROCESS
 from . import contract as C
-from .contract import (  # RepositoryOptions' defaults: in the contract, where the CLI's --help reads them
+from .configs import (
     DEFAULT_CACHE_MB,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_QUEUE_SIZE,
     DEFAULT_QUEUE_DELAY_US,
     DEFAULT_QUEUE_TIMEOUT_MS,
+    RepositoryOptions,
+    config_text,
+    default_preprocess_instances,
+    embedder_config,
+    parse_config,
+    set_queue_policy,
+    tower_config,
+    tower_max_batch,
+    tower_queue_size,
 )
+from .towers import (
+    BACKENDS,
+    TORCH_CHECKPOINT,
+    TowerArtifact,
+    collect_towers,
+    describe_engine,
+    describe_onnx,
+    describe_torch,
+)
+from .towers import inside_folder as _inside  # the name triton_models/tower.py imports
+
+#: Importable from here as before the split: the configs' and the towers' names.
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_CACHE_MB",
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "DEFAULT_MAX_QUEUE_SIZE",
+    "DEFAULT_QUEUE_DELAY_US",
+    "DEFAULT_QUEUE_TIMEOUT_MS",
+    "FORMAT",
+    "RepositoryOptions",
+    "TowerArtifact",
+    "collect_towers",
+    "config_text",
+    "default_preprocess_instances",
+    "describe_engine",
+    "describe_onnx",
+    "describe_torch",
+    "embedder_config",
+    "parse_config",
+    "read_record",
+    "set_queue_policy",
+    "tower_config",
+    "tower_max_batch",
+    "tower_queue_size",
+    "verify_repository",
+    "write_repository",
+]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "step37-triton-repository/1"
-BACKENDS = ("trt", "onnx", "torch")
 _MODELS_DIR = Path(__file__).with_name("triton_models")
-_TORCH_CKPT = "checkpoint"  # torch towers: a vision-only checkpoint in the version folder
-
-
-def default_preprocess_instances() -> int:
-    """Embedder instances (preprocessing processes) when not given: one per usable CPU."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class TowerArtifact:
-    """What one tower model serves, read from its artifact (manifest, ONNX metadata or config)."""
-
-    resolution: int
-    kind: str  # "trt" | "onnx" | "torch"
-    path: Path | None  # engine or ONNX file; None for torch (weights come from the checkpoint)
-    input_dtype: str  # numpy name of pixel_values: float32, float16 or uint8
-    precision: str  # fp16 | fp32: the dtype of image_features
-    num_tokens: int
-    out_dim: int
-    weights_sha256: str | None  # the vision weights the artifact was made from, when recorded
-    profile: tuple[int, int, int] | None = None  # engines: batch MIN, OPT, MAX
-    data_files: tuple[str, ...] = ()  # ONNX external-data files beside it (names relative to it)
-
-    @property
-    def model_name(self) -> str:
-        return C.TOWER_MODELS[self.resolution]
-
-
-@dataclass
-class RepositoryOptions:
-    """Serving knobs written into the configs (the CLI's ``triton-repo``/``serve`` options)."""
-
-    max_batch: int | None = None  # default: engine profile MAX, or DEFAULT_MAX_BATCH
-    max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
-    preprocess_instances: int | None = None  # default: default_preprocess_instances()
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    cuda_graphs: bool = False
-    warmup: bool = True
-    tower_threads: int | None = None  # ONNX Runtime intra-op threads per Python-backend tower
-    cache_mb: float = DEFAULT_CACHE_MB  # embedding cache of each embedder instance (0 = off)
-    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # requests waiting per model (towers: at least what BLS needs)
-    queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS  # longest wait in a queue before UNAVAILABLE
-
-    def validate(self) -> None:
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.max_queue_delay_us < 0:
-            raise ConfigError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
-        if self.preprocess_instances is not None and self.preprocess_instances < 1:
-            raise ConfigError(f"--preprocess-instances must be >= 1, got {self.preprocess_instances}")
-        if self.max_image_pixels < 1:
-            raise ConfigError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
-        if not self.cache_mb >= 0:
-            raise ConfigError(f"--cache-mb must be >= 0, got {self.cache_mb}")
-        if self.max_queue_size < 1:
-            raise ConfigError(f"--max-queue-size must be >= 1, got {self.max_queue_size}")
-        if self.queue_timeout_ms < 1:
-            raise ConfigError(f"--queue-timeout-ms must be >= 1, got {self.queue_timeout_ms}")
-
-
-# -- reading artifacts -------------------------------------------------------------------------------
-def describe_engine(path: str | Path) -> TowerArtifact:
-    """A TensorRT engine's tower facts, from its manifest (``step37-deploy build`` writes it)."""
-    from ..engine import read_manifest
-
-    path = Path(path)
-    m = read_manifest(path)
-    ((iname, ispec),) = m["inputs"].items()
-    ((oname, ospec),) = m["outputs"].items()
-    if (iname, oname) != (C.TOWER_INPUT, C.TOWER_OUTPUT):
-        raise EngineError(
-            f"engine {path} has I/O {iname!r} -> {oname!r}; the served tower needs "
-            f"{C.TOWER_INPUT!r} -> {C.TOWER_OUTPUT!r}"
-        )
-    h = ispec["shape"][2]
-    if m["flavour"] != "tensorrt":
-        log.warning(
-            "engine %s was built with %s %s; Triton's TensorRT backend loads only engines of its own TensorRT "
-            "version: rebuild with tensorrt in the container you serve with (docs/serving.md)",
-            path,
-            m["flavour"],
-            m["trt_version"],
-        )
-    _, tokens, dim = ospec["shape"]
-    prof = m["profile"][iname]
-    return TowerArtifact(
-        resolution=int(m.get("resolution") or h),
-        kind="trt",
-        path=path,
-        input_dtype=str(ispec["dtype"]),
-        precision=str(m.get("precision", "fp16")),
-        num_tokens=int(tokens),
-        out_dim=int(dim),
-        weights_sha256=(m.get("onnx_metadata") or {}).get("vision_weights_sha256"),  # the source ONNX's
-        profile=(int(prof[0][0]), int(prof[1][0]), int(prof[2][0])),
-    )
-
-
-def describe_onnx(path: str | Path) -> TowerArtifact:
-    """An exported ONNX file's tower facts, from its graph and ``step37.*`` metadata."""
-    import onnx
-
-    from ..engine import onnx_facts
-
-    path = Path(path)
-    facts = onnx_facts(path)
-    meta = facts.metadata
-    model = onnx.load(str(path), load_external_data=False)
-    data = sorted({e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"})
-    for name in data:
-        _inside(path.parent, name, f"external data of {path}")
-    input_dtype = meta.get("input_dtype") or facts.input_dtype
-    precision = meta.get("precision") or ("fp16" if facts.input_dtype == "float16" else "fp32")
-    _, _, h, _ = facts.input_shape
-    _, tokens, dim = facts.output_shape
-    if (facts.input_name, facts.output_name) != (C.TOWER_INPUT, C.TOWER_OUTPUT):
-        raise InputError(
-            f"ONNX file {path} has I/O {facts.input_name!r} -> {facts.output_name!r}; the served "
-            f"tower needs {C.TOWER_INPUT!r} -> {C.TOWER_OUTPUT!r} (export it with step37-deploy export)"
-        )
-    return TowerArtifact(
-        resolution=int(meta.get("resolution") or h),
-        kind="onnx",
-        path=path,
-        input_dtype=input_dtype,
-        precision=precision,
-        num_tokens=int(tokens),
-        out_dim=int(dim),
-        weights_sha256=meta.get("vision_weights_sha256"),
-        data_files=tuple(data),
-    )
-
-
-def describe_torch(checkpoint: str | Path, resolution: int) -> TowerArtifact:
-    """The eager FP32 tower from the checkpoint itself."""
-    from ..config import Step37Config
-
-    cfg = Step37Config.from_checkpoint(checkpoint)
-    return TowerArtifact(
-        resolution=resolution,
-        kind="torch",
-        path=None,
-        input_dtype="float32",
-        precision="fp32",
-        num_tokens=cfg.vision.num_output_tokens(resolution, resolution),
-        out_dim=cfg.vision.output_dim,
-        weights_sha256=None,  # the repository's own copy of the checkpoint's weights
-    )
-
-
-def collect_towers(
-    checkpoint: str | Path,
-    backend: str,
-    artifacts: list[str | Path] | tuple = (),
-    pcfg: PreprocessConfig = DEFAULT_PREPROCESS,
-) -> dict[int, TowerArtifact]:
-    """One tower per served resolution (728 global views, 504 crops), told apart by their metadata."""
-    want = (pcfg.image_size, pcfg.patch_size)
-    if backend not in BACKENDS:
-        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch":
-        if artifacts:
-            raise InputError("--backend torch serves the checkpoint itself; --artifacts is for trt and onnx")
-        return {res: describe_torch(checkpoint, res) for res in want}
-    if len(artifacts) != 2:
-        raise InputError(f"--backend {backend} needs --artifacts FILE_728 FILE_504 (two files), got {len(artifacts)}")
-    describe = describe_engine if backend == "trt" else describe_onnx
-    towers: dict[int, TowerArtifact] = {}
-    for f in artifacts:
-        t = describe(f)
-        if t.resolution in towers:
-            raise InputError(f"--artifacts {towers[t.resolution].path} and {f} are both {t.resolution}x{t.resolution}")
-        towers[t.resolution] = t
-    if sorted(towers) != sorted(want):
-        raise InputError(f"--artifacts must be one {want[0]} and one {want[1]} file, got resolutions {sorted(towers)}")
-    return {res: towers[res] for res in want}
-
-
-def _inside(root: Path, rel: str, what: str) -> Path:
-    """``root / rel``, refusing a path read from a file that leaves ``root``."""
-    base = Path(root).resolve()
-    p = (base / rel).resolve()
-    if Path(rel).is_absolute() or not p.is_relative_to(base):
-        raise ConfigError(f"{what}: path {rel!r} leaves its folder {base}")
-    return p
-
-
-# -- configs (Triton's own protobuf) -----------------------------------------------------------------
-def _pb():
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as exc:  # pragma: no cover - the [serve] extra
-        raise ConfigError(
-            f"writing a Triton repository needs tritonclient: pip install 'step37-deploy[serve]' ({exc})"
-        ) from None
-    return model_config_pb2, text_format
-
-
-def tower_max_batch(t: TowerArtifact, requested: int | None) -> int:
-    """``max_batch_size`` of a tower: the engine profile's MAX (never above it), else ``requested``."""
-    if t.profile is None:
-        return requested or DEFAULT_MAX_BATCH
-    mn, _, mx = t.profile
-    mb = requested or mx
-    if mb > mx:
-        raise ConfigError(
-            f"--max-batch {mb} is above the optimisation profile MAX {mx} of engine {t.path}; "
-            f"Triton's TensorRT backend would refuse it (rebuild with --batch {mn}:..:{mb})"
-        )
-    if mb < mn:
-        raise ConfigError(f"--max-batch {mb} is below the optimisation profile MIN {mn} of engine {t.path}")
-    return mb
-
-
-def set_queue_policy(db: Any, max_queue_size: int, timeout_ms: int) -> None:
-    """A bounded queue on a model's dynamic batcher: at most ``max_queue_size`` requests wait, each
-    at most ``timeout_ms`` (or the request's own ``timeout`` parameter, which may override it); a
-    request over either bound is refused with UNAVAILABLE instead of waiting for ever."""
-    pb, _ = _pb()
-    policy = db.default_queue_policy
-    policy.max_queue_size = max_queue_size
-    policy.default_timeout_microseconds = timeout_ms * 1000
-    policy.timeout_action = pb.ModelQueuePolicy.REJECT
-    policy.allow_timeout_override = True
-
-
-def tower_queue_size(opts: RepositoryOptions, max_batch: int, pcfg: PreprocessConfig = DEFAULT_PREPROCESS) -> int:
-    """A tower's queue bound: ``--max-queue-size``, but never fewer than the BLS requests every
-    embedder instance can have in flight at once (a global view plus its largest image's crops in
-    ``max_batch`` chunks), so the embedder's own traffic is never refused by a tower."""
-    per_side = pcfg.max_image_size // pcfg.patch_size
-    per_request = 1 + -(-(per_side * per_side) // max_batch)
-    instances = opts.preprocess_instances or default_preprocess_instances()
-    return max(opts.max_queue_size, instances * per_request)
-
-
-def tower_config(t: TowerArtifact, opts: RepositoryOptions) -> Any:
-    """The tower's ``ModelConfig`` message."""
-    pb, _ = _pb()
-    mb = tower_max_batch(t, opts.max_batch)
-    out_type = C.tower_data_type(t.precision)
-    r = t.resolution
-    cfg = pb.ModelConfig(name=t.model_name, max_batch_size=mb)
-    cfg.input.add(name=C.TOWER_INPUT, data_type=pb.DataType.Value(C.tower_input_type(t.input_dtype)), dims=[3, r, r])
-    cfg.output.add(name=C.TOWER_OUTPUT, data_type=pb.DataType.Value(out_type), dims=[t.num_tokens, t.out_dim])
-    db = cfg.dynamic_batching
-    db.max_queue_delay_microseconds = opts.max_queue_delay_us
-    set_queue_policy(db, tower_queue_size(opts, mb), opts.queue_timeout_ms)
-    if t.kind == "trt":
-        mn, opt, _ = t.profile
-        db.preferred_batch_size.extend(sorted({b for b in (opt, mb) if mn <= b <= mb}))
-        cfg.platform = "tensorrt_plan"
-        cfg.default_model_filename = "model.plan"
-        cfg.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_GPU)
-        if opts.cuda_graphs:
-            cuda = cfg.optimization.cuda
-            cuda.graphs = True
-            for b in db.preferred_batch_size:
-                spec = cuda.graph_spec.add(batch_size=b)
-                spec.input[C.TOWER_INPUT].dim.extend([3, r, r])
-        if opts.warmup:
-            w = cfg.model_warmup.add(name=f"zeros_batch{mb}", batch_size=mb)
-            wi = w.inputs[C.TOWER_INPUT]
-            wi.data_type = cfg.input[0].data_type
-            wi.dims.extend([3, r, r])
-            wi.zero_data = True
-    else:
-        cfg.backend = "python"
-        cfg.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
-        params = {"step37_backend": t.kind, "artifact": _served_name(t)}
-        if opts.tower_threads:
-            params["threads"] = str(opts.tower_threads)
-        for k, v in params.items():
-            cfg.parameters[k].string_value = v
-    return cfg
-
-
-def embedder_config(opts: RepositoryOptions) -> Any:
-    pb, _ = _pb()
-    cfg = pb.ModelConfig(name=C.EMBEDDER_MODEL, backend="python", max_batch_size=0)
-    for t in C.EMBEDDER_IO["inputs"]:
-        cfg.input.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=list(t.dims))
-    for t in C.EMBEDDER_IO["outputs"]:
-        cfg.output.add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=list(t.dims))
-    count = opts.preprocess_instances or default_preprocess_instances()
-    cfg.instance_group.add(count=count, kind=pb.ModelInstanceGroup.KIND_CPU)
-    cfg.parameters[C.CACHE_MB_PARAMETER].string_value = repr(float(opts.cache_mb))
-    # Triton 2.51 accepts a dynamic batcher on a max_batch_size 0 model: it batches nothing but
-    # gives the model a bounded, timed queue (the wire contract stays one image per request).
-    set_queue_policy(cfg.dynamic_batching, opts.max_queue_size, opts.queue_timeout_ms)
-    return cfg
-
-
-def config_text(cfg: Any) -> str:
-    _, text_format = _pb()
-    return text_format.MessageToString(cfg)
-
-
-def parse_config(path: str | Path) -> Any:
-    """A ``config.pbtxt`` parsed with Triton's protobuf (a :class:`ConfigError` naming the file if not)."""
-    pb, text_format = _pb()
-    try:
-        return text_format.Parse(Path(path).read_text(), pb.ModelConfig())
-    except (OSError, text_format.ParseError) as exc:
-        raise ConfigError(f"{path} is not a Triton model config: {exc}") from exc
-
-
-def _served_name(t: TowerArtifact) -> str:
-    """The artifact's name inside the tower's version folder."""
-    if t.kind == "trt":
-        return "model.plan"
-    if t.kind == "onnx":
-        return t.path.name
-    return _TORCH_CKPT
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -427,7 +159,7 @@ def _write_tower(
                 _place(t.path.parent / name, version / name)
                 files.append(version / name)
         else:
-            ck = version / _TORCH_CKPT
+            ck = version / TORCH_CHECKPOINT
             if torch_weights is None:
                 _write_torch_checkpoint(checkpoint, ck)
             else:  # the other tower's copy: link, not a second copy of the weights
@@ -471,6 +203,57 @@ def _check_destination(out: Path, overwrite: bool) -> bool:
     return True
 
 
+def _check_towers(
+    checkpoint: Path, towers: dict[int, TowerArtifact], cfg: Any, digest: str, opts: RepositoryOptions
+) -> None:
+    """Refuse, before writing anything, a tower that does not fit the checkpoint (tokens, width),
+    was made from other weights, or whose ``--max-batch`` its engine profile cannot take."""
+    for t in towers.values():
+        want_tokens = cfg.vision.num_output_tokens(t.resolution, t.resolution)
+        if (t.num_tokens, t.out_dim) != (want_tokens, cfg.vision.output_dim):
+            raise InputError(
+                f"{t.path}: image_features [{t.num_tokens}, {t.out_dim}] do not fit checkpoint {checkpoint} "
+                f"([{want_tokens}, {cfg.vision.output_dim}] at {t.resolution})"
+            )
+        if t.weights_sha256 is not None and t.weights_sha256 != digest:
+            raise InputError(
+                f"{t.path} was made from other vision weights (sha256 {t.weights_sha256[:12]}...) than "
+                f"checkpoint {checkpoint} ({digest[:12]}...)"
+            )
+        if t.weights_sha256 is None and t.kind != "torch":
+            log.warning("%s does not record the weights it was made from; serving it on trust", t.path)
+        tower_max_batch(t, opts.max_batch)  # refuse before writing anything
+
+
+def _write_models(
+    tmp: Path, checkpoint: Path, towers: dict[int, TowerArtifact], opts: RepositoryOptions, record: dict[str, Any]
+) -> None:
+    """The towers' and the embedder's folders in ``tmp``, and what they serve in ``record``."""
+    digest = record["vision_weights_sha256"]
+    torch_weights = None
+    for res, t in towers.items():
+        files = _write_tower(tmp, t, checkpoint, opts, torch_weights)
+        if t.kind == "torch":
+            torch_weights = tmp / t.model_name / "1" / TORCH_CHECKPOINT
+        record["towers"][str(res)] = {
+            "model": t.model_name,
+            "kind": t.kind,
+            "source": str(t.path.resolve()) if t.path else None,  # informational
+            "input_dtype": t.input_dtype,
+            "precision": t.precision,
+            "max_batch_size": tower_max_batch(t, opts.max_batch),
+            "weights_sha256": t.weights_sha256 or (digest if t.kind == "torch" else None),
+            "files": files,
+        }
+    emb = tmp / C.EMBEDDER_MODEL
+    (emb / "1").mkdir(parents=True)
+    shutil.copyfile(_MODELS_DIR / "embedder.py", emb / "1" / "model.py")
+    _write_projector(checkpoint, emb / "1" / C.PROJECTOR_FILE)
+    record["projector"] = {"file": C.PROJECTOR_FILE, "sha256": _sha256(emb / "1" / C.PROJECTOR_FILE)}
+    (emb / "config.pbtxt").write_text(config_text(embedder_config(opts)))
+    _record_path(tmp).write_text(json.dumps(record, indent=2))
+
+
 def write_repository(
     checkpoint: str | Path,
     backend: str,
@@ -491,21 +274,7 @@ def write_repository(
     pcfg = replace(DEFAULT_PREPROCESS, max_pixels=opts.max_image_pixels)
     towers = collect_towers(checkpoint, backend, artifacts, pcfg)
     digest = weights_digest(checkpoint)
-    for t in towers.values():
-        want_tokens = cfg.vision.num_output_tokens(t.resolution, t.resolution)
-        if (t.num_tokens, t.out_dim) != (want_tokens, cfg.vision.output_dim):
-            raise InputError(
-                f"{t.path}: image_features [{t.num_tokens}, {t.out_dim}] do not fit checkpoint {checkpoint} "
-                f"([{want_tokens}, {cfg.vision.output_dim}] at {t.resolution})"
-            )
-        if t.weights_sha256 is not None and t.weights_sha256 != digest:
-            raise InputError(
-                f"{t.path} was made from other vision weights (sha256 {t.weights_sha256[:12]}...) than "
-                f"checkpoint {checkpoint} ({digest[:12]}...)"
-            )
-        if t.weights_sha256 is None and t.kind != "torch":
-            log.warning("%s does not record the weights it was made from; serving it on trust", t.path)
-        tower_max_batch(t, opts.max_batch)  # refuse before writing anything
+    _check_towers(checkpoint, towers, cfg, digest, opts)
     replacing = _check_destination(out, overwrite)
     ensure_dir(out.parent, f"--out {out}")
     # temp_sibling (via atomic_dir): umask modes, and a killed run's leftovers swept first.
@@ -522,28 +291,7 @@ def write_repository(
             "max_image_pixels": opts.max_image_pixels,
             "towers": {},
         }
-        torch_weights = None
-        for res, t in towers.items():
-            files = _write_tower(tmp, t, checkpoint, opts, torch_weights)
-            if t.kind == "torch":
-                torch_weights = tmp / t.model_name / "1" / _TORCH_CKPT
-            record["towers"][str(res)] = {
-                "model": t.model_name,
-                "kind": t.kind,
-                "source": str(t.path.resolve()) if t.path else None,  # informational
-                "input_dtype": t.input_dtype,
-                "precision": t.precision,
-                "max_batch_size": tower_max_batch(t, opts.max_batch),
-                "weights_sha256": t.weights_sha256 or (digest if t.kind == "torch" else None),
-                "files": files,
-            }
-        emb = tmp / C.EMBEDDER_MODEL
-        (emb / "1").mkdir(parents=True)
-        shutil.copyfile(_MODELS_DIR / "embedder.py", emb / "1" / "model.py")
-        _write_projector(checkpoint, emb / "1" / C.PROJECTOR_FILE)
-        record["projector"] = {"file": C.PROJECTOR_FILE, "sha256": _sha256(emb / "1" / C.PROJECTOR_FILE)}
-        (emb / "config.pbtxt").write_text(config_text(embedder_config(opts)))
-        _record_path(tmp).write_text(json.dumps(record, indent=2))
+        _write_models(tmp, checkpoint, towers, opts, record)
         if replacing:
             old = read_json(_record_path(out))
             log.info(

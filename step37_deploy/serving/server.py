@@ -1,10 +1,9 @@
-"""Launch a real ``tritonserver`` on a model repository: find it, start it, wait until every model is
-loaded, stop it gracefully.
+"""Launch a real ``tritonserver`` on a model repository: start it, wait until every model is loaded,
+stop it gracefully; and ``serve``, the whole service from start to stop.
 
-The binary is the one ``nvidia-pytriton`` ships (``pytriton/tritonserver/bin/tritonserver``, with the
-Python backend and one backend stub per Python version) unless the user names their own.  Two
-things make the bundled Python backend work from any environment, both handled here rather than in
-the user's shell:
+The binary is found by ``prepare.py`` (the one ``nvidia-pytriton`` ships unless the user names
+their own).  Two things make the bundled Python backend work from any environment, both handled
+here rather than in the user's shell:
 
 * the stub must load the running interpreter's own ``libpython``: ``sysconfig``'s ``LIBDIR`` goes
   first on the server's ``LD_LIBRARY_PATH`` (otherwise a system ``libpython`` of another patch
@@ -32,6 +31,11 @@ process dies (``PR_SET_PDEATHSIG``).
 the API key and TLS) on the user's address and ports and Triton on 127.0.0.1 behind it; it starts
 the gateway once Triton is ready and stops it after the drain, before Triton.
 
+``serve`` is a sequence of named steps: resolve and check its arguments (``prepare.plan_serve``),
+prepare the private work folder (``prepare.private_work_folder``), write the repository, then
+:class:`ServeRun`'s ``start_triton``, ``start_gateway``, ``report_ready``, ``supervise``,
+``drain_and_stop``, and ``take_down`` whatever happens.
+
 While it serves, ``serve`` supervises tritonserver and every backend stub (``supervise.py``): a
 process that dies or stays stopped is a crash, logged in one line; the whole process tree is taken
 down and ``serve`` raises :class:`ServerCrashed` (exit 4).  tritonserver runs with umask 077, the
@@ -41,89 +45,29 @@ removes a killed run's folder, shared memory and stubs (``supervise.sweep_dead_r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import BackendUnavailable, ConfigError, ServerCrashed
+from ..errors import BackendUnavailable, ServerCrashed
+from ..process import child_setup
 from . import contract as C
-from .gateway import Gateway, GatewayOptions, check_tls_files, die_with_parent, read_api_key, require_nginx
-from .supervise import POLL_S, Supervisor, shm_prefix, sweep_dead_runs
+from .gateway import Gateway, GatewayOptions
+from .net import free_port, host_port, probe_host
+from .prepare import ServePlan, TritonInstall, bundled_tritonserver, plan_serve, private_work_folder
+from .supervise import POLL_S, Supervisor, shm_prefix
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """A ``tritonserver`` binary and the backend folder to give it (``None``: the server's default)."""
-
-    binary: Path
-    python_backend: Path | None  # folder with libtriton_python.so (+ triton_python_backend_utils.py)
-    stub: Path | None  # triton_python_backend_stub for this Python, when kept apart (PyTriton)
-    libs: Path | None  # extra shared libraries the binary needs (PyTriton's nvidia_pytriton.libs)
-
-
-def bundled_tritonserver() -> TritonInstall:
-    """The ``tritonserver`` inside the installed ``nvidia-pytriton`` package."""
-    try:
-        import pytriton
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"nvidia-pytriton is not installed (pip install 'step37-deploy[serve]'), or pass --tritonserver ({exc})"
-        ) from None
-    root = Path(pytriton.__file__).parent / "tritonserver"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    inst = TritonInstall(
-        binary=root / "bin" / "tritonserver",
-        python_backend=root / "backends" / "python",
-        stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
-        libs=Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs",
-    )
-    for what, p in (
-        ("tritonserver", inst.binary),
-        ("Python backend", inst.python_backend),
-        ("backend stub", inst.stub),
-    ):
-        if not p.exists():
-            raise BackendUnavailable(f"nvidia-pytriton has no {what} for Python {version} at {p}")
-    return inst
-
-
-def find_tritonserver(path: str | Path | None = None) -> TritonInstall:
-    """The user's ``tritonserver`` (its default backend folder) or the bundled one."""
-    if path is None:
-        return bundled_tritonserver()
-    p = Path(path)
-    if not (p.is_file() and os.access(p, os.X_OK)):
-        raise ConfigError(f"--tritonserver {p} is not an executable file")
-    return TritonInstall(p, None, None, None)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def check_port_free(host: str, port: int, option: str) -> None:
-    """A :class:`ConfigError` naming ``option`` when ``port`` cannot be listened on at ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver does
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"{option} {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
 
 
 def package_parent() -> str:
@@ -184,11 +128,6 @@ def models_ready(http_url: str, models: tuple[str, ...] = SERVED_MODELS) -> bool
     return ok("/v2/health/ready") and all(ok(f"/v2/models/{m}/ready") for m in models)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    os.umask(0o077)  # what tritonserver and its stubs create is the server user's alone
-    die_with_parent()
-
-
 class TritonServer:
     """One ``tritonserver`` process on a repository; ``start`` returns once every model is ready."""
 
@@ -211,7 +150,7 @@ class TritonServer:
         self.workdir = Path(workdir)
         self.install = install or bundled_tritonserver()
         self.host = host
-        probe = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        probe = probe_host(host)
         self.http_port = http_port or free_port(probe)
         self.grpc_port = grpc_port or free_port(probe)
         self.metrics_port = metrics_port or free_port(probe)
@@ -229,11 +168,11 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"{self.probe_host}:{self.http_port}"
+        return host_port(self.probe_host, self.http_port)
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.probe_host}:{self.grpc_port}"
+        return host_port(self.probe_host, self.grpc_port)
 
     @property
     def restricted_apis(self) -> tuple[str, ...]:
@@ -281,8 +220,9 @@ class TritonServer:
         """Start tritonserver (its own process group, umask 077, SIGTERM when this process dies)."""
         cmd = self.command()
         log.info("starting %s", self.redacted(cmd))
+        # umask 077: what tritonserver and its stubs create is the server user's alone
         self.proc = subprocess.Popen(
-            cmd, env=server_env(self.install), cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent
+            cmd, env=server_env(self.install), cwd=self.workdir, start_new_session=True, preexec_fn=child_setup(0o077)
         )
         return self.proc
 
@@ -376,6 +316,141 @@ class TritonServer:
             return self.proc.wait()
 
 
+class ServeRun:
+    """One ``serve`` from start to stop: its processes, their supervisor, and the stop request
+    (SIGINT/SIGTERM) that ends it.  Each step is a method; :func:`serve` calls them in order."""
+
+    def __init__(self, plan: ServePlan) -> None:
+        self.plan = plan
+        self.stop_signals: list[int] = []
+        self.server: TritonServer | None = None
+        self.front: Gateway | None = None
+        self.supervisor: Supervisor | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.stop_signals)
+
+    @contextlib.contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask for a graceful stop (drain first); a second one stops Triton at once."""
+
+        def on_signal(signum: int, _frame) -> None:
+            if not self.stop_signals:
+                log.info("received %s: stopping (in-flight requests are drained first)", signal.Signals(signum).name)
+            elif self.server is not None:  # a second signal: stop now
+                self.server.signal(signal.SIGTERM)
+            self.stop_signals.append(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def start_triton(self, repo: Path, workdir: Path, ready_timeout_s: float) -> None:
+        """tritonserver on the repository, watched from its launch, until every model is ready (or a
+        stop is asked).  Behind the gateway it listens on 127.0.0.1 only, on free ports."""
+        p = self.plan
+        if p.gateway is not None:
+            host, ports, tls = "127.0.0.1", {"http": None, "grpc": None, "metrics": None}, None
+        else:
+            log.warning(
+                "--no-gateway: tritonserver listens on %s itself, with no body-size, compressed-body, connection "
+                "or idle limits%s",
+                p.host,
+                "; TLS covers gRPC only (HTTP stays plain)" if p.tls else "",
+            )
+            host, ports, tls = p.host, p.ports, p.tls
+        self.server = TritonServer(
+            repo, workdir, p.install, host, ports["http"], ports["grpc"], ports["metrics"], p.exit_timeout_s,
+            p.log_verbose, allow_shared_memory=p.allow_shared_memory, grpc_tls=tls,
+        )  # fmt: skip
+        self.supervisor = Supervisor(self.server.shm_prefix)
+        self.server.launch()
+        self.supervisor.watch("tritonserver", self.server.proc, front=True, stubs=True)
+        self.server.wait_ready(ready_timeout_s, should_stop=lambda: self.stopping, supervisor=self.supervisor)
+
+    def start_gateway(self, workdir: Path) -> None:
+        """nginx on the user's host and ports (free ones where none was given), in front of Triton;
+        watched: its death is a crash, and it is killed first."""
+        p, server = self.plan, self.server
+        if p.gateway is None or server is None:
+            return
+        probe = probe_host(p.host)
+        listen = {name: port or free_port(probe) for name, port in p.ports.items()}
+        upstream = {"http": server.http_port, "grpc": server.grpc_port, "metrics": server.metrics_port}
+        self.front = Gateway(workdir, p.host, listen, upstream, p.gateway, p.nginx).start()
+        self.supervisor.watch("gateway", self.front.proc, front=True)
+
+    def report_ready(self, repo: Path) -> None:
+        """Shared memory made private and the stubs watched, then one line: where to connect."""
+        server, supervisor, host = self.server, self.supervisor, self.plan.host
+        supervisor.protect_shm()
+        supervisor.discover()
+        if self.front is not None:
+            ports = self.front.listen
+        else:
+            ports = {"http": server.http_port, "grpc": server.grpc_port, "metrics": server.metrics_port}
+        log.info(
+            "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d (%s); models %s (repository %s); watching %d stubs",
+            host, ports["http"], host, ports["grpc"], host, ports["metrics"],
+            "through the nginx gateway" if self.front is not None else "tritonserver itself, no gateway",
+            ", ".join(server.models), repo, len(supervisor.stubs()),
+        )  # fmt: skip
+
+    def supervise(self) -> None:
+        """Until a stop is asked; a watched process that dies or stalls takes the server down
+        (:class:`ServerCrashed`, exit 4)."""
+        while not self.stopping:
+            problem = self.supervisor.check()
+            if problem is not None:
+                log.error("crash: %s; taking the server down", problem)
+                self.supervisor.kill_all()
+                raise ServerCrashed(f"{problem}: the server was taken down (restart serve)")
+            time.sleep(POLL_S)
+
+    def drain_and_stop(self) -> int:
+        """Drain the embedder through Triton (the gateway still up, so new requests get Triton's
+        refusal), stop the gateway gracefully, then Triton.  0, or :class:`BackendUnavailable` when
+        Triton fails to stop with requests still in flight."""
+        server, exit_timeout_s = self.server, self.plan.exit_timeout_s
+        drained = False
+        if server.proc.poll() is None:
+            drained = server.drain(exit_timeout_s)
+            log.info("%s; stopping tritonserver", "in-flight requests done" if drained else "drain timed out")
+        if self.front is not None:
+            self.front.stop()  # graceful: it closes idle client connections and its keep-alive ones to Triton
+        if self.stopping:
+            server.signal(signal.SIGTERM)
+        rc = server.wait(exit_timeout_s + 15)
+        if rc != 0 and drained:
+            # Every embedder request was answered before SIGTERM; what Triton still waited for is
+            # almost always clients' idle keep-alive HTTP connections (it waits for those first).
+            log.warning(
+                "tritonserver exited with status %d after --exit-timeout %ds (open client connections?); "
+                "every embedder request had been answered",
+                rc,
+                exit_timeout_s,
+            )
+        elif rc != 0:
+            raise BackendUnavailable(
+                f"tritonserver exited with status {rc} while stopping (requests still in flight "
+                f"after --exit-timeout {exit_timeout_s}s?)"
+            )
+        log.info("stopped cleanly" if rc == 0 else "stopped")
+        return 0
+
+    def take_down(self) -> None:
+        """Nothing outlives ``serve``: every watched process and its tree (stubs that ignore SIGTERM,
+        a gateway) is killed; a server started but not yet watched is stopped."""
+        if self.supervisor is not None:
+            self.supervisor.kill_all()
+        elif self.server is not None and self.server.proc is not None and self.server.proc.poll() is None:
+            self.server.stop()
+
+
 def serve(
     checkpoint: str | Path,
     backend: str,
@@ -402,160 +477,32 @@ def serve(
     Triton, the gateway still up so that new requests get Triton's refusal), stop the gateway
     (graceful: what it still forwards is answered), stop Triton and remove the folder.  Returns 0
     on a clean stop (also when the signal came during start-up).  ``limits`` carries the gateway's
-    limits (its ``api_key``, ``tls`` and ``allow_shared_memory`` are set here from the other
-    arguments).
+    limits; its key, TLS, shared-memory rule and shutdown timeout come from the other arguments
+    (:func:`gateway_options`; ``limits`` itself is never changed).
 
     Raises :class:`ServerCrashed` (exit 4) when a watched process (tritonserver, a stub, the
     gateway) dies or stalls (``supervise.py``)."""
-    import tempfile
-
-    from ..files import remove_tree, temp_sibling
     from .repository import write_repository
 
-    install = find_tritonserver(tritonserver)
-    if (
-        backend == "trt"
-        and install.python_backend is not None
-        and not (install.python_backend.parent / "tensorrt").is_dir()
-    ):
-        raise BackendUnavailable(
-            "the tritonserver nvidia-pytriton ships has no TensorRT backend: serve engines in NVIDIA's container "
-            "(step37-deploy triton-repo, then docker run ... nvcr.io/nvidia/tritonserver:<ver>-py3; see "
-            "docs/serving.md) or pass --tritonserver, a tritonserver with a TensorRT backend"
-        )
-    tls = check_tls_files(tls_cert, tls_key)
-    nginx = None
-    if gateway:
-        nginx = require_nginx()
-        api_key = read_api_key(api_key_file) if api_key_file is not None else None
-        limits = replace(
-            limits or GatewayOptions(),
-            api_key=api_key,
-            tls=tls,
-            allow_shared_memory=allow_shared_memory,
-            shutdown_timeout_s=exit_timeout_s,
-        )
-    elif api_key_file is not None:
-        raise ConfigError(
-            "--api-key-file needs the gateway: under --no-gateway the key would have to go on tritonserver's "
-            "command line, which every local user can read in ps"
-        )
-    for option, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
-        if port:
-            check_port_free(host, port, option)
-    stop: list[int] = []
-    server: TritonServer | None = None
-    front: Gateway | None = None
-    supervisor: Supervisor | None = None
-
-    def on_signal(signum: int, _frame) -> None:
-        if not stop:
-            log.info("received %s: stopping (in-flight requests are drained first)", signal.Signals(signum).name)
-        elif server is not None:  # a second signal: stop now
-            server.signal(signal.SIGTERM)
-        stop.append(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    # What a killed serve left (its work folder, shared memory, stubs) is removed by the next one.
-    tmp_root = Path(tempfile.gettempdir())
-    sweep_dead_runs()
-    old_umask = os.umask(0o077)  # the repository, its copies of the weights: the server user's only
-    workdir = temp_sibling(tmp_root / "step37-serve", directory=True)  # .step37-serve.step37-tmp-HOST-PID-...
-    os.chmod(workdir, 0o700)
-    try:
-        repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
-        if stop:
-            log.info("stopped during start-up")
-            return 0
-        if gateway:
-            # Triton on loopback only, free ports; the user's address and ports are the gateway's.
-            server = TritonServer(
-                repo, workdir, install, "127.0.0.1", None, None, None, exit_timeout_s, log_verbose,
-                allow_shared_memory=allow_shared_memory,
-            )  # fmt: skip
-        else:
-            log.warning(
-                "--no-gateway: tritonserver listens on %s itself, with no body-size, compressed-body, connection "
-                "or idle limits%s",
-                host,
-                "; TLS covers gRPC only (HTTP stays plain)" if tls else "",
-            )
-            server = TritonServer(
-                repo, workdir, install, host, http_port, grpc_port, metrics_port, exit_timeout_s, log_verbose,
-                allow_shared_memory=allow_shared_memory, grpc_tls=tls,
-            )  # fmt: skip
-        supervisor = Supervisor(server.shm_prefix)
-        server.launch()
-        supervisor.watch("tritonserver", server.proc, front=True, stubs=True)
-        server.wait_ready(ready_timeout_s, should_stop=lambda: bool(stop), supervisor=supervisor)
-        ports = {"http": server.http_port, "grpc": server.grpc_port, "metrics": server.metrics_port}
-        if gateway and not stop:
-            probe = server.probe_host if host in ("0.0.0.0", "") else host
-            listen = {
-                "http": http_port or free_port(probe),
-                "grpc": grpc_port or free_port(probe),
-                "metrics": metrics_port or free_port(probe),
-            }
-            front = Gateway(workdir, host, listen, ports, limits, nginx).start()
-            supervisor.watch("gateway", front.proc, front=True)  # its death is a crash; killed first
-            ports = listen
-        if stop:  # SIGTERM/SIGINT before every model was ready: nothing was served, nothing to drain
-            log.info("stopped during start-up")
-            supervisor.kill_all()
-            return 0
-        supervisor.protect_shm()
-        supervisor.discover()
-        log.info(
-            "ready: HTTP %s:%d, gRPC %s:%d, metrics %s:%d (%s); models %s (repository %s); watching %d stubs",
-            host,
-            ports["http"],
-            host,
-            ports["grpc"],
-            host,
-            ports["metrics"],
-            "through the nginx gateway" if front is not None else "tritonserver itself, no gateway",
-            ", ".join(server.models),
-            repo,
-            len(supervisor.stubs()),
-        )
-        while not stop:
-            problem = supervisor.check()
-            if problem is not None:
-                log.error("crash: %s; taking the server down", problem)
-                supervisor.kill_all()
-                raise ServerCrashed(f"{problem}: the server was taken down (restart serve)")
-            time.sleep(POLL_S)
-        drained = False
-        if server.proc.poll() is None:
-            drained = server.drain(exit_timeout_s)
-            log.info("%s; stopping tritonserver", "in-flight requests done" if drained else "drain timed out")
-        if front is not None:
-            front.stop()  # graceful: it closes idle client connections and its keep-alive ones to Triton
-        if stop:
-            server.signal(signal.SIGTERM)
-        rc = server.wait(exit_timeout_s + 15)
-        if rc != 0 and drained:
-            # Every embedder request was answered before SIGTERM; what Triton still waited for is
-            # almost always clients' idle keep-alive HTTP connections (it waits for those first).
-            log.warning(
-                "tritonserver exited with status %d after --exit-timeout %ds (open client connections?); "
-                "every embedder request had been answered",
-                rc,
-                exit_timeout_s,
-            )
-        elif rc != 0:
-            raise BackendUnavailable(
-                f"tritonserver exited with status {rc} while stopping (requests still in flight "
-                f"after --exit-timeout {exit_timeout_s}s?)"
-            )
-        log.info("stopped cleanly" if rc == 0 else "stopped")
-        return 0
-    finally:
-        if supervisor is not None:
-            supervisor.kill_all()  # nothing outlives serve: stubs that ignore SIGTERM, a gateway
-        elif server is not None and server.proc is not None and server.proc.poll() is None:
-            server.stop()
-        remove_tree(workdir)
-        os.umask(old_umask)
-        for s, h in previous.items():
-            signal.signal(s, h)
+    plan = plan_serve(
+        backend=backend, tritonserver=tritonserver, host=host,
+        ports={"http": http_port, "grpc": grpc_port, "metrics": metrics_port}, gateway=gateway, limits=limits,
+        api_key_file=api_key_file, tls_cert=tls_cert, tls_key=tls_key, allow_shared_memory=allow_shared_memory,
+        exit_timeout_s=exit_timeout_s, log_verbose=log_verbose,
+    )  # fmt: skip
+    run = ServeRun(plan)
+    with run.handling_signals(), private_work_folder() as workdir:
+        try:
+            repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
+            if not run.stopping:
+                run.start_triton(repo, workdir, ready_timeout_s)
+            if not run.stopping:
+                run.start_gateway(workdir)
+            if run.stopping:  # SIGTERM/SIGINT before every model was ready: nothing was served, nothing to drain
+                log.info("stopped during start-up")
+                return 0
+            run.report_ready(repo)
+            run.supervise()
+            return run.drain_and_stop()
+        finally:
+            run.take_down()

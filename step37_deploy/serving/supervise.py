@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..process import PROCESS_START, alive
+
 log = logging.getLogger(__name__)
 
 #: How long a watched process may stay stopped (``SIGSTOP``, state T) before it counts as a crash:
@@ -53,7 +55,6 @@ SHM_DIR = Path("/dev/shm")
 #: The Python backend's stub executable.
 STUB_NAME = "triton_python_backend_stub"
 _SHM_RE = re.compile(r"^step37_(\d+)_(\d+)_")
-_PROCESS_START = time.time()
 
 
 def shm_prefix(serve_pid: int, port: int) -> str:
@@ -268,30 +269,22 @@ def remove_shm(prefix: str, when: str) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_dead_runs() -> list[str]:
     """Remove what ``serve`` runs that are gone (SIGKILL, OOM killer, power cut of a container) left
     on this machine: their orphaned stubs (killed) and shared-memory regions (unlinked).  A run is
-    gone when the ``serve`` PID in its region prefix no longer runs; a live run's are never touched.
+    gone when the ``serve`` PID in its region prefix no longer runs the process that started it
+    (``process.alive``: a reused PID is not that ``serve``); a live run's are never touched.
     Returns one line per thing removed (also logged)."""
     import psutil
 
     done: list[str] = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "create_time"]):
         cmd = p.info.get("cmdline") or []
         if stub_identity(cmd) is None or len(cmd) < 6:
             continue
         m = _SHM_RE.match(Path(cmd[2]).name)
-        if not m or _alive(int(m.group(1))) or (cmd[5].isdigit() and _alive(int(cmd[5]))):
+        born = p.info.get("create_time")  # its serve and its tritonserver started before it
+        if not m or alive(int(m.group(1)), born) or (cmd[5].isdigit() and alive(int(cmd[5]), born)):
             continue
         with contextlib.suppress(psutil.Error):
             p.kill()
@@ -308,14 +301,16 @@ def sweep_dead_runs() -> list[str]:
         names = []
     for name in names:
         m = _SHM_RE.match(name)
-        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+        if not m or int(m.group(1)) == os.getpid():
             continue
         path = SHM_DIR / name
         try:
             st = path.stat()
-            if st.st_mtime >= _PROCESS_START:
+            if st.st_mtime >= PROCESS_START or alive(int(m.group(1)), st.st_mtime):
                 continue
             path.unlink()
+        except FileNotFoundError:  # removed meanwhile (by the serve it belongs to)
+            continue
         except OSError as exc:
             log.warning("could not remove %s, shared memory of a killed serve: %s", path, exc)
             continue
