@@ -266,9 +266,6 @@ def export_onnx(
     conv1 (:class:`~step37_deploy.model.InputFold`; FP32 under the default precision policy).
     FP16 exports first calibrate activation ranges (``step37_deploy.calibrate``; ``calibrate=False``
     skips it with a warning) and protect the tensors that would leave the FP16 range."""
-    import onnx
-    import onnx_ir as ir
-
     started = time.perf_counter()
     cfg = Step37Config.from_checkpoint(checkpoint_dir)
     validate_request(cfg, precision, resolution, opset, input_kind)
@@ -279,107 +276,44 @@ def export_onnx(
         {"output": out_dir / name, "external data": out_dir / (name + ".data")}, {"--checkpoint": checkpoint_dir}
     )
     check_replaceable_exports(out_dir, [name])
-    policy = policy or PrecisionPolicy()
-    dtype = PRECISIONS[precision]
     grid = cfg.vision.grid(resolution, resolution)
     num_tokens = cfg.vision.num_output_tokens(resolution, resolution)
     refs = vision_refs(checkpoint_dir)
-
-    with torch.device("meta"):
-        model = Step37VisionModel(cfg.vision)
-    check_config_matches(model, refs)
-    model = model.to(dtype).eval().requires_grad_(False)
-    protection = ranges = None
-    if precision == "fp16":
-        from .calibrate import DEFAULT_VIEWS, calibrate_for_export
-
-        protection, ranges = calibrate_for_export(
-            cfg,
-            refs,
-            resolution,
-            calibrate,
-            calibration_images,
-            calibration_views or DEFAULT_VIEWS,
-            progress,
-            calibration_dtype,
-        )
-        policy = protection.apply(policy)
-    model.set_precision_policy(policy).set_attention_impl("explicit").freeze_grid(*grid)
-    model.set_uint8_input(input_kind == "uint8")
+    calibration = (calibrate, calibration_images, calibration_views, calibration_dtype)
+    model, policy, protection, ranges = _prepare_model(
+        cfg, refs, precision, resolution, policy or PrecisionPolicy(), input_kind, calibration, progress
+    )
     input_dtype = str(model.input_dtype).removeprefix("torch.")
 
     log.info("tracing %s graph for %dx%d (grid %dx%d)", precision, resolution, resolution, *grid)
     ir_model = _trace(model, resolution, opset)
-    digest = weights_digest(checkpoint_dir)
-    fingerprint = weights_fingerprint(checkpoint_dir)
-    source = WeightSource(refs, cfg, grid, dtype, policy)
-
+    source = WeightSource(refs, cfg, grid, PRECISIONS[precision], policy)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit="B", unit_scale=True, desc=f"writing {onnx_filename(precision, resolution, input_kind)}")
-    weight_bytes = _finalise_graph(
-        ir_model, source, num_tokens, cfg.vision.output_dim, bar.update if bar is not None else None
-    )
-    if bar is not None:
-        bar.total = weight_bytes
-    ir_model.producer_name = "step37-deploy"
-    ir_model.producer_version = __version__
-    ir_model.metadata_props.update(
-        {
-            META_PREFIX + "toolkit_version": __version__,
-            META_PREFIX + "vision_config": json.dumps(cfg.vision.to_dict(), sort_keys=True),
-            META_PREFIX + "precision": precision,
-            META_PREFIX + "input_dtype": input_dtype,
-            META_PREFIX + "resolution": str(resolution),
-            META_PREFIX + "num_tokens": str(num_tokens),
-            META_PREFIX + "output_dim": str(cfg.vision.output_dim),
-            META_PREFIX + "source_checkpoint": str(Path(checkpoint_dir).resolve()),
-            META_PREFIX + "vision_weights_sha256": digest,
-            META_PREFIX + "vision_weights_fingerprint": fingerprint,
-            META_PREFIX + "precision_policy": json.dumps(asdict(policy), sort_keys=True),
-            META_PREFIX + "opset": str(opset),
-            META_PREFIX + "torch_version": torch.__version__,
-        }
-    )
-    ir_model.metadata_props.update(_fp16_metadata(ir_model, cfg.vision.layers, protection, ranges))
-
-    name = onnx_filename(precision, resolution, input_kind)
-    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
-    data_name = name + ".data" if use_external else None
-    final = out_dir / name
-    outputs = {"output": final, "external data": out_dir / data_name if data_name else None}
-    refuse_inputs(outputs, {"--checkpoint": checkpoint_dir})
-    tmp_dir = temp_sibling(final, directory=True)
+        bar = tqdm(unit="B", unit_scale=True, desc=f"writing {name}")
     try:
-        tmp_onnx = tmp_dir / name
-        if use_external:
-            ir.save(ir_model, tmp_onnx, external_data=data_name)
-        else:
-            ir.save(ir_model, tmp_onnx)
+        weight_bytes = _finalise_graph(
+            ir_model, source, num_tokens, cfg.vision.output_dim, bar.update if bar is not None else None
+        )
         if bar is not None:
-            bar.close()
-        # Validate by path (works past protobuf's 2 GB limit), then infer shapes on the graph in
-        # memory (weights stay on disk: an inferred copy written to a full disk came out truncated
-        # and silent, then failed to parse as "corrupt").
-        onnx.checker.check_model(str(tmp_onnx))
-        graph_only = onnx.load(str(tmp_onnx), load_external_data=False)
-        _check_inferred_output(onnx.shape_inference.infer_shapes(graph_only), num_tokens, cfg.vision.output_dim)
-        del graph_only
-        if data_name:
-            os.replace(tmp_dir / data_name, out_dir / data_name)
-        os.replace(tmp_onnx, final)
-    except Step37Error:  # e.g. NaN weights found while writing: already says which tensor
-        raise
-    except Exception as exc:
-        if (typed := _cause(exc, Step37Error)) is not None:  # NaN weights met while onnx_ir streams them
-            raise typed from None
-        if (os_exc := _os_error(exc)) is not None:
-            raise OutputError(f"writing {final} failed: {os_reason(os_exc)}") from exc
-        raise ExportError(f"writing {name} failed: {exc}") from exc
+            bar.total = weight_bytes
+        ir_model.producer_name = "step37-deploy"
+        ir_model.producer_version = __version__
+        ir_model.metadata_props.update(
+            _export_metadata(cfg, checkpoint_dir, precision, input_dtype, resolution, num_tokens, policy, opset)
+        )
+        ir_model.metadata_props.update(_fp16_metadata(ir_model, cfg.vision.layers, protection, ranges))
+        use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+        data_name = name + ".data" if use_external else None
+        final = out_dir / name
+        refuse_inputs(
+            {"output": final, "external data": out_dir / data_name if data_name else None},
+            {"--checkpoint": checkpoint_dir},
+        )
+        _save_checked(ir_model, final, data_name, num_tokens, cfg.vision.output_dim)
     finally:
-        remove_tree(tmp_dir)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
@@ -395,6 +329,101 @@ def export_onnx(
         seconds,
         input_dtype,
     )
+
+
+def _prepare_model(
+    cfg: Step37Config,
+    refs: Any,
+    precision: str,
+    resolution: int,
+    policy: PrecisionPolicy,
+    input_kind: str,
+    calibration: tuple[bool, list[str] | None, int | None, str],
+    progress: bool,
+) -> tuple[Step37VisionModel, PrecisionPolicy, Any, Any]:
+    """The model on the meta device, switched for export; FP16 first calibrates, because the
+    protection it decides (tensors kept in FP32) changes the precision policy of the trace."""
+    with torch.device("meta"):
+        model = Step37VisionModel(cfg.vision)
+    check_config_matches(model, refs)
+    model = model.to(PRECISIONS[precision]).eval().requires_grad_(False)
+    protection = ranges = None
+    if precision == "fp16":
+        from .calibrate import DEFAULT_VIEWS, calibrate_for_export
+
+        calibrate, images, views, calibration_dtype = calibration
+        protection, ranges = calibrate_for_export(
+            cfg, refs, resolution, calibrate, images, views or DEFAULT_VIEWS, progress, calibration_dtype
+        )
+        policy = protection.apply(policy)
+    model.set_precision_policy(policy).set_attention_impl("explicit").freeze_grid(
+        *cfg.vision.grid(resolution, resolution)
+    )
+    model.set_uint8_input(input_kind == "uint8")
+    return model, policy, protection, ranges
+
+
+def _export_metadata(
+    cfg: Step37Config,
+    checkpoint_dir: str | Path,
+    precision: str,
+    input_dtype: str,
+    resolution: int,
+    num_tokens: int,
+    policy: PrecisionPolicy,
+    opset: int,
+) -> dict[str, str]:
+    """The ``step37.*`` metadata every consumer reads (repository writer, compare, engine builds)."""
+    return {
+        META_PREFIX + "toolkit_version": __version__,
+        META_PREFIX + "vision_config": json.dumps(cfg.vision.to_dict(), sort_keys=True),
+        META_PREFIX + "precision": precision,
+        META_PREFIX + "input_dtype": input_dtype,
+        META_PREFIX + "resolution": str(resolution),
+        META_PREFIX + "num_tokens": str(num_tokens),
+        META_PREFIX + "output_dim": str(cfg.vision.output_dim),
+        META_PREFIX + "source_checkpoint": str(Path(checkpoint_dir).resolve()),
+        META_PREFIX + "vision_weights_sha256": weights_digest(checkpoint_dir),
+        META_PREFIX + "vision_weights_fingerprint": weights_fingerprint(checkpoint_dir),
+        META_PREFIX + "precision_policy": json.dumps(asdict(policy), sort_keys=True),
+        META_PREFIX + "opset": str(opset),
+        META_PREFIX + "torch_version": torch.__version__,
+    }
+
+
+def _save_checked(ir_model: Any, final: Path, data_name: str | None, num_tokens: int, out_dim: int) -> None:
+    """Save into a temporary folder, check the file, then rename it (and its data) into place."""
+    import onnx
+    import onnx_ir as ir
+
+    out_dir, name = final.parent, final.name
+    tmp_dir = temp_sibling(final, directory=True)
+    try:
+        tmp_onnx = tmp_dir / name
+        if data_name:
+            ir.save(ir_model, tmp_onnx, external_data=data_name)
+        else:
+            ir.save(ir_model, tmp_onnx)
+        # Validate by path (works past protobuf's 2 GB limit), then infer shapes on the graph in
+        # memory (weights stay on disk: an inferred copy written to a full disk came out truncated
+        # and silent, then failed to parse as "corrupt").
+        onnx.checker.check_model(str(tmp_onnx))
+        graph_only = onnx.load(str(tmp_onnx), load_external_data=False)
+        _check_inferred_output(onnx.shape_inference.infer_shapes(graph_only), num_tokens, out_dim)
+        del graph_only
+        if data_name:
+            os.replace(tmp_dir / data_name, out_dir / data_name)
+        os.replace(tmp_onnx, final)
+    except Step37Error:  # e.g. NaN weights found while writing: already says which tensor
+        raise
+    except Exception as exc:
+        if (typed := _cause(exc, Step37Error)) is not None:  # NaN weights met while onnx_ir streams them
+            raise typed from None
+        if (os_exc := _os_error(exc)) is not None:
+            raise OutputError(f"writing {final} failed: {os_reason(os_exc)}") from exc
+        raise ExportError(f"writing {name} failed: {exc}") from exc
+    finally:
+        remove_tree(tmp_dir)
 
 
 def block_output_names(ir_model, layers: int) -> list[str] | None:
