@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 #: above twice its ``PIL.Image.MAX_IMAGE_PIXELS`` whatever this says).
 MAX_PIXELS = 89_478_485
 
+#: Version of what :func:`preprocess` makes of an image: bump it whenever the pixels it gives change,
+#: so that stored features (the corpus job's fingerprint) are not reused across the change.
+PREPROCESS_VERSION = 1
+
 CLIP_MEAN = np.array(config.CLIP_MEAN, dtype=np.float32)
 CLIP_STD = np.array(config.CLIP_STD, dtype=np.float32)
 
