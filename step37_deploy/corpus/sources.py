@@ -26,7 +26,7 @@ import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..errors import InputError, Step37Error
 from ..inputs import contained_path
@@ -95,10 +95,10 @@ def unsafe_key(key: str) -> str | None:
     write outside its folder, or a reader would split the key differently."""
     if not key or "\x00" in key or "\\" in key:
         return "is empty or holds a NUL or a backslash"
-    p = PurePosixPath(key)
-    if p.is_absolute() or ".." in p.parts or "" in key.split("/") or "." in p.parts:
+    parts = key.split("/")
+    if key.startswith("/") or any(part in ("", ".", "..") for part in parts):
         return "is not a relative path inside the shard (absolute, '..', '.' or an empty part)"
-    if "." in p.name:
+    if "." in parts[-1]:
         return "has a '.' in its file name, which WebDataset reads as the start of the extension"
     if len(key.encode()) > 4000:
         return "is longer than 4000 bytes"
