@@ -395,3 +395,125 @@ def test_through_a_serve_fleet(tiny_server, tmp_path, embedder):
         assert x.layout["token_ids"] == ref.token_ids
     assert s.ok == 2 and s.errors == 2 and m["run"]["engine"] == {"server": True}
     assert json.dumps(m).count("ServerError") == 1
+
+
+# -- a real training loader: Megatron Energon joins the feature shards with the image-text shards -----
+IMAGES_LOADER = """
+def sample_loader(raw):
+    image = next(raw[k] for k in ("jpg", "png", "webp") if k in raw)
+    return dict(__key__=raw["__key__"], image=image, caption=raw["txt"])
+
+
+def part_filter(part):
+    return part in ("jpg", "png", "webp", "txt")
+"""
+FEATURES_LOADER = """
+from step37_deploy.corpus.reader import decode_sample
+
+
+def sample_loader(raw):
+    s = decode_sample(raw)
+    return dict(__key__=raw["__key__"], vision_features=s.vision_features, layout=s.layout)
+
+
+def part_filter(part):
+    return part in ("vision_features.safetensors", "layout.json")
+"""
+JOIN = """
+__module__: megatron.energon
+__class__: MetadatasetV2
+splits:
+  train:
+    join:
+      - path: images
+      - path: features
+        nonmatch: skip
+    joiner:
+      __module__: tests.test_corpus
+      __class__: JoinedFeatures
+"""
+
+
+def _energon_types():
+    from megatron.energon import Sample
+    from megatron.energon.edataclass import edataclass
+
+    @edataclass
+    class FeatureSample(Sample):
+        vision_features: object
+        layout: object
+
+    @edataclass
+    class JoinedFeatures(Sample):
+        image: object
+        caption: str
+        vision_features: object
+        layout: object
+
+    FeatureSample.__module__ = JoinedFeatures.__module__ = __name__
+    FeatureSample.__qualname__, JoinedFeatures.__qualname__ = "FeatureSample", "JoinedFeatures"
+    return FeatureSample, JoinedFeatures
+
+
+def __getattr__(name: str):  # the Energon sample types, made on first use (Energon imported lazily)
+    if name in ("FeatureSample", "JoinedFeatures"):
+        types = dict(zip(("FeatureSample", "JoinedFeatures"), _energon_types(), strict=True))
+        globals().update(types)
+        return types[name]
+    raise AttributeError(name)
+
+
+def _prepare(folder: Path, loader: str, sample_type: str) -> None:
+    from megatron.energon.epathlib import EPath
+    from megatron.energon.flavors.webdataset.prepare import WebdatasetPreparator
+
+    tars = sorted(p.name for p in folder.glob("*.tar"))
+    WebdatasetPreparator.prepare_dataset(
+        EPath(folder), tars, split_parts_ratio=[("train", 1.0)], shuffle_seed=None, workers=1
+    )
+    (folder / ".nv-meta" / "sample_loader.py").write_text(loader)
+    (folder / ".nv-meta" / "dataset.yaml").write_text(
+        f"sample_type:\n  {sample_type}\nsample_loader: sample_loader.py:sample_loader\n"
+        "part_filter: sample_loader.py:part_filter\n"
+    )
+
+
+def test_energon_joins_features_with_the_image_text_shards(corpus, fp32_run, tmp_path, embedder):
+    pytest.importorskip("megatron.energon", reason="megatron-energon ([dev]) is not installed")
+    import shutil
+
+    from megatron.energon import WorkerConfig, get_loader, get_val_dataset
+    from megatron.energon.epathlib import EPath
+    from megatron.energon.metadataset.loader import prepare_metadataset
+
+    images, feats = tmp_path / "images", tmp_path / "features"
+    images.mkdir()
+    for shard in corpus:
+        shutil.copy(shard, images / shard.name)
+    shutil.copytree(fp32_run, feats)
+    _prepare(images, IMAGES_LOADER, "__module__: megatron.energon\n  __class__: CaptioningSample")
+    _prepare(feats, FEATURES_LOADER, f"__module__: {__name__}\n  __class__: FeatureSample")
+    mds = tmp_path / "joined.yaml"
+    mds.write_text(JOIN)
+    prepare_metadataset(EPath(mds))
+    wc = WorkerConfig(rank=0, world_size=1, num_workers=0)
+    got = {
+        s.__key__: s
+        for s in get_loader(get_val_dataset(EPath(mds), split_part="train", worker_config=wc, batch_size=None))
+    }
+    refs = {}
+    for shard in corpus:
+        images_by_key = input_images(shard)
+        embs = embedder.embed_images(list(images_by_key.values()), ("vision_features",))
+        refs.update(dict(zip(images_by_key, embs, strict=True)))
+    assert sorted(got) == sorted(refs) and len(got) == 12  # every sample joined by key
+    for key, s in got.items():
+        ref = refs[key]
+        assert s.caption.startswith("photo ") and s.image.ndim == 3  # the image-text side, decoded by Energon
+        assert rel_l2(s.vision_features, ref.vision_features) <= 1e-6
+        assert s.layout["token_ids"] == ref.token_ids and s.layout["num_crops"] == ref.num_crops
+        from step37_deploy.corpus.reader import FeatureSample as Ours
+
+        groups = insert_groups([Ours(key, s.layout, {"vision_features": s.vision_features})])
+        shapes = [tuple(g.image_features.shape) for g in groups]
+        assert shapes == ([(ref.num_crops, 81, 256)] if ref.num_crops else []) + [(1, 169, 256)]

@@ -93,6 +93,8 @@ def tensor_bytes(kind: str, rows: Any, dtype: str) -> bytes:
     import torch
     from safetensors.torch import save
 
+    if getattr(rows, "flags", None) is not None and not rows.flags.writeable:
+        rows = rows.copy()  # read-only numpy (a served answer): torch wants a writable buffer
     t = torch.as_tensor(rows).detach().to("cpu")
     t = t.to(getattr(torch, DTYPES[dtype])).contiguous()
     return save({kind: t})
