@@ -15,6 +15,8 @@ are removed by the next actor that starts on that host.
 Without ``--ray-address`` the job starts a Ray runtime on this machine for its own use, on
 127.0.0.1 only, with token authentication and a token file of mode 0600 (Ray's own
 ``ray get-auth-token --generate`` writes one readable by every local user), and shuts it down.
+With a loopback ``--ray-address`` (a cluster of nodes on this machine) the driver keeps to loopback
+too: Ray 2.60 otherwise rewrites 127.0.0.1 into the machine's outward address.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
@@ -49,52 +52,74 @@ def require_ray() -> Any:
     return ray
 
 
-@contextlib.contextmanager
-def private_token() -> Iterator[None]:
-    """Token authentication for a runtime this job starts, with the token in a 0600 file of a 0700
-    folder (removed at the end); a token the user configured (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``,
-    ``RAY_AUTH_TOKEN_PATH``) is used as it is."""
-    if any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        yield
+#: Ray 2.60 rewrites 127.0.0.1 into the machine's outward address (``services.resolve_ip_for_localhost``)
+#: unless multi-node support is off for the process, as on macOS: then every node address is loopback.
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_TOKEN_ENVS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def is_loopback(address: str | None) -> bool:
+    host = (address or "127.0.0.1").rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _refresh_ray_config(loopback: bool) -> None:
+    """Make an already imported Ray see the environment set since (Ray reads it at import)."""
+    if "ray" not in sys.modules:
         return
-    folder = tempfile.mkdtemp(prefix="step37-ray-")  # 0700
-    path = os.path.join(folder, "auth_token")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=path)
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if loopback:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def private_environment(loopback: bool, token: bool) -> Iterator[None]:
+    """For a runtime this job starts or joins on this machine: node addresses on loopback only, and
+    token authentication with the token in a 0600 file of a 0700 folder (removed at the end); a
+    token the user configured (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``) is
+    used as it is."""
+    saved = {k: os.environ.get(k) for k in (_LOOPBACK_ENV, *_TOKEN_ENVS)}
+    folder = None
+    if loopback:
+        os.environ[_LOOPBACK_ENV] = "0"
+    if token and not any(k in os.environ for k in _TOKEN_ENVS):
+        folder = tempfile.mkdtemp(prefix="step37-ray-")  # 0700
+        path = os.path.join(folder, "auth_token")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=path)
+    _refresh_ray_config(loopback)
     try:
         yield
     finally:
-        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-            os.environ.pop(k, None)
-        shutil.rmtree(folder, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def ray_runtime(address: str | None, num_cpus: int | None, num_gpus: int | None) -> Iterator[Any]:
     """Ray, connected: an already initialised runtime as it is, the cluster at ``address``, or a
     runtime on this machine for the job (loopback only, private token), shut down afterwards."""
-    ray = require_ray()
-    if ray.is_initialized():
-        yield ray
+    if "ray" in sys.modules and sys.modules["ray"] is not None and sys.modules["ray"].is_initialized():
+        yield require_ray()
         return
     quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address:
-        ray.init(address=address, **quiet)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
-        return
-    with private_token():
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            _node_ip_address="127.0.0.1",
-            object_store_memory=256 << 20,  # only shard rows travel through it
-            **quiet,
-        )
+    with private_environment(loopback=is_loopback(address), token=not address):
+        ray = require_ray()
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=256 << 20, **quiet)
         try:
             yield ray
         finally:
