@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: (kill point, what the output folder holds right after the kill)
 KILLS = [
-    ("planned", lambda names: names == set()),
+    ("start", lambda names: names == set()),
     ("member@2", lambda names: any(files.TMP_MARK in n for n in names) and not any(n.endswith(".tar") for n in names)),
     ("before-rename", lambda names: not any(n.endswith(".tar") for n in names if files.TMP_MARK not in n)),
     ("after-rename", lambda names: "data-000000.tar" in names and "data-000000.manifest.json" not in names),

@@ -216,6 +216,7 @@ def _write_shard(src: ShardSource, spec: JobSpec, compute: Any, on_images: Calla
         kill_point("before-rename")
         size = writer.commit()
     except BaseException as exc:
+        bg.close(raise_error=False)  # the writer thread stops before its file goes
         writer.abort(exc)
         raise
     kill_point("after-rename")

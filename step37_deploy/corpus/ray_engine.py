@@ -172,6 +172,8 @@ class RayRunner:
         total_cpus = None if self.address else int(self.workers * self.cpus) + 1
         total_gpus = None if self.address or not self.gpus else int(self.workers * self.gpus)
         with ray_runtime(self.address, total_cpus, total_gpus) as ray:
+            if not self.progress:  # --quiet: Ray Data's progress and INFO lines too
+                logging.getLogger("ray.data").setLevel(logging.ERROR)
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = self.progress
             ctx.enable_operator_progress_bars = self.progress

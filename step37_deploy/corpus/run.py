@@ -169,7 +169,7 @@ def run_corpus(opts: CorpusOptions, progress: bool = True) -> Summary:
     _check_inputs(opts, sources)
     spec = make_spec(opts)
     ensure_dir(Path(opts.out), "--out")
-    kill_point("planned")
+    kill_point("start")
     p = plan(sources, spec, opts.overwrite)
     log.info("%d shards: %d complete, %d to do", len(sources), len(p.done), len(p.todo))
     total = None

@@ -199,10 +199,11 @@ class BackgroundWriter:
             raise self._error
         self._q.put(item)
 
-    def close(self) -> None:
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for the queued items; the first error is raised (unless the caller is already failing)."""
         self._q.put(_STOP)
         self._thread.join()
-        if self._error is not None:
+        if raise_error and self._error is not None:
             raise self._error
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig, plan_patches
-from .sources import ShardError, ShardSource, iter_samples
+from .sources import ShardSource
 from .sources import split_name as _split
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,14 @@ def _tar_sizes(path: str, image_exts: Sequence[str]) -> list[tuple[int, int] | N
 
 
 def _folder_sizes(src: ShardSource, image_exts: Sequence[str]) -> list[tuple[int, int] | None]:
-    out = []
-    try:
-        for s in iter_samples(src, image_exts):
-            out.append(image_size(s.data) if s.data else None)
-    except ShardError as exc:
-        log.warning("sizing: %s", exc)
+    """Per file, its image's size from the header (Pillow reads the first bytes only)."""
+    out: list[tuple[int, int] | None] = []
+    for rel in src.files:
+        try:
+            with open(Path(src.path) / rel, "rb") as fh:
+                out.append(image_size(fh))
+        except OSError:
+            out.append(None)
     return out
 
 
