@@ -21,10 +21,11 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..errors import OutputError
 from ..files import remove_stale_temporaries, same_file
 from .compute import EngineSpec, Outcome, make_compute
@@ -74,7 +75,6 @@ class JobSpec:
     image_exts: tuple[str, ...] = IMAGE_EXTS
     max_image_bytes: int = 64 << 20
     engine_name: str = "local"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -170,7 +170,12 @@ def process_shard(
             "counts": counts["counts"],
             "bytes": {"input": nbytes, "output": out_bytes},
             "samples": counts["samples"],
-            "written_by": {"host": socket.gethostname(), "pid": os.getpid(), "engine": spec.engine_name},
+            "written_by": {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "engine": spec.engine_name,
+                "step37_deploy": __version__,
+            },
         }
         write_manifest(Path(spec.out), src.name, manifest)
         kill_point("after-manifest")

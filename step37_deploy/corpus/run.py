@@ -14,11 +14,10 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..errors import InputError
 from ..files import check_output_dir, ensure_dir, refuse_inputs, remove_stale_temporaries
 from ..preprocess import PREPROCESS_VERSION, PreprocessConfig
@@ -51,7 +50,6 @@ class CorpusOptions:
     overwrite: bool = False
     space_check: bool = True
     log_every_s: float = 30.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def describe_run(opts: CorpusOptions) -> tuple[dict[str, Any], dict[str, int]]:
@@ -158,7 +156,6 @@ def make_spec(opts: CorpusOptions) -> JobSpec:
         image_exts=tuple(opts.image_exts),
         max_image_bytes=int(opts.max_image_mb * (1 << 20)),
         engine_name=opts.runner,
-        extra={"version": __version__},
     )
 
 
