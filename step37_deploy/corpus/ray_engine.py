@@ -65,7 +65,7 @@ def is_loopback(address: str | None) -> bool:
 
 def _refresh_ray_config(loopback: bool) -> None:
     """Make an already imported Ray see the environment set since (Ray reads it at import)."""
-    if "ray" not in sys.modules:
+    if sys.modules.get("ray") is None:  # not imported yet (it will read the environment), or not installed
         return
     from ray._private import ray_constants
     from ray._raylet import AuthenticationTokenLoader, Config
