@@ -139,6 +139,11 @@ class _ShardActor:
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
 
 
+def _spread() -> dict[str, Any]:
+    """The actors' placement: spread over the nodes (one engine per GPU across the cluster)."""
+    return {"scheduling_strategy": "SPREAD"}
+
+
 def _source(text: str) -> dict[str, Any]:
     d = json.loads(text)
     d["files"] = tuple(d["files"])
@@ -186,7 +191,7 @@ class RayRunner:
                 compute=ray.data.ActorPoolStrategy(size=self.workers),
                 num_cpus=self.cpus,
                 num_gpus=self.gpus or None,
-                scheduling_strategy="SPREAD",
+                ray_remote_args_fn=_spread,
             )
             for rec in out.iter_rows():
                 row = json.loads(rec["row"])
