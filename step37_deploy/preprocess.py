@@ -44,6 +44,10 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
+#: Version of what :func:`preprocess` makes of an image: bump it whenever the pixels it gives change,
+#: so that stored features (the corpus job's fingerprint) are not reused across the change.
+PREPROCESS_VERSION = 1
+
 CLIP_MEAN = np.array(config.CLIP_MEAN, dtype=np.float32)
 CLIP_STD = np.array(config.CLIP_STD, dtype=np.float32)
 

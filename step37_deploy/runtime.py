@@ -29,7 +29,14 @@ from .config import Step37Config, TokenIds
 from .errors import InputError, OutputError
 from .files import check_output_file, check_replaceable_json, refuse_inputs
 from .fusion import insert_features, insert_features_torch, project, project_torch
-from .preprocess import PreprocessConfig, as_pixel_dtype, host_pixel_dtype, image_layout, preprocess
+from .preprocess import (
+    PreprocessConfig,
+    PreprocessedImage,
+    as_pixel_dtype,
+    host_pixel_dtype,
+    image_layout,
+    preprocess,
+)
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +344,17 @@ class VisionEmbedder:
 
     def _embed_uncached(self, images: Sequence[Any], kinds: frozenset[str] = _FEATURES_ONLY) -> list[ImageEmbedding]:
         pixel_dtype = self.pixel_dtype
-        pre = [preprocess(im, self.pcfg, pixel_dtype=pixel_dtype) for im in images]
+        return self.embed_preprocessed([preprocess(im, self.pcfg, pixel_dtype=pixel_dtype) for im in images], kinds)
+
+    def embed_preprocessed(
+        self, pre: Sequence[PreprocessedImage], outputs: Sequence[str] = ("features",)
+    ) -> list[ImageEmbedding]:
+        """:meth:`embed_images` after preprocessing: ``pre`` made by :func:`preprocess` with this
+        config and ``pixel_dtype=self.pixel_dtype`` (the corpus job decodes and preprocesses in
+        threads ahead of the towers and batches here).  Same batching, same rows, no cache."""
+        kinds = frozenset(outputs)
+        if not kinds or not kinds <= set(ROW_KINDS):
+            raise InputError(f"outputs must be one or more of {ROW_KINDS}, got {list(outputs)}")
         globals_ = np.stack([p.global_view for p in pre]) if pre else None
         crops = [p.crops for p in pre if p.num_crops]
         gdtype, cdtype = self.global_runner.input_spec().dtype, self.crop_runner.input_spec().dtype

@@ -156,7 +156,7 @@ def test_service_options_mean_one_thing_everywhere():
         acts = {s: a for a in p._actions for s in a.option_strings}
         if "--protocol" in acts:
             found[" ".join(argv)] = (acts["--server"].metavar, acts["--protocol"].default, "--url" in acts)
-    assert set(found) == {"loadtest", "handoff sglang", "vllm-cache", "epd-router"}, found
+    assert set(found) == {"loadtest", "handoff sglang", "vllm-cache", "epd-router", "embed-corpus"}, found
     assert set(found.values()) == {("HOST:PORT", "grpc", False)}, found
 
 

@@ -24,7 +24,7 @@ import traceback
 import warnings
 
 from ..errors import ServerCrashed, Step37Error, ThresholdError
-from . import accuracy, artifacts, embed, handoff, loadtest, model, serving
+from . import accuracy, artifacts, corpus, embed, handoff, loadtest, model, serving
 from .args import USAGE_ERROR, HelpFormatter, Parser, SubcommandParser, one_line
 
 log = logging.getLogger("step37_deploy")
@@ -34,7 +34,7 @@ EXIT_OK, EXIT_THRESHOLD, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, USAGE_ERROR, 3
 EXIT_CRASH = 4
 
 #: The command families, in the order ``--help`` lists their commands.
-FAMILIES = (model, artifacts, accuracy, embed, serving, loadtest, handoff)
+FAMILIES = (model, artifacts, accuracy, embed, serving, loadtest, handoff, corpus)
 
 
 def build_parser() -> argparse.ArgumentParser:
