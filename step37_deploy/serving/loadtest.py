@@ -31,7 +31,6 @@ Modules: this one holds the options, the steps of :func:`run_loadtest` and the r
 
 from __future__ import annotations
 
-import io
 import logging
 import urllib.error
 import urllib.request
@@ -44,6 +43,7 @@ import numpy as np
 
 from ..errors import InputError, ServerError
 from ..files import write_json
+from ..preprocess import encode_png
 from ..runtime import EmbeddingCache, ImageEmbedding, VisionEmbedder
 from .auth import read_optional_api_key
 from .client import EmbedClient, image_bytes
@@ -227,15 +227,8 @@ def image_files(specs: Sequence[str | Path]) -> list[Path]:
 def warmup_images(n: int) -> list[bytes]:
     """``n`` distinct noise PNGs, large and wide enough to have crops, so both towers warm up
     without putting any measured image into a cache."""
-    from PIL import Image
-
     rng = np.random.default_rng(12345)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (800, 1100, 3), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return [encode_png(rng.integers(0, 256, (800, 1100, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def blocks(requests: int, rounds: int) -> list[tuple[int, int]]:
@@ -432,7 +425,7 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
     report = LoadtestReport(opts, [str(f) for f in files])
     try:
         if not client.is_ready():
-            raise InputError(f"--url {opts.url}: no ready {EMBEDDER_MODEL} there over {opts.protocol}")
+            raise InputError(f"--server {opts.url}: no ready {EMBEDDER_MODEL} there over {opts.protocol}")
         probe = _ServerProbe(client, opts.metrics_url or _default_metrics_url(opts.url))
         warm_up(opts, client, embedder)
         for rate in opts.rates:
