@@ -439,6 +439,7 @@ def test_loadtest_with_an_api_key_file(keyed, tmp_path):
     )
     report = run_loadtest(opts, progress=False)
     assert report.ok and report.runs[0].server.requests == 4
+    assert report.runs[0].models, "the metrics port's key: loadtest sends the same one"
 
 
 def descendants_rss(pid: int) -> int:

@@ -13,8 +13,8 @@ nginx's stderr is a pipe that a thread of ``serve`` reads and forwards through `
 * nginx's end of the pipe is non-blocking: when this thread falls behind, nginx drops lines
   instead of stalling a worker on its log.
 
-So the gateway adds at most about ``RATE * MAX_LINE`` bytes a second (24 KB a minute at the
-defaults' sustained rate) to ``serve``'s log, however it is attacked.
+So the gateway adds at most about ``RATE * MAX_LINE`` bytes a second (240 KB a minute at the
+defaults) to ``serve``'s log, however it is attacked.
 """
 
 from __future__ import annotations

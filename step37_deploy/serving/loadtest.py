@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import ssl
 import threading
 import time
 import urllib.error
@@ -44,7 +45,7 @@ import numpy as np
 from ..errors import InputError, ServerError, Step37Error
 from ..files import write_json
 from ..runtime import EmbeddingCache, ImageEmbedding, VisionEmbedder
-from .client import EmbedClient, image_bytes
+from .client import API_KEY_HEADER, EmbedClient, image_bytes
 from .contract import CACHE_HITS_METRIC, CACHE_MISSES_METRIC, EMBEDDER_MODEL, TOWER_MODELS
 from .gateway import read_api_key
 
@@ -584,14 +585,18 @@ def measure(outcomes: Sequence[_Outcome], sent: int, wall_s: float, cache: dict[
 class _ServerProbe:
     """Reads the server's metrics endpoint and statistics API around a run."""
 
-    def __init__(self, client: EmbedClient, metrics_url: str) -> None:
+    def __init__(self, client: EmbedClient, metrics_url: str, api_key: str | None = None) -> None:
         self.client, self.metrics_url = client, metrics_url
         self._warned = self._warned_stats = False
+        # serve's gateway gives the metrics port the same TLS and key as the API.
+        self._headers = {API_KEY_HEADER: api_key} if api_key else {}
+        self._context = ssl.create_default_context(cafile=client.root_certificates) if client.tls else None
 
     def metrics(self) -> dict[tuple[str, str], float] | None:
-        url = f"http://{self.metrics_url}/metrics"
+        url = f"{'https' if self._context else 'http'}://{self.metrics_url}/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
+            request = urllib.request.Request(url, headers=self._headers)
+            with urllib.request.urlopen(request, timeout=10, context=self._context) as resp:
                 return parse_metrics(resp.read().decode())
         except (urllib.error.URLError, OSError, ValueError) as exc:
             if not self._warned:
@@ -663,7 +668,7 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
     try:
         if not client.is_ready():
             raise InputError(f"--url {opts.url}: no ready {EMBEDDER_MODEL} there over {opts.protocol}")
-        probe = _ServerProbe(client, opts.metrics_url or _default_metrics_url(opts.url))
+        probe = _ServerProbe(client, opts.metrics_url or _default_metrics_url(opts.url), api_key)
         for data in warmup_images(opts.warmup):
             client.embed(data)
         embedder.cache = EmbeddingCache(opts.cache_mb)
