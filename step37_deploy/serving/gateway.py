@@ -62,6 +62,7 @@ from .nginxconf import (  # noqa: F401  (re-exported: serve's options and the se
     DEFAULT_MAX_BODY_MB,
     DEFAULT_MAX_CONNECTIONS,
     GRPC_STATUS,
+    MIN_WORKER_CONNECTIONS,
     TEMP_FOLDERS,
     TLS_LINKS,
     GatewayOptions,
@@ -202,7 +203,7 @@ class Gateway:
         self.nginx = Path(nginx) if nginx is not None else require_nginx()
         self.probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
         self.proc: subprocess.Popen | None = None
-        self.log: GatewayLog | None = None
+        self.log_relay: GatewayLog | None = None
 
     @property
     def config_path(self) -> Path:
@@ -241,16 +242,20 @@ class Gateway:
             ", ".join(f"{k} {v}" for k, v in self.listen.items()),
             ", ".join(f"{k} {v}" for k, v in self.upstream.items()),
         )
-        self.log = GatewayLog()  # nginx's stderr: escaped, cut and rate-limited into serve's log
-        self.proc = subprocess.Popen(
-            self.command(), cwd=self.folder, stderr=self.log.write_fd, start_new_session=True,
-            preexec_fn=die_with_parent,
-        )  # fmt: skip
-        self.log.start()
+        relay = self.log_relay = GatewayLog()  # nginx's stderr: escaped, cut, rate-limited into serve's log
+        try:
+            self.proc = subprocess.Popen(
+                self.command(), cwd=self.folder, stderr=relay.write_fd, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
+        except OSError:
+            relay.close()
+            raise
+        relay.start()
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.proc.poll() is not None:
-                self.log.join()
+                relay.join()
                 raise BackendUnavailable(
                     f"the gateway (nginx) exited with status {self.proc.returncode} at start "
                     "(its message above says why)"
@@ -266,8 +271,9 @@ class Gateway:
         need = self.options.open_files
         if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and need > hard:
             raise ConfigError(
-                f"--max-connections {self.options.max_connections} needs {need} open files, and the hard limit here "
-                f"is {hard} (ulimit -Hn): lower --max-connections or raise the limit"
+                f"the gateway needs {need} open files per nginx worker (its connection budget, at least "
+                f"{MIN_WORKER_CONNECTIONS} connections, more with --max-connections {self.options.max_connections}), "
+                f"and the hard limit here is {hard} (ulimit -Hn): raise the limit, or lower --max-connections"
             )
 
     def ready(self) -> bool:
@@ -307,6 +313,6 @@ class Gateway:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        if self.log is not None:
-            self.log.join()
+        if self.log_relay is not None:
+            self.log_relay.join()
         return self.proc.returncode

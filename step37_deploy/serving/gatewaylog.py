@@ -19,6 +19,7 @@ defaults) to ``serve``'s log, however it is attacked.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -60,6 +61,12 @@ class GatewayLog:
         """Close this process's copy of the write end (nginx holds its own) and start relaying."""
         os.close(self.write_fd)
         self.thread.start()
+
+    def close(self) -> None:
+        """Both ends, when the child never started."""
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def join(self, timeout_s: float = 2.0) -> None:
         """Wait until every line nginx wrote before it exited is relayed."""
