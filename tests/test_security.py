@@ -823,6 +823,10 @@ def test_every_gateway_config_is_valid_nginx(tmp_path, cert, key, tls_on, shm):
     http_allowed = ALLOWED_HTTP | ({'~ "^/v2/(system|cuda)sharedmemory(/|$)"'} if shm else set())
     grpc_allowed = {f"= /inference.GRPCInferenceService/{m}" for m in GRPC_METHODS + (SHM_METHODS if shm else ())}
     assert proxied_locations(text) == {"1": http_allowed, "2": grpc_allowed, "3": {"= /metrics"}}
+    # ... and every other path is refused by the server itself (not left to nginx's static files).
+    assert [server.count("\n        location / { return 403; }\n") for server in text.split("\n    server {")[1:]] == [
+        1
+    ] * 3
     assert (key is not None) == ("$step37_key_ok" in text)
     if key is not None:  # a regex (~, case-sensitive), anchored at both ends
         exact = "^" + key.replace(".", "[.]").replace("+", "[+]") + "$"
