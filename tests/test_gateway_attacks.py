@@ -431,6 +431,17 @@ def test_slow_bodies_from_one_client_leave_slots_for_others(target, answer):
     gRPC streams on 2 connections.  It gets 8 slots; every other request of it is refused at once
     (503 / UNAVAILABLE), and the second client's requests are answered."""
     check_goals(under_attack(target, answer, lambda stop: slow_bodies(target, stop, 200, 200)))
+    # A gRPC deadline ends a stalled upload in Triton itself (a client's own deadline under 100 s
+    # is passed on, anything longer becomes 300 s): Triton answers, the slot is free again.
+    h = H2(target.grpc_port, "127.0.0.3")
+    try:
+        sid = h.request(GRPC_INFER, [("grpc-timeout", "2S")])
+        start = time.monotonic()
+        h.send(sid, grpc_message(bytes(2**20))[:1000])
+        assert h.status(sid, 10) == 200 and sid in h.closed  # Triton's own answer: DEADLINE_EXCEEDED
+        assert 1.5 <= time.monotonic() - start <= 5.0
+    finally:
+        h.close()
 
 
 # -- 16: unfinished large bodies -----------------------------------------------------------------------------------
