@@ -18,6 +18,8 @@ import base64
 import contextlib
 import io
 import json
+import os
+import pwd
 import re
 import resource
 import select
@@ -93,6 +95,21 @@ def raw_status(sock: socket.socket, timeout: float = 10.0) -> int:
     m = re.match(rb"HTTP/1\.[01] (\d{3})", data)
     assert m, f"no HTTP response: {data[:200]!r}"
     return int(m.group(1))
+
+
+def raw_answer(sock: socket.socket, timeout: float = 10.0) -> tuple[int, object]:
+    """(status, JSON body) of the response waiting on ``sock`` (its Content-Length)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"no complete HTTP response: {data[:200]!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return int(head[9:12]), json.loads(body[:length])
 
 
 def same(got, ref) -> None:
@@ -219,8 +236,27 @@ def test_logging_and_trace_settings_are_refused(tiny_server):
     assert http(tiny_server.http_port, f"/v2/models/{C.EMBEDDER_MODEL}/stats")[0] == 200
     assert http(tiny_server.metrics_port, "/metrics")[0] == 200
     assert http(tiny_server.metrics_port, "/v2/health/live")[0] == 403
-    assert http(tiny_server.http_port, "/v2/models/x/ready/../../../repository/index", b"{}")[0] in (400, 403)
-    assert http(tiny_server.http_port, "/v2/repository%2Findex", b"{}")[0] in (400, 403)
+
+
+#: Raw URIs that nginx normalises to an allowlisted location while Triton gets them unchanged (the
+#: gateway passes the raw URI on): only the gateway's raw-URI check refuses them.
+PATH_TRICKS = [
+    ("GET", "/v2/repository/index/../../health/live"),
+    ("GET", f"/v2/repository/models/{C.EMBEDDER_MODEL}/../../../models/{C.EMBEDDER_MODEL}/ready"),
+    ("GET", "/v2/%68ealth/live"),
+    ("GET", "/v2/health/./live"),
+    ("GET", "/v2//health/live"),
+    ("POST", f"/v2/repository/models/evil/load/../../../../models/{C.EMBEDDER_MODEL}/infer"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PATH_TRICKS)
+def test_uris_nginx_would_normalise_are_refused_by_the_gateway(tiny_server, method, path):
+    with socket.create_connection(("127.0.0.1", tiny_server.http_port)) as s:
+        body = b"{}" if method == "POST" else b""
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, answer = raw_answer(s)
+    assert (status, answer) == (400, {"error": "bad request"}), (path, status, answer)
 
 
 # -- refused at start ---------------------------------------------------------------------------------
@@ -251,6 +287,19 @@ def test_bad_key_files_and_no_gateway_key_are_refused(tiny_fp32, tmp_path):
     assert r.returncode == 2 and "--no-gateway" in r.stderr and "k" * 32 not in r.stderr, r.stderr
 
 
+def test_a_tls_key_readable_by_others_is_refused(tiny_fp32, cert, tmp_path):
+    """As the API key file: a private key that group or others may read is refused (exit 2, one
+    line), with and without the gateway."""
+    loose = tmp_path / "key.pem"
+    loose.write_bytes(cert[1].read_bytes())
+    for mode in (0o640, 0o604):
+        loose.chmod(mode)
+        for extra in ((), ("--no-gateway",)):
+            r = serve_cli("--checkpoint", str(tiny_fp32), "--tls-cert", str(cert[0]), "--tls-key", str(loose), *extra)
+            assert r.returncode == 2 and "--tls-key" in r.stderr and "chmod 600" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_serve_refuses_to_start_without_nginx(tiny_fp32, monkeypatch):
     from step37_deploy.errors import BackendUnavailable
     from step37_deploy.serving import gateway
@@ -266,7 +315,7 @@ def test_serve_refuses_to_start_without_nginx(tiny_fp32, monkeypatch):
 
 # -- the API key and the limits (keyed) ----------------------------------------------------------------
 
-KEY = "k3y-" + "0123456789abcdef" * 3
+KEY = "k3Y-" + "0123456789aBcDeF" * 3  # mixed case: its lower-, upper- and swapped-case forms all differ
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +359,10 @@ def test_api_key_is_required_for_inference_and_metadata_not_health(keyed, refere
         with EmbedClient(url, protocol, api_key=KEY) as client:
             for raw, ref in zip(images, refs, strict=True):
                 same(client.embed(raw), ref)
-        for wrong in (None, KEY[:-1] + "X"):
+        # HTTP/1.1 takes the spaces around a header value as syntax (RFC 9110 5.5), not as part
+        # of the key; a gRPC metadata value keeps them.
+        spaced = [f" {KEY} "] if protocol == "grpc" else []
+        for wrong in (None, KEY[:-1] + "X", KEY.swapcase(), KEY.lower(), KEY.upper(), KEY[:-1], KEY + "0", *spaced):
             with EmbedClient(url, protocol, api_key=wrong) as client, pytest.raises(ServerError) as exc:
                 client.embed(images[1])
             cause = exc.value.__cause__
@@ -324,6 +376,12 @@ def test_api_key_is_required_for_inference_and_metadata_not_health(keyed, refere
     for path in ("/v2", f"/v2/models/{C.EMBEDDER_MODEL}", f"/v2/models/{C.EMBEDDER_MODEL}/config", "/v2/models/stats"):
         assert http(keyed.http_port, path)[0] == 401, path
         assert http(keyed.http_port, path, headers={"x-api-key": KEY})[0] == 200, path
+    # Metrics: the same key, as x-api-key or as Prometheus' bearer token.
+    assert http(keyed.metrics_port, "/metrics")[0] == 401
+    for headers in ({"x-api-key": KEY}, {"Authorization": f"Bearer {KEY}"}):
+        assert http(keyed.metrics_port, "/metrics", headers=headers)[0] == 200, headers
+    for headers in ({"x-api-key": KEY.upper()}, {"Authorization": f"Bearer {KEY.swapcase()}"}, {"Authorization": KEY}):
+        assert http(keyed.metrics_port, "/metrics", headers=headers)[0] == 401, headers
     g = grpcclient.InferenceServerClient(keyed.grpc_url)
     assert g.is_server_live() and g.is_server_ready() and g.is_model_ready(C.EMBEDDER_MODEL)
     with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
@@ -345,6 +403,18 @@ def test_keys_are_in_no_log_no_command_line_and_the_config_is_private(keyed):
     conf = repo.parent / "gateway" / "nginx.conf"
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and stat.S_IMODE(repo.parent.stat().st_mode) == 0o700
     assert not any(KEY.encode() in f.read_bytes() for f in repo.rglob("*") if f.is_file())
+
+
+def test_gateway_workers_run_unprivileged(keyed):
+    """nginx's workers, which parse what clients send, never run as root: as root, serve gives
+    them the user nobody; otherwise they are serve's own user."""
+    import psutil
+
+    nginx = [p for p in psutil.Process(keyed.proc.pid).children(recursive=True) if p.name() == "nginx"]
+    workers = [p for p in nginx if "worker process" in " ".join(p.cmdline())]
+    assert workers and len(workers) < len(nginx), [p.cmdline() for p in nginx]
+    expected = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.getuid()
+    assert {w.uids().real for w in workers} == {expected} and {w.uids().effective for w in workers} == {expected}
 
 
 def test_loadtest_with_an_api_key_file(keyed, tmp_path):
@@ -369,6 +439,7 @@ def test_loadtest_with_an_api_key_file(keyed, tmp_path):
     )
     report = run_loadtest(opts, progress=False)
     assert report.ok and report.runs[0].server.requests == 4
+    assert report.runs[0].models, "the metrics port's key: loadtest sends the same one"
 
 
 def descendants_rss(pid: int) -> int:
@@ -491,26 +562,45 @@ def test_2000_idle_connections_neither_block_others_nor_flood_the_log(tiny_serve
     assert len(new) < 20 and not any("Too many open files" in line for line in new), new[:20]
 
 
+def gateway_config(server) -> str:
+    """The nginx.conf of a running serve (its work folder is named in the log)."""
+    repo = Path(re.search(r"repository (\S+/model_repository)", server.log.read_text(errors="replace")).group(1))
+    return (repo.parent / "gateway" / "nginx.conf").read_text()
+
+
 def test_idle_connections_beyond_the_budget_are_recycled(keyed, reference):
-    """--max-connections 8 (80 connections): nginx closes the oldest idle connections to accept new
-    ones, and says so at most once a second."""
-    new = hold_idle_connections(keyed, reference, 2000, KEY, fresh=True)
+    """Past every worker's budget (--max-connections 8: the floor of 1,024 connections a worker),
+    nginx closes the oldest idle connections to accept new ones, and says so at most once a second."""
+    conf = gateway_config(keyed)
+    workers = int(re.search(r"worker_processes (\d+);", conf).group(1))
+    budget = workers * int(re.search(r"worker_connections (\d+);", conf).group(1))
+    new = hold_idle_connections(keyed, reference, budget + 600 * workers, KEY, fresh=True)
     assert len(new) < 20 and not any("Too many open files" in line for line in new), new[:20]
     assert any("worker_connections are not enough, reusing connections" in line for line in new), new
 
 
+def connect_from(address: str, port: int) -> socket.socket:
+    """A connection to the gateway from another loopback address (Linux routes 127/8 to lo)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((address, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
 def test_more_than_max_connections_in_flight_are_refused(keyed, reference):
+    """--max-connections 8 in flight per port, at most 4 (an eighth, at least 4) from one address:
+    requests whose body never comes hold a slot each."""
     head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nContent-Length: 1000\r\n\r\n".encode()
     held = []
     try:
-        for _ in range(8):  # --max-connections 8: requests whose body never comes hold a slot each
-            s = socket.create_connection(("127.0.0.1", keyed.http_port))
-            s.sendall(head)
-            held.append(s)
+        for address in ("127.0.0.2",) * 4 + ("127.0.0.3",) * 4:
+            held.append(connect_from(address, keyed.http_port))
+            held[-1].sendall(head)
         time.sleep(0.5)
-        with socket.create_connection(("127.0.0.1", keyed.http_port)) as s:
-            s.sendall(head)
-            assert raw_status(s) == 503
+        for address in ("127.0.0.2", "127.0.0.4"):  # the first one's own bound; then every slot taken
+            with connect_from(address, keyed.http_port) as s:
+                s.sendall(head)
+                assert raw_status(s) == 503, address
         assert http(keyed.http_port, "/v2/health/ready")[0] == 200  # probes are not counted
     finally:
         for s in held:
@@ -604,7 +694,40 @@ def test_tls_on_both_protocols(tls, reference):
             same(client.embed(raw), ref)
         with EmbedClient(url, protocol, timeout=5) as plain, pytest.raises(ServerError):
             plain.embed(raw)
-    assert http(served.metrics_port, "/metrics")[0] == 200  # metrics stay plain HTTP
+    context = ssl.create_default_context(cafile=str(cert))
+    with urllib.request.urlopen(f"https://127.0.0.1:{served.metrics_port}/metrics", timeout=10, context=context) as r:
+        assert r.status == 200  # metrics: the same TLS
+    assert http(served.metrics_port, "/metrics")[0] == 400  # plain HTTP on a TLS port
+
+
+@pytest.mark.parametrize(
+    ("cipher", "accepted"),
+    [
+        ("ECDHE-RSA-AES128-GCM-SHA256", True),
+        ("ECDHE-RSA-CHACHA20-POLY1305", True),
+        ("ECDHE-RSA-AES128-SHA", False),  # CBC
+        ("ECDHE-RSA-AES256-SHA384", False),  # CBC
+        ("AES128-GCM-SHA256", False),  # RSA key exchange: no forward secrecy
+        ("AES256-SHA", False),
+    ],
+)
+def test_tls_12_offers_only_forward_secret_aead_suites_and_no_tickets(tls, cipher, accepted):
+    served, cert = tls
+    context = ssl.create_default_context(cafile=str(cert))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(cipher)
+    for port in (served.http_port, served.grpc_port, served.metrics_port):
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port)) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+            ):
+                assert s.version() == "TLSv1.2" and s.cipher()[0] == cipher
+                assert not s.session.has_ticket  # ssl_session_tickets off
+                handshake = True
+        except ssl.SSLError:
+            handshake = False
+        assert handshake == accepted, (port, cipher)
 
 
 def test_no_gateway_keeps_tritons_restrictions_and_passes_tls_to_grpc(no_gateway, reference, tmp_path):
@@ -645,22 +768,66 @@ def test_restricted_apis_on_tritons_command_line(tmp_path):
     assert len(opened_flags) == 2 and all("shared-memory" not in c for c in opened_flags)
 
 
-@pytest.mark.parametrize("key", [None, "k" * 1024], ids=["no-key", "longest-key"])
+def proxied_locations(text: str) -> dict[str, set[str]]:
+    """Per server (by its listen port), the locations that pass requests on to Triton."""
+    out: dict[str, set[str]] = {}
+    for server in re.split(r"\n    server \{", text)[1:]:
+        port = re.search(r"listen [^;]*:(\d+)", server).group(1)
+        blocks = re.findall(r"location ([^{]+?) \{((?:[^{}]|\{[^{}]*\})*)\}", server)
+        out[port] = {spec for spec, body in blocks if "proxy_pass" in body or "grpc_pass" in body}
+    return out
+
+
+MODEL_RE = "[A-Za-z0-9_][A-Za-z0-9_.-]*(/versions/[0-9]+)?"
+ALLOWED_HTTP = {
+    "= /v2/health/live",
+    "= /v2/health/ready",
+    f'~ "^/v2/models/{MODEL_RE}/ready$"',
+    "= /v2",
+    "= /v2/models/stats",
+    f'~ "^/v2/models/{MODEL_RE}(/config|/stats)?$"',
+    f'~ "^/v2/models/{MODEL_RE}/infer$"',
+}
+GRPC_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig")
+GRPC_METHODS += ("ModelStatistics", "ModelInfer")
+SHM_METHODS = tuple(f"{k}SharedMemory{v}" for k in ("System", "Cuda") for v in ("Status", "Register", "Unregister"))
+
+
+@pytest.mark.parametrize("key", [None, "k" * 1024, "AbC.d+e/f=g-h_" * 3], ids=["no-key", "longest-key", "mixed"])
 @pytest.mark.parametrize("tls_on", [False, True], ids=["plain", "tls"])
 @pytest.mark.parametrize("shm", [False, True], ids=["default", "allow-shared-memory"])
 def test_every_gateway_config_is_valid_nginx(tmp_path, cert, key, tls_on, shm):
-    """``nginx -t`` accepts the config of every option combination, and only --allow-shared-memory
-    puts the shared-memory APIs on the allowlist."""
+    """``nginx -t`` accepts the config of every option combination, also when the work folder and
+    the TLS files' paths hold ``$`` and quotes; the only locations passed on to Triton are the
+    allowlisted ones (plus the shared-memory APIs with --allow-shared-memory); the key is matched
+    exactly."""
     from step37_deploy.serving.gateway import Gateway, GatewayOptions
 
-    opts = GatewayOptions(api_key=key, tls=cert if tls_on else None, allow_shared_memory=shm)
+    odd = tmp_path / 'a$host"b'
+    odd.mkdir()
+    tls = None
+    if tls_on:
+        tls = (odd / "c$x.pem", odd / "k$x.pem")
+        for src, dst in zip(cert, tls, strict=True):
+            dst.write_bytes(src.read_bytes())
+            dst.chmod(0o600)
+    opts = GatewayOptions(api_key=key, tls=tls, allow_shared_memory=shm)
     ports = {"http": 1, "grpc": 2, "metrics": 3}
-    gw = Gateway(tmp_path, "0.0.0.0", ports, {k: v + 10 for k, v in ports.items()}, opts)
+    gw = Gateway(odd / "work$uri", "0.0.0.0", ports, {k: v + 10 for k, v in ports.items()}, opts)
     conf = gw.write_config()
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
     check = subprocess.run([*gw.command(), "-t", "-q"], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
     text = conf.read_text()
-    assert ("sharedmemory" in text) == shm and ("SystemSharedMemoryRegister" in text) == shm
-    assert ("RepositoryModelLoad" not in text) and ("/v2/repository" not in text)
+    assert str(odd) not in text and "$x" not in text and "$host" not in text and "$uri" not in text
+    http_allowed = ALLOWED_HTTP | ({'~ "^/v2/(system|cuda)sharedmemory(/|$)"'} if shm else set())
+    grpc_allowed = {f"= /inference.GRPCInferenceService/{m}" for m in GRPC_METHODS + (SHM_METHODS if shm else ())}
+    assert proxied_locations(text) == {"1": http_allowed, "2": grpc_allowed, "3": {"= /metrics"}}
+    # ... and every other path is refused by the server itself (not left to nginx's static files).
+    assert [server.count("\n        location / { return 403; }\n") for server in text.split("\n    server {")[1:]] == [
+        1
+    ] * 3
     assert (key is not None) == ("$step37_key_ok" in text)
+    if key is not None:  # a regex (~, case-sensitive), anchored at both ends
+        exact = "^" + key.replace(".", "[.]").replace("+", "[+]") + "$"
+        assert f'$step37_key_ok {{ default 0; "~{exact}" 1; }}' in text

@@ -117,7 +117,7 @@ _PROGRESS: Any = None
 
 
 def _init_worker(spec: JobSpec, devices: Any, progress: Any) -> None:
-    from ..serving.gateway import die_with_parent
+    from ..process import die_with_parent
 
     global _WORKER, _PROGRESS
     die_with_parent()

@@ -55,7 +55,8 @@ def read_optional_api_key(path: str | Path | None) -> str | None:
 
 
 def check_tls_files(cert: str | Path | None, key: str | Path | None) -> tuple[Path, Path] | None:
-    """``(cert, key)`` when TLS is asked for, both readable; None when neither is given."""
+    """``(cert, key)`` when TLS is asked for, both readable PEM files; None when neither is given.
+    The key is refused, as ``--api-key-file`` is, when group or others may read it."""
     if cert is None and key is None:
         return None
     if cert is None or key is None:
@@ -64,10 +65,17 @@ def check_tls_files(cert: str | Path | None, key: str | Path | None) -> tuple[Pa
     for option, path in (("--tls-cert", cert), ("--tls-key", key)):
         p = Path(path).resolve()
         try:
+            st = p.stat()
             with p.open("rb") as fh:
                 head = fh.read(4096)
         except OSError as exc:
             raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{option} {path} is not a regular file")
+        if option == "--tls-key" and st.st_mode & 0o077:
+            raise ConfigError(
+                f"--tls-key {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
+            )
         if b"-----BEGIN" not in head:
             raise ConfigError(f"{option} {path} is not a PEM file")
         out.append(p)

@@ -3,44 +3,44 @@
 Triton's own HTTP front has no body-size limit, no limit on what a compressed body inflates to, no
 connection limit and no idle timeout, and its gRPC front accepts gzip messages up to 2 GB.  So by
 default ``serve`` puts nginx (the distribution's package, ``apt-get install -y nginx``) on the
-user's host and ports and lets Triton listen on 127.0.0.1 only, on free ports.  The nginx config is
-generated here from ``serve``'s options into ``serve``'s private work folder (mode 0600: it holds
-the API key when one is given) and enforces:
+user's host and ports and lets Triton listen on 127.0.0.1 only, on free ports.  The config
+(``nginxconf.py``, from ``serve``'s options) is written into ``serve``'s private work folder (mode
+0600: it holds the API key when one is given) and enforces:
 
 * an allowlist, everything else refused (HTTP 403, gRPC ``PERMISSION_DENIED``): health, server and
   model metadata, model readiness, model config (read), statistics and inference; ``/metrics``
   only on the metrics port.  The model repository (load, unload, index), system and CUDA shared
   memory, trace and log settings are never reachable through it (``--allow-shared-memory`` opens
-  the shared-memory APIs);
+  the shared-memory APIs); a raw URI that nginx would normalise (``%``, ``..``, ``//``, ``/./``)
+  is refused, since Triton gets it raw;
 * request bodies up to ``max_body_mb`` (refused from ``Content-Length`` before any byte of the
-  body is read; a chunked or HTTP/2 body as soon as it passes the limit): HTTP 413, gRPC
-  ``RESOURCE_EXHAUSTED``;
-* no compressed request bodies (``Content-Encoding`` / ``grpc-encoding`` other than identity):
-  HTTP 415, gRPC ``INVALID_ARGUMENT``; nginx itself never inflates a request body;
-* at most ``max_connections`` requests in flight per port (more: HTTP 503, gRPC ``UNAVAILABLE``,
-  at once; health and readiness are not counted, so probes answer under overload) and at most
-  ``2 * max_connections + 64`` open connections: when they run out, nginx closes idle ones first
-  (its connection reuse, logged at most once a second);
-* ``idle_timeout_s`` for a request's header and body, between keep-alive requests and on idle
-  HTTP/2 connections;
-* with an API key (read by ``auth.py``): inference, metadata, config and statistics require
-  ``x-api-key`` (HTTP 401, gRPC ``UNAUTHENTICATED``); health and readiness stay open for probes.
-  The key is removed from the request before it reaches Triton, and is never on any command line;
-* TLS (HTTPS and gRPC over TLS) when given a certificate and key.
+  body is read; a chunked or HTTP/2 body as soon as it passes the limit), streamed to Triton,
+  never buffered to a file: HTTP 413, gRPC ``RESOURCE_EXHAUSTED``;
+* no request with a ``Content-Encoding`` or ``grpc-encoding`` header (HTTP 415, gRPC
+  ``INVALID_ARGUMENT``), and no such header passed on (nginx sees only the first of several);
+* at most ``max_connections`` requests in flight per port and ``max_connections / 8`` per client
+  address (more: HTTP 503, gRPC ``UNAVAILABLE``, at once; health and readiness are not counted, so
+  probes answer under overload); one worker per CPU, each with room for max(2 x max_connections +
+  64, 1024) connections, idle ones closed first when they run out;
+* a whole-header deadline (10 s), a bound on pauses inside a body (10 s), ``idle_timeout_s``
+  between keep-alive requests and on idle HTTP/2 connections, a gRPC deadline at Triton;
+* with an API key: inference, metadata, config, statistics and metrics require it, compared
+  exactly (HTTP 401, gRPC ``UNAUTHENTICATED``); health and readiness stay open for probes.  The key
+  is removed from the request before it reaches Triton, and is never on any command line;
+* TLS (Mozilla's intermediate profile) on all three ports when given a certificate and key.
 
 nginx runs in the foreground (``daemon off``) as a child of ``serve`` with its pid file, temporary
-folders and config in the work folder, and logs to ``serve``'s stderr (errors and warnings; no
-access log).  :attr:`Gateway.proc` is its master process, for a supervisor to watch.
+folders and config in the work folder, its workers as an unprivileged user when ``serve`` is root;
+its errors and warnings reach ``serve``'s log through :class:`~.gatewaylog.GatewayLog` (escaped,
+cut, rate-limited; no access log).  :attr:`Gateway.proc` is its master process, for a supervisor
+to watch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import grp
-import json
 import logging
 import os
-import pwd
 import re
 import resource
 import shutil
@@ -51,49 +51,30 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ConfigError
 from ..process import die_with_parent
-from .auth import API_KEY_HEADER
-from .contract import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
+from .auth import check_tls_files, read_api_key  # noqa: F401  (importable from here as before)
+from .gatewaylog import GatewayLog
 from .net import host_port, probe_host
+from .nginxconf import (  # noqa: F401  (re-exported: serve's options and the served API live there)
+    API_KEY_HEADER,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_MAX_CONNECTIONS,
+    GRPC_STATUS,
+    MIN_WORKER_CONNECTIONS,
+    TEMP_FOLDERS,
+    TLS_LINKS,
+    GatewayOptions,
+    NginxConfig,
+)
 
 log = logging.getLogger(__name__)
 
 #: The one documented install line (Debian/Ubuntu); ``serve`` names it when nginx is missing.
 NGINX_INSTALL = "apt-get install -y nginx"
-#: How long nginx waits for Triton's answer to one request (Triton's queue policy answers sooner).
-UPSTREAM_TIMEOUT_S = 300
-#: gRPC methods of Triton's ``inference.GRPCInferenceService`` the gateway passes on.
-GRPC_SERVICE = "inference.GRPCInferenceService"
-GRPC_OPEN = ("ServerLive", "ServerReady", "ModelReady")  # probes: no key
-GRPC_KEYED = ("ServerMetadata", "ModelMetadata", "ModelConfig", "ModelStatistics", "ModelInfer")
-GRPC_SHARED_MEMORY = (
-    "SystemSharedMemoryStatus",
-    "SystemSharedMemoryRegister",
-    "SystemSharedMemoryUnregister",
-    "CudaSharedMemoryStatus",
-    "CudaSharedMemoryRegister",
-    "CudaSharedMemoryUnregister",
-)
-#: HTTP status nginx refuses with -> the gRPC status a gRPC client gets instead, and the message
-#: both get (HTTP: as Triton's own ``{"error": ...}`` body, which tritonclient reads).
-GRPC_STATUS = {
-    400: (3, "bad request"),  # INVALID_ARGUMENT
-    401: (16, "missing or wrong x-api-key"),  # UNAUTHENTICATED
-    403: (7, "this API is not served"),  # PERMISSION_DENIED
-    405: (12, "method not allowed"),  # UNIMPLEMENTED
-    413: (8, "request larger than the gateway's --max-body-mb"),  # RESOURCE_EXHAUSTED
-    415: (3, "compressed requests are not accepted"),  # INVALID_ARGUMENT
-    500: (13, "gateway error"),  # INTERNAL
-    502: (14, "the server is not reachable"),  # UNAVAILABLE
-    503: (14, "too many requests in flight"),  # UNAVAILABLE
-    504: (4, "the server did not answer in time"),  # DEADLINE_EXCEEDED
-}
-# A model name in a URL: Triton's names, never '..' (the raw URI is checked for it separately).
-_MODEL = r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/versions/[0-9]+)?"
 
 
 def find_nginx() -> Path | None:
@@ -134,42 +115,6 @@ def require_nginx() -> Path:
     return nginx
 
 
-@dataclass(frozen=True)
-class GatewayOptions:
-    """The limits and the access rules; ``serve``'s options of the same names."""
-
-    max_body_mb: float = DEFAULT_MAX_BODY_MB
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    api_key: str | None = field(default=None, repr=False)  # never in a repr, hence never in a log
-    tls: tuple[Path, Path] | None = None  # (certificate, private key), PEM
-    allow_shared_memory: bool = False
-    shutdown_timeout_s: int = 30  # nginx's worker_shutdown_timeout: in-flight requests at stop
-
-    @property
-    def worker_connections(self) -> int:
-        """nginx's connection budget: every request in flight may hold a client and an upstream
-        connection, plus listening sockets and upstream keep-alive."""
-        return 2 * self.max_connections + 64
-
-    @property
-    def open_files(self) -> int:
-        return 2 * self.worker_connections + 64
-
-
-def _quote(text: str) -> str:
-    """An nginx string literal (paths, header values)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _user_line() -> str:
-    """As root, nginx's workers would run as ``nobody`` and could not use the work folder: run
-    them as the current user instead.  Otherwise nginx cannot switch users anyway."""
-    if os.geteuid() != 0:
-        return ""
-    return f"user {pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name};"
-
-
 class Gateway:
     """One nginx master process in front of one Triton.
 
@@ -183,175 +128,36 @@ class Gateway:
         host: str,
         listen: dict[str, int],
         upstream: dict[str, int],
-        options: GatewayOptions = GatewayOptions(),
+        options: GatewayOptions | None = None,
         nginx: str | Path | None = None,
     ) -> None:
         self.folder = Path(workdir) / "gateway"
         self.host = host
         self.listen = dict(listen)
         self.upstream = dict(upstream)
-        self.options = options
+        self.options = options if options is not None else GatewayOptions()
         self.nginx = Path(nginx) if nginx is not None else require_nginx()
         self.probe_host = probe_host(host)
         self.proc: subprocess.Popen | None = None
+        self.log_relay: GatewayLog | None = None
 
     @property
     def config_path(self) -> Path:
         return self.folder / "nginx.conf"
 
-    # -- the config ---------------------------------------------------------------------------------
-    def _grpc_errors(self) -> list[str]:
-        lines = [f"error_page {code} = @grpc_{code};" for code in GRPC_STATUS]
-        for code, (status, message) in GRPC_STATUS.items():
-            lines += [
-                f"location @grpc_{code} {{",
-                "    default_type application/grpc;",
-                f"    add_header grpc-status {status} always;",
-                f'    add_header grpc-message "{message}" always;',
-                "    return 204;",
-                "}",
-            ]
-        return lines
-
-    def _http_errors(self) -> list[str]:
-        lines = [f"error_page {code} = @http_{code};" for code in GRPC_STATUS]
-        for code, (_, message) in GRPC_STATUS.items():
-            body = json.dumps({"error": message}).replace("'", "")
-            lines.append(f"location @http_{code} {{ default_type application/json; return {code} '{body}'; }}")
-        return lines
-
-    def _keyed(self) -> list[str]:
-        return ["if ($step37_key_ok = 0) { return 401; }"] if self.options.api_key is not None else []
-
-    def _http_server(self) -> list[str]:
-        o = self.options
-        get_only = 'if ($request_method !~ "^(GET|HEAD)$") { return 405; }'
-        proxy = "proxy_pass http://step37_triton_http;"
-        out = [
-            "server {",
-            f"    listen {host_port(self.host, self.listen['http'])}{' ssl' if o.tls else ''};",
-            *self._tls_lines(),
-            # The raw URI goes to Triton unchanged: refuse what nginx would normalise differently.
-            '    if ($request_uri ~ "(%|\\.\\.|//|/\\./)") { return 400; }',
-            '    if ($http_content_encoding !~* "^(identity)?$") { return 415; }',
-            '    proxy_set_header Connection "";',
-            f'    proxy_set_header {API_KEY_HEADER} "";',
-            *("    " + line for line in self._http_errors()),
-            "    location = /v2/health/live { " + get_only + " " + proxy + " }",
-            "    location = /v2/health/ready { " + get_only + " " + proxy + " }",
-            f'    location ~ "^/v2/models/{_MODEL}/ready$" {{ {get_only} {proxy} }}',
-        ]
-        # Health and readiness stay outside the in-flight bound: probes answer under overload.
-        keyed = " ".join([f"limit_conn step37_inflight {o.max_connections};", *self._keyed()])
-        out += [
-            f"    location = /v2 {{ {get_only} {keyed} {proxy} }}",
-            f"    location = /v2/models/stats {{ {get_only} {keyed} {proxy} }}",
-            f'    location ~ "^/v2/models/{_MODEL}(/config|/stats)?$" {{ {get_only} {keyed} {proxy} }}',
-            f'    location ~ "^/v2/models/{_MODEL}/infer$" {{',
-            f'        if ($request_method != "POST") {{ return 405; }} {keyed} {proxy}',
-            "    }",
-        ]
-        if o.allow_shared_memory:
-            out.append(f'    location ~ "^/v2/(system|cuda)sharedmemory(/|$)" {{ {keyed} {proxy} }}')
-        out += ["    location / { return 403; }", "}"]
-        return out
-
-    def _grpc_server(self) -> list[str]:
-        o = self.options
-        grpc_pass = "grpc_pass grpc://step37_triton_grpc;"
-        out = [
-            "server {",
-            f"    listen {host_port(self.host, self.listen['grpc'])}{' ssl' if o.tls else ''} http2;",
-            *self._tls_lines(),
-            '    if ($http_grpc_encoding !~* "^(identity)?$") { return 415; }',
-            '    if ($http_content_encoding !~* "^(identity)?$") { return 415; }',
-            f'    grpc_set_header {API_KEY_HEADER} "";',
-            *("    " + line for line in self._grpc_errors()),
-        ]
-        keyed = " ".join([f"limit_conn step37_inflight {o.max_connections};", *self._keyed()])
-        methods = [(m, "") for m in GRPC_OPEN] + [(m, keyed) for m in GRPC_KEYED]
-        if o.allow_shared_memory:
-            methods += [(m, keyed) for m in GRPC_SHARED_MEMORY]
-        for method, check in methods:
-            out.append(f"    location = /{GRPC_SERVICE}/{method} {{ {check} {grpc_pass} }}")
-        out += ["    location / { return 403; }", "}"]
-        return out
-
-    def _metrics_server(self) -> list[str]:
-        return [
-            "server {",
-            f"    listen {host_port(self.host, self.listen['metrics'])};",
-            f"    limit_conn step37_inflight {self.options.max_connections};",
-            '    location = /metrics { if ($request_method !~ "^(GET|HEAD)$") { return 405; } '
-            "proxy_pass http://step37_triton_metrics; }",
-            "    location / { return 403; }",
-            "}",
-        ]
-
-    def _tls_lines(self) -> list[str]:
-        if not self.options.tls:
-            return []
-        cert, key = self.options.tls
-        return [
-            f"    ssl_certificate {_quote(str(cert))};",
-            f"    ssl_certificate_key {_quote(str(key))};",
-            "    ssl_protocols TLSv1.2 TLSv1.3;",
-        ]
-
     def config_text(self) -> str:
         """The whole nginx.conf (holds the API key when there is one: write it 0600)."""
-        o, d = self.options, self.folder
-        idle = max(1, round(o.idle_timeout_s))
-        lines = [
-            "# Written by step37-deploy serve for this run only; regenerated at every start.",
-            "daemon off;",
-            "master_process on;",
-            "worker_processes 1;",  # one worker: the connection and in-flight bounds are exact
-            f"worker_rlimit_nofile {o.open_files};",
-            f"worker_shutdown_timeout {o.shutdown_timeout_s}s;",
-            f"pid {_quote(str(d / 'nginx.pid'))};",
-            "error_log stderr warn;",
-            _user_line(),
-            f"events {{ worker_connections {o.worker_connections}; }}",
-            "http {",
-            "    access_log off;",
-            "    server_tokens off;",
-            "    default_type application/octet-stream;",
-            *(f"    {what}_temp_path {_quote(str(d / what))};" for what in ("client_body", "proxy", "fastcgi")),
-            *(f"    {what}_temp_path {_quote(str(d / what))};" for what in ("uwsgi", "scgi")),
-            f"    client_max_body_size {max(1, round(o.max_body_mb * 2**20))};",
-            "    client_body_buffer_size 1m;",
-            f"    client_header_timeout {idle}s;",
-            f"    client_body_timeout {idle}s;",
-            f"    send_timeout {idle}s;",
-            f"    keepalive_timeout {idle}s;",
-            "    limit_conn_zone $server_port zone=step37_inflight:1m;",
-            "    limit_conn_status 503;",
-            "    limit_conn_log_level warn;",
-            "    proxy_http_version 1.1;",
-            "    proxy_connect_timeout 5s;",
-            f"    proxy_read_timeout {UPSTREAM_TIMEOUT_S}s;",
-            f"    proxy_send_timeout {UPSTREAM_TIMEOUT_S}s;",
-            "    grpc_connect_timeout 5s;",
-            f"    grpc_read_timeout {UPSTREAM_TIMEOUT_S}s;",
-            f"    grpc_send_timeout {UPSTREAM_TIMEOUT_S}s;",
-        ]
-        if o.api_key is not None:
-            header = API_KEY_HEADER.replace("-", "_")
-            bucket = 1 << (len(o.api_key) + 32).bit_length()  # a map's key must fit one hash bucket
-            lines.append(f"    map_hash_bucket_size {max(64, bucket)};")
-            lines.append(f"    map $http_{header} $step37_key_ok {{ default 0; {_quote(o.api_key)} 1; }}")
-        for name in ("http", "grpc", "metrics"):
-            keep = "" if name == "metrics" else " keepalive 32;"
-            lines.append(f"    upstream step37_triton_{name} {{ server 127.0.0.1:{self.upstream[name]};{keep} }}")
-        for server in (self._http_server(), self._grpc_server(), self._metrics_server()):
-            lines += ["    " + line for line in server]
-        lines.append("}")
-        return "\n".join(line for line in lines if line.strip()) + "\n"
+        return NginxConfig(self.options, self.host, self.listen, self.upstream).text()
 
     def write_config(self) -> Path:
-        for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        for sub in ("", *TEMP_FOLDERS):
             (self.folder / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.options.tls:  # links, so that the config never holds the user's paths
+            for link, target in zip(TLS_LINKS, self.options.tls, strict=True):
+                path = self.folder / link
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                path.unlink(missing_ok=True)
+                path.symlink_to(Path(target).resolve())
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(self.config_text())
@@ -372,12 +178,20 @@ class Gateway:
             ", ".join(f"{k} {v}" for k, v in self.listen.items()),
             ", ".join(f"{k} {v}" for k, v in self.upstream.items()),
         )
-        self.proc = subprocess.Popen(
-            self.command(), cwd=self.folder, start_new_session=True, preexec_fn=die_with_parent
-        )
+        relay = self.log_relay = GatewayLog()  # nginx's stderr: escaped, cut, rate-limited into serve's log
+        try:
+            self.proc = subprocess.Popen(
+                self.command(), cwd=self.folder, stderr=relay.write_fd, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
+        except OSError:
+            relay.close()
+            raise
+        relay.start()
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.proc.poll() is not None:
+                relay.join()
                 raise BackendUnavailable(
                     f"the gateway (nginx) exited with status {self.proc.returncode} at start "
                     "(its message above says why)"
@@ -393,8 +207,9 @@ class Gateway:
         need = self.options.open_files
         if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and need > hard:
             raise ConfigError(
-                f"--max-connections {self.options.max_connections} needs {need} open files, and the hard limit here "
-                f"is {hard} (ulimit -Hn): lower --max-connections or raise the limit"
+                f"the gateway needs {need} open files per nginx worker (its connection budget, at least "
+                f"{MIN_WORKER_CONNECTIONS} connections, more with --max-connections {self.options.max_connections}), "
+                f"and the hard limit here is {hard} (ulimit -Hn): raise the limit, or lower --max-connections"
             )
 
     def ready(self) -> bool:
@@ -433,4 +248,6 @@ class Gateway:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.log_relay is not None:
+            self.log_relay.join()
         return self.proc.returncode

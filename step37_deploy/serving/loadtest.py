@@ -32,6 +32,7 @@ Modules: this one holds the options, the steps of :func:`run_loadtest` and the r
 from __future__ import annotations
 
 import logging
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ from ..errors import InputError, ServerError
 from ..files import write_json
 from ..preprocess import encode_png
 from ..runtime import EmbeddingCache, ImageEmbedding, VisionEmbedder
-from .auth import read_optional_api_key
+from .auth import API_KEY_HEADER, read_optional_api_key
 from .client import EmbedClient, image_bytes
 from .contract import EMBEDDER_MODEL, TOWER_MODELS
 from .drivers import Outcome, drive, drive_open_loop, mismatch
@@ -247,14 +248,18 @@ def _add(total: list[Any], result: tuple[list[Outcome], int, float]) -> None:
 class _ServerProbe:
     """Reads the server's metrics endpoint and statistics API around a run."""
 
-    def __init__(self, client: EmbedClient, metrics_url: str) -> None:
+    def __init__(self, client: EmbedClient, metrics_url: str, api_key: str | None = None) -> None:
         self.client, self.metrics_url = client, metrics_url
         self._warned = self._warned_stats = False
+        # serve's gateway gives the metrics port the same TLS and key as the API.
+        self._headers = {API_KEY_HEADER: api_key} if api_key else {}
+        self._context = ssl.create_default_context(cafile=client.root_certificates) if client.tls else None
 
     def metrics(self) -> dict[tuple[str, str], float] | None:
-        url = f"http://{self.metrics_url}/metrics"
+        url = f"{'https' if self._context else 'http'}://{self.metrics_url}/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
+            request = urllib.request.Request(url, headers=self._headers)
+            with urllib.request.urlopen(request, timeout=10, context=self._context) as resp:
                 return parse_metrics(resp.read().decode())
         except (urllib.error.URLError, OSError, ValueError) as exc:
             if not self._warned:
@@ -426,7 +431,9 @@ def run_loadtest(opts: LoadtestOptions, progress: bool = True) -> LoadtestReport
     try:
         if not client.is_ready():
             raise InputError(f"--server {opts.url}: no ready {EMBEDDER_MODEL} there over {opts.protocol}")
-        probe = _ServerProbe(client, opts.metrics_url or _default_metrics_url(opts.url))
+        probe = _ServerProbe(
+            client, opts.metrics_url or _default_metrics_url(opts.url), read_optional_api_key(opts.api_key_file)
+        )
         warm_up(opts, client, embedder)
         for rate in opts.rates:
             report.runs.append(open_loop_run(opts, client, probe, payloads, references, rate, progress))
