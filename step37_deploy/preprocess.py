@@ -95,20 +95,36 @@ class PreprocessConfig:
     def patch_tokens(self) -> int:
         return (self.patch_size // (self.vision_patch * DOWNSAMPLE_STRIDE)) ** 2
 
+    @property
+    def max_crops(self) -> int:
+        """The most crops the crop rule gives an image it does not pad: a ``PAD_BELOW`` px wide strip
+        as long as ``max_image_size`` (95 at the defaults).  Only images that the downscale step
+        thins below ``PAD_BELOW`` px (e.g. 100x20000 -> 15x3024: 202 crops of 15 px) get more;
+        :func:`check_image_size` refuses those."""
+        return plan_patches(PAD_BELOW, self.max_image_size, self).num_crops
 
+
+#: The crop rule zero-pads an image to a square when its short side is under this (and its aspect > 4).
+PAD_BELOW = 32
 DEFAULT_PREPROCESS = PreprocessConfig()
 
 
 def plan_patches(width: int, height: int, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> PatchPlan:
     if width <= 0 or height <= 0:
         raise InputError(f"image has zero size ({width}x{height})")
-    square_pad = min(width, height) < 32 and max(width / height, height / width) > 4
+    w0, h0 = width, height
+    square_pad = min(width, height) < PAD_BELOW and max(width / height, height / width) > 4
     if square_pad:
         width = height = max(width, height)
     if max(width, height) > cfg.max_image_size:
         scale = cfg.max_image_size / max(width, height)
         width, height = int(width * scale), int(height * scale)
     short, long = min(width, height), max(width, height)
+    if short < 1:  # the crop rule has no view of it (upstream divides by zero here)
+        raise InputError(
+            f"image {w0}x{h0} has aspect ratio {max(w0, h0) / min(w0, h0):.0f}:1: scaled to a long side of "
+            f"{cfg.max_image_size} its short side is 0 px, which the crop rule cannot use"
+        )
     if long <= cfg.image_size:
         window = short if long / short > 1.5 else 0
     elif long / short > 4:
@@ -125,10 +141,60 @@ def plan_patches(width: int, height: int, cfg: PreprocessConfig = DEFAULT_PREPRO
     return PatchPlan((width, height), (cw, ch), window, max(1, cw // window), max(1, ch // window), square_pad)
 
 
+def check_image_size(
+    width: int, height: int, cfg: PreprocessConfig = DEFAULT_PREPROCESS, name: str = "image"
+) -> PatchPlan:
+    """The crop plan of a ``width`` x ``height`` image, or :class:`InputError` (one line naming
+    ``name`` and the numbers) for an image the crop rule cannot use or whose views would take more
+    memory than an image at the pixel limit.  Called with the header's size, before any pixel is
+    decoded, by :func:`preprocess` (so ``embed``, the service's embedder model and corpus jobs all
+    apply the same rule), and again on decoded arrays and PIL images.
+
+    Why these bounds, from the rule (see the module docstring):
+
+    * ``width x height <= max_pixels``: the decompression-bomb limit on the decoded image.
+    * The square pad: an image under ``PAD_BELOW`` px on its short side with aspect > 4 is
+      zero-padded to a ``long x long`` square *before* it is scaled down, so a 70 KB 1x20000 PNG
+      becomes a 400 M pixel (1.2 GB) image.  The padded square must fit ``max_pixels`` too, so no
+      image takes more memory than one at the pixel limit.
+    * The downscale: a long side over ``max_image_size`` is scaled to it, truncating the short side;
+      where that gives 0 px (40x2000000) there is no view to cut (:func:`plan_patches` refuses it).
+    * The crop count: a thin image the downscale leaves under ``PAD_BELOW`` px is cut into tiles as
+      wide as it is (100x20000 -> 202 tiles of 15 px, each resized to the patch size).  Nothing the
+      rule pads gets more than :attr:`PreprocessConfig.max_crops` crops, so neither may this; with
+      it the views of one image are bounded (95 crops x 3 x 504 x 504, FP32: 290 MB at most)."""
+    if width <= 0 or height <= 0:
+        raise InputError(f"image {name} has zero size ({width}x{height})")
+    pixels = width * height
+    if pixels > cfg.max_pixels:
+        raise InputError(
+            f"image {name} is {width}x{height} = {pixels} pixels, over the limit of {cfg.max_pixels} "
+            "(a decompression bomb, or raise PreprocessConfig.max_pixels)"
+        )
+    side = max(width, height)
+    if min(width, height) < PAD_BELOW and side > 4 * min(width, height) and side * side > cfg.max_pixels:
+        raise InputError(
+            f"image {name} is {width}x{height} (aspect {side / min(width, height):.0f}:1): the crop rule pads it to "
+            f"a {side}x{side} square = {side * side} pixels, over the limit of {cfg.max_pixels}"
+        )
+    try:
+        plan = plan_patches(width, height, cfg)
+    except InputError as exc:
+        if name == "image":
+            raise
+        raise InputError(f"{name}: {exc}") from None
+    if plan.num_crops > cfg.max_crops:
+        raise InputError(
+            f"image {name} is {width}x{height} (aspect {side / min(width, height):.0f}:1): the crop rule cuts it "
+            f"into {plan.num_crops} crops of {plan.window} px, over the limit of {cfg.max_crops}"
+        )
+    return plan
+
+
 # -- image loading ------------------------------------------------------------------------------------
 
 
-def to_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Any:
+def to_rgb(image: Any, max_pixels: int = MAX_PIXELS, cfg: PreprocessConfig | None = None) -> Any:
     """A PIL RGB image from a path, bytes, PIL image or uint8 array, converted like the reference:
     transparency (alpha band, or a palette/LA/PA ``transparency`` entry) is composited onto white;
     grayscale, palette, CMYK and the rest go through Pillow's ``convert("RGB")``.
@@ -136,7 +202,9 @@ def to_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Any:
     Files and bytes are read like ``transformers.image_utils.load_image``: the EXIF orientation is
     applied (``ImageOps.exif_transpose``), so a portrait photo stored sideways is planned and cut
     upright.  Images over ``max_pixels`` are refused before decoding (:class:`InputError` with
-    both numbers).  Animated images (GIF, APNG, WebP) give their first frame, with a log line.
+    both numbers); with ``cfg`` (whose ``max_pixels`` then applies) every bound of
+    :func:`check_image_size` is checked on the header.  Animated images (GIF, APNG, WebP) give
+    their first frame, with a log line.
 
     Where this deliberately differs from the reference: 16-bit images (Pillow modes ``I;16*`` and
     ``I``, e.g. 16-bit grayscale PNGs) are scaled to 8 bits (``v * 255 / 65535``, rounded).
@@ -146,7 +214,7 @@ def to_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Any:
     from PIL import Image
 
     if isinstance(image, (str, Path, bytes)):
-        image = _open_image(image, max_pixels)
+        image = _open_image(image, max_pixels, cfg)
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
@@ -167,19 +235,20 @@ def to_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Any:
         raise InputError(f"image of mode {image.mode} cannot be converted to RGB: {exc}") from None
 
 
-def _open_image(src: str | Path | bytes, max_pixels: int) -> Any:
-    """Decode a file or bytes: size checked before the pixels are decoded, EXIF orientation
-    applied, first frame of an animation."""
+def _open_image(src: str | Path | bytes, max_pixels: int, cfg: PreprocessConfig | None = None) -> Any:
+    """Decode a file or bytes: size checked before the pixels are decoded (with ``cfg``: every
+    bound of :func:`check_image_size`), EXIF orientation applied, first frame of an animation."""
     from PIL import Image, ImageOps
 
     name = "<bytes>" if isinstance(src, bytes) else str(src)
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            pixels = im.width * im.height
-            if pixels > max_pixels:
+            if cfg is not None:
+                check_image_size(im.width, im.height, cfg, name)
+            elif im.width * im.height > max_pixels:
                 raise InputError(
-                    f"image {name} is {im.width}x{im.height} = {pixels} pixels, over the limit of {max_pixels} "
-                    "(a decompression bomb, or raise PreprocessConfig.max_pixels)"
+                    f"image {name} is {im.width}x{im.height} = {im.width * im.height} pixels, over the limit of "
+                    f"{max_pixels} (a decompression bomb, or raise PreprocessConfig.max_pixels)"
                 )
             if getattr(im, "is_animated", False):  # checks for a 2nd frame; n_frames would scan them all
                 log.info("image %s is animated: using its first frame only", name)
@@ -406,8 +475,8 @@ def preprocess(
     that normalise in the graph; ``"float32"``/``"float16"`` the CLIP-normalised views."""
     if pixel_dtype not in PIXEL_DTYPES:
         raise InputError(f"pixel_dtype must be one of {list(PIXEL_DTYPES)}, got {pixel_dtype!r}")
-    im = to_rgb(image, cfg.max_pixels)
-    plan = plan_patches(im.width, im.height, cfg)
+    im = to_rgb(image, cfg.max_pixels, cfg)  # files and bytes: the bounds checked on the header
+    plan = check_image_size(im.width, im.height, cfg)  # arrays and PIL images: checked here
     im = _pad_square(im) if plan.square_pad else im
     wide = _shared_pass(im, plan)
     dtype = None if pixel_dtype == "uint8" else pixel_dtype

@@ -653,3 +653,67 @@ def test_outputs_on_a_read_only_file_system(command, read_only_dir, tiny_fp32, e
     }[command]
     code, err = run_cli(argv, capsys, tiny_fp32, onnx504.parent)
     one_line_error(code, err, ro, "not writable")
+
+
+# -- extreme aspect ratios under the pixel cap (issue 22, item 17) ------------------------------------
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG of any size that is only its header (no pixel data): refusing it with anything but
+    "cannot read image" proves the refusal came from the header, before any decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+EXTREME = [
+    ((1, 20000), "pads it to a 20000x20000 square"),  # 70 KB as a PNG, 1.2 GB once padded
+    ((1, 89_000_000), "pads it to a 89000000x89000000 square"),  # was a MemoryError
+    ((40, 2_000_000), "short side is 0 px"),  # was a ZeroDivisionError
+    ((20000, 100), "202 crops of 15 px, over the limit of 95"),  # thinned under 32 px by the downscale
+]
+
+
+@pytest.mark.parametrize(("size", "words"), EXTREME, ids=[f"{w}x{h}" for (w, h), _ in EXTREME])
+def test_extreme_aspect_is_refused_from_the_header_in_one_line(size, words):
+    from step37_deploy.errors import InputError
+    from step37_deploy.preprocess import check_image_size, preprocess
+
+    with pytest.raises(InputError, match=words):
+        check_image_size(*size, name="x.png")
+    with pytest.raises(InputError) as err:
+        preprocess(header_only_png(*size))  # the service's and the corpus job's entry point
+    msg = str(err.value)
+    assert words in msg and "<bytes>" in msg and f"{size[0]}x{size[1]}" in msg and "\n" not in msg, msg
+
+
+def test_the_bounds_follow_the_crop_rule():
+    from PIL import Image
+
+    from step37_deploy.errors import InputError
+    from step37_deploy.preprocess import DEFAULT_PREPROCESS, PreprocessConfig, check_image_size, preprocess
+
+    cfg = DEFAULT_PREPROCESS
+    assert cfg.max_crops == 95  # a 32 px strip 3024 long: the most crops of any image the rule does not pad
+    assert check_image_size(32, 3024).num_crops == 95 and check_image_size(3024, 3024).num_crops == 36
+    assert check_image_size(1, 9000).square_pad  # padded to 81 M pixels: under the 89 M pixel cap
+    with pytest.raises(InputError, match="square"):
+        check_image_size(1, 9000, PreprocessConfig(max_pixels=80_000_000))
+    with pytest.raises(InputError, match="crop rule pads it"):  # decoded images: checked before the pad
+        preprocess(Image.new("RGB", (1, 20000)))
+    with pytest.raises(InputError, match="0 px"):
+        check_image_size(2_000_000, 40)
+
+
+def test_embed_refuses_an_extreme_aspect_in_one_line(tiny_fp32, exported, tmp_path, capsys):
+    from PIL import Image
+
+    path = tmp_path / "img" / "strip.png"
+    path.parent.mkdir()
+    Image.new("L", (1, 20000), 128).save(path)
+    out = tmp_path / "feats.npy"
+    code, err = run_cli(_embed(tiny_fp32, exported, str(out), path), capsys, tmp_path, tiny_fp32)
+    one_line_error(code, err, str(path), "1x20000", "crop rule pads it")

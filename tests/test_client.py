@@ -1,7 +1,11 @@
 """``EmbedClient``: what it sends and how it reads answers (no server), then over gRPC and HTTP
 against ``serve`` on the tiny checkpoint."""
 
+import contextlib
 import io
+import socket
+import ssl
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ from PIL import Image
 from step37_deploy.config import TokenIds
 from step37_deploy.errors import InputError, ServerError
 from step37_deploy.preprocess import image_layout, preprocess, to_rgb
-from step37_deploy.serving.client import EmbedClient, embedding_from_outputs, image_bytes
+from step37_deploy.serving.client import EmbedClient, RetryBudget, classify, embedding_from_outputs, image_bytes
 
 from .preprocess_cases import synthetic_image
 
@@ -72,6 +76,125 @@ def test_bad_arguments_and_no_server():
             assert client.is_ready() is False
             with pytest.raises(ServerError, match=f"{protocol}://127.0.0.1:{port}"):
                 client.embed(synthetic_image(32, 32))
+
+
+# -- what is retried (issue 22 item 9) ---------------------------------------------------------------
+
+
+def _grpc_error(message: str, status: str = "StatusCode.UNAVAILABLE"):
+    from tritonclient.utils import InferenceServerException
+
+    return InferenceServerException(msg=message, status=status)
+
+
+CLASSIFIED = [
+    (ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate"), "tls", False),
+    (socket.gaierror(-2, "Name or service not known"), "dns", False),
+    (ConnectionRefusedError(111, "Connection refused"), "connection", True),
+    (ConnectionResetError(104, "Connection reset by peer"), "connection", True),
+    (TimeoutError("timed out"), "timeout", False),
+    (_grpc_error("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: Ssl handshake "
+                 "failed: SSL_ERROR_SSL: error:1000007d:SSL routines:CERTIFICATE_VERIFY_FAILED"), "tls", False),
+    (_grpc_error("DNS resolution failed for nosuch.invalid:8001: C-ares status is not ARES_SUCCESS"), "dns", False),
+    (_grpc_error("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: Connection refused"),
+     "connection", True),
+    (_grpc_error("Socket closed"), "connection", True),
+    (_grpc_error("Exceeds maximum queue size"), "StatusCode.UNAVAILABLE", True),
+    (_grpc_error("cannot read image", "StatusCode.INVALID_ARGUMENT"), "StatusCode.INVALID_ARGUMENT", False),
+    (_grpc_error("Service Unavailable", "503"), "503", True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("exc", "status", "retryable"), CLASSIFIED, ids=lambda v: str(v)[:40])
+def test_errors_are_classified_by_what_a_retry_can_fix(exc, status, retryable):
+    assert classify(exc) == (status, retryable)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_an_untrusted_certificate_is_tried_once(protocol, tmp_path):
+    """A loopback TLS server whose self-signed certificate the client does not trust: one try, a
+    "tls" error at once, not retries until the deadline (the old client retried every OSError)."""
+    import subprocess
+    import threading
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with contextlib.suppress(OSError), ctx.wrap_socket(conn, server_side=True):
+                pass  # the client refuses the handshake
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = EmbedClient(f"127.0.0.1:{listener.getsockname()[1]}", protocol, timeout=4.0, tls=True)
+        tries = []
+        once = client._embed_once
+
+        def counted(*args, **kwargs):
+            tries.append(1)
+            return once(*args, **kwargs)
+
+        client._embed_once = counted
+        with client, pytest.raises(ServerError, match="tls failure") as err:
+            client.embed(b"x")
+        assert err.value.status == "tls" and not err.value.retryable
+        assert len(tries) == 1 and client.retries == 0
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_the_retry_budget_bounds_retries_across_requests(monkeypatch):
+    """Each request adds 0.2 tokens, each retry takes one: under a lasting overload the client sends
+    at most 10 + 20 % extra tries, not (deadline / backoff) per request."""
+    client = EmbedClient("127.0.0.1:1", "grpc", timeout=30.0, retry_budget=RetryBudget(0.2, 2, 10))
+    tries = []
+
+    def busy(data, left_s, **_request):
+        tries.append(1)
+        raise ServerError("Exceeds maximum queue size", "StatusCode.UNAVAILABLE", retryable=True)
+
+    monkeypatch.setattr(client, "_embed_once", busy)
+    monkeypatch.setattr("step37_deploy.serving.client.backoff_s", lambda attempt: 0.0)
+    for _ in range(10):
+        with pytest.raises(ServerError, match="maximum queue size"):
+            client.embed(b"x")
+    assert client.retries == len(tries) - 10 <= 2 + 10 * 0.2 + 1e-9
+    with pytest.raises(ServerError, match="retry budget"):
+        client.embed(b"x")
+    with pytest.raises(InputError, match="retry budget"):
+        RetryBudget(-1)
+
+
+def test_the_http_deadline_is_each_calls(monkeypatch):
+    """A server that accepts and never answers: the HTTP call ends at the request's deadline (the
+    old client waited for the connection's fixed network timeout, here 60 s)."""
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers
+    try:
+        client = EmbedClient(f"127.0.0.1:{listener.getsockname()[1]}", "http", timeout=60.0)
+        t0 = time.monotonic()
+        with client, pytest.raises(ServerError, match="no answer within") as err:
+            client.embed(synthetic_image(32, 32), deadline=1.0)
+        assert err.value.status == "timeout" and time.monotonic() - t0 < 30  # not the 60 s network timeout
+    finally:
+        listener.close()
 
 
 # -- against `serve` (the session's tiny_server: ONNX FP32 towers on the tiny checkpoint) ---------------
@@ -137,3 +260,15 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_an_extreme_aspect_is_the_clients_error_from_the_server(tiny_server):
+    """1x20000 (issue 22 item 17): refused from the header as INVALID_ARG, never retried, and the
+    server keeps serving."""
+    strip = io.BytesIO()
+    Image.new("L", (1, 20000), 128).save(strip, format="PNG")
+    with EmbedClient(tiny_server.grpc_url, "grpc") as client:
+        with pytest.raises(ServerError, match="crop rule pads it") as err:
+            client.embed(strip.getvalue())
+        assert err.value.status == "StatusCode.INVALID_ARGUMENT" and client.retries == 0
+        assert client.embed(synthetic_image(40, 40)).features.shape[0] == 169

@@ -324,3 +324,38 @@ def test_open_loop_sends_on_schedule_and_counts_goodput_refusals_and_deadlines()
     opts = lt.LoadtestOptions(url="127.0.0.1:1", images=["a.png"], checkpoint="ckpt", rates=[40.0])
     report = lt.LoadtestReport(opts, [], [lt.Run(0, m, {}, None)])
     assert not report.ok and "goodput 19.00/s, refused 10, deadline exceeded 10" in report.table()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_open_loop_fails_when_the_server_dies_mid_run(protocol):
+    """Issue 22 item 10: 20 requests/s for 1 s; the first half answered or refused with UNAVAILABLE
+    by a live server, then the server is gone (a loopback port nobody listens on, through the real
+    client): those connection errors are failures, not expected refusals, and the run is not ok."""
+    import socket
+
+    from step37_deploy.serving.client import EmbedClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed: connections are refused, as after the server was killed
+    refs = [_emb(4, i) for i in range(2)]
+    payloads = [bytes([i]) for i in range(2)]
+    n = itertools.count()
+    client = EmbedClient(f"127.0.0.1:{dead}", protocol, retry=False)
+
+    def call(data: bytes, left_s: float) -> ImageEmbedding:
+        i = next(n)
+        if i >= 10:
+            return client.embed(data, deadline=left_s)
+        if i % 2:
+            raise ServerError("Exceeds maximum queue size", "StatusCode.UNAVAILABLE", retryable=True)
+        return refs[data[0]]
+
+    with client:
+        out, sent, wall, late = lt.drive_open_loop(call, payloads, refs, 20.0, 1.0, 2.0, 1e-3, "t", False)
+    m = lt.measure_open_loop(out, sent, wall, late, 20.0, 2.0, 1.0)
+    gone = [o.error for o in out if o.error and o.kind is None]
+    assert sent == 20 and m.refused == 5 and len(gone) == 10 and m.failed == 10, (m, gone[:1])
+    assert all("connection failure" in e for e in gone), gone[:1]
+    opts = lt.LoadtestOptions(url=f"127.0.0.1:{dead}", images=["a.png"], checkpoint="ckpt", rates=[20.0])
+    assert not lt.LoadtestReport(opts, [], [lt.Run(0, m, {}, None)]).ok

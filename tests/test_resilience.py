@@ -163,6 +163,88 @@ def test_client_retries_unavailable_with_backoff_within_its_deadline_never_inval
         EmbedClient("127.0.0.1:1", "grpc", retry=False).embed(b"x")  # a refused connection, final at once
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_retry_false_sends_one_try_where_retry_true_sends_more(protocol):
+    """Issue 22 item 11: a refused connection (a real loopback port nobody listens on) is retried
+    with ``retry=True`` within the deadline, tried exactly once with ``retry=False``: tries counted."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{s.getsockname()[1]}"
+    tries = {}
+    for retry in (False, True):
+        client = EmbedClient(url, protocol, timeout=1.5, retry=retry)
+        once, count = client._embed_once, []
+
+        def counted(*args, _once=once, _count=count, **kwargs):
+            _count.append(1)
+            return _once(*args, **kwargs)
+
+        client._embed_once = counted
+        with client, pytest.raises(ServerError, match="connection failure") as err:
+            client.embed(b"x")
+        assert err.value.retryable  # worth retrying: only retry=False made it final
+        tries[retry] = (len(count), client.retries)
+    assert tries[False] == (1, 0) and tries[True][0] > 1 and tries[True][1] == tries[True][0] - 1, tries
+
+
+class _FakeTritonError(Exception):
+    INTERNAL, INVALID_ARG, UNAVAILABLE, CANCELLED = range(4)
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+
+@pytest.fixture
+def embedder_module(monkeypatch):
+    """The embedder model's module with a stand-in for the Python backend's ``pb_utils`` (its
+    ``TritonError`` has codes and ``code()``, as Triton 2.51's does)."""
+    import importlib
+    import types
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.TritonError = _FakeTritonError
+    fake.InferenceResponse = lambda output_tensors=None, error=None: types.SimpleNamespace(error=error)
+    fake.Logger = types.SimpleNamespace(log_error=lambda m: None, log_info=lambda m: None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    name = "step37_deploy.serving.triton_models.embedder"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    yield importlib.import_module(name)
+    sys.modules.pop(name, None)  # no module bound to the stand-in outlives the test
+
+
+def test_embedder_answers_user_errors_invalid_arg_and_its_own_faults_internal(embedder_module):
+    """Issue 22 item 9: only an InputError is the client's mistake; an EngineError (a server fault,
+    also a Step37Error) is INTERNAL, and a tower's busy answer is told by its UNAVAILABLE code."""
+    import asyncio
+
+    from step37_deploy.errors import EngineError, InputError
+
+    E = _FakeTritonError
+    model = object.__new__(embedder_module.TritonPythonModel)
+    model.logger = sys.modules["triton_python_backend_utils"].Logger
+    raised = iter([InputError("image x.png is 1x20000"), EngineError("engine x.plan: device lost")])
+
+    async def embed(request):
+        raise next(raised)
+
+    model._embed = embed
+    answers = asyncio.run(model.execute([object(), object()]))
+    assert [a.error.code() for a in answers] == [E.INVALID_ARG, E.INTERNAL]
+    assert "1x20000" in answers[0].error.message() and "device lost" in answers[1].error.message()
+    busy = embedder_module._tower_busy
+    assert busy(E("Exceeds maximum queue size", E.UNAVAILABLE)) and busy(E("any words", E.UNAVAILABLE))
+    assert not busy(E("model said: Exceeds maximum queue size", E.INTERNAL))  # the code decides, not the text
+
+
 def test_backoff_is_exponential_with_full_jitter():
     from step37_deploy.serving.client import backoff_s
 

@@ -9,11 +9,14 @@ it).  Every failure, from a refused connection to the server's own error respons
 
 Overload and outages are retried, bad requests never: ``embed`` gives each request one overall
 deadline (``timeout``, or the ``deadline`` it is given) and sends the time left with every try,
-both as gRPC's deadline (Triton cancels a request whose client gave up) and as the request's
-``timeout`` parameter (Triton refuses it with UNAVAILABLE once it has waited that long in a queue,
-instead of computing an answer nobody waits for).  UNAVAILABLE (a full queue, a stopping server,
-HTTP 502/503/504) and connection errors are tried again after an exponential backoff with full
-jitter (:func:`backoff_s`) while the deadline allows; INVALID_ARG and every other answer are final.
+as gRPC's deadline (Triton cancels a request whose client gave up), as the HTTP call's own limit
+(a ``gevent.Timeout``: the HTTP client's socket timeouts are fixed when it connects), and as the
+request's ``timeout`` parameter (Triton refuses it with UNAVAILABLE once it has waited that long
+in a queue, instead of computing an answer nobody waits for).  UNAVAILABLE (a full queue, a
+stopping server, HTTP 502/503/504) and lost connections are tried again after an exponential
+backoff with full jitter (:func:`backoff_s`) while the deadline and the client's
+:class:`RetryBudget` allow; INVALID_ARG, a certificate the client does not trust, a host name that
+does not resolve, and every other answer are final (:func:`classify`).
 
 Each thread gets its own ``tritonclient`` connection (the HTTP client is gevent-based and must not
 be shared across threads), so one :class:`EmbedClient` may be used from many threads;
@@ -25,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -52,6 +57,23 @@ from .contract import (
 _FEATURES, _TOKEN_IDS, _NUM_CROPS = EMBEDDER_OUTPUTS
 #: Statuses worth another try: the server is overloaded, stopping, or not there (yet).
 RETRYABLE_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "502", "503", "504"})
+#: The server's own overload answers (Triton's UNAVAILABLE, a gateway's 503): a live server refused.
+OVERLOAD_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503"})
+#: gRPC reports transport failures as UNAVAILABLE too; its text (the status message or the core's
+#: debug string) tells them from a server's answer.  Certificate and name failures are final.
+_GRPC_TLS = ("ssl", "handshake", "certificate", "tls")
+_GRPC_DNS = ("dns resolution failed", "name or service not known", "could not resolve")
+_GRPC_TRANSPORT = (
+    "failed to connect",
+    "connection refused",
+    "connection reset",
+    "socket closed",
+    "broken pipe",
+    "endpoint closing",
+    "goaway",
+    "settings frame",
+    "connections to all backends failing",
+)
 #: First backoff and its cap, seconds (each retry doubles the cap of the random wait).
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -61,6 +83,69 @@ def backoff_s(attempt: int, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKO
     """Wait before retry number ``attempt`` (0 = the first): uniform in [0, min(cap, base * 2^attempt)]
     ("full jitter"), so that clients refused together do not come back together."""
     return random.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+
+
+def classify(exc: BaseException) -> tuple[str | None, bool]:
+    """``(status, retryable)`` of a failed call.
+
+    Server answers keep their protocol status (retryable when :data:`RETRYABLE_STATUSES`); a gRPC
+    UNAVAILABLE that never reached a server is ``"connection"`` (retryable), ``"tls"`` or ``"dns"``
+    (final: trying again cannot fix a certificate or a name).  Python exceptions (the HTTP client):
+    ``ssl.SSLError`` -> ``"tls"``, ``socket.gaierror`` -> ``"dns"``, a timeout -> ``"timeout"``
+    (the deadline is spent), any other ``OSError`` (refused, reset) -> ``"connection"``."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, InferenceServerException):
+        status = str(exc.status()) if exc.status() is not None else None
+        if status == "StatusCode.UNAVAILABLE":
+            text = f"{exc.message()} {exc.debug_details() or ''}".lower()
+            if any(m in text for m in _GRPC_DNS):
+                return "dns", False
+            if any(m in text for m in _GRPC_TLS):
+                return "tls", False
+            if any(m in text for m in _GRPC_TRANSPORT):
+                return "connection", True
+        return status, status in RETRYABLE_STATUSES
+    if isinstance(exc, ssl.SSLError):  # SSLCertVerificationError included
+        return "tls", False
+    if isinstance(exc, socket.gaierror):
+        return "dns", False
+    if isinstance(exc, TimeoutError) or type(exc).__name__ == "Timeout":  # gevent.Timeout: the deadline
+        return "timeout", False
+    if isinstance(exc, OSError):
+        return "connection", True
+    return None, False
+
+
+class RetryBudget:
+    """Retries allowed as a share of requests, so retries cannot multiply an overload.
+
+    A token bucket shared by a client's threads: every request adds ``ratio`` tokens (up to
+    ``max_tokens``), every retry takes one; with less than one token a retryable failure is final.
+    It starts with ``min_tokens`` so an idle client may still retry a few failures (gRPC's retry
+    throttling and Finagle's RetryBudget work the same way)."""
+
+    def __init__(self, ratio: float = 0.2, min_tokens: float = 10.0, max_tokens: float = 100.0) -> None:
+        if ratio < 0 or min_tokens < 0 or max_tokens < min_tokens:
+            raise InputError(
+                f"retry budget needs ratio >= 0 and 0 <= min_tokens <= max_tokens, got {ratio}, "
+                f"{min_tokens}, {max_tokens}"
+            )
+        self.ratio, self.max_tokens = ratio, max_tokens
+        self.tokens = min_tokens
+        self._lock = threading.Lock()
+
+    def deposit(self) -> None:
+        with self._lock:
+            self.tokens = min(self.max_tokens, self.tokens + self.ratio)
+
+    def withdraw(self) -> bool:
+        """Take a retry's token; False when the budget is spent."""
+        with self._lock:
+            if self.tokens < 1.0:
+                return False
+            self.tokens -= 1.0
+            return True
 
 
 def image_bytes(image: Any) -> bytes:
@@ -146,7 +231,8 @@ class EmbedClient:
     ``root_certificates`` (a PEM file, e.g. a self-signed server certificate) or else the default
     trust store (``serve --tls-cert``).
     ``timeout`` is each :meth:`embed`'s overall deadline in seconds, retries included;
-    ``retry=False`` makes every failure final at once.
+    ``retry=False`` makes every failure final at once; ``retry_budget`` bounds the retries of all
+    calls together (default: :class:`RetryBudget`'s, 20 % of requests plus 10).
     """
 
     def __init__(
@@ -160,6 +246,7 @@ class EmbedClient:
         tls: bool = False,
         root_certificates: str | Path | None = None,
         retry: bool = True,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -173,6 +260,7 @@ class EmbedClient:
         if self.root_certificates is not None and not Path(self.root_certificates).is_file():
             raise InputError(f"root certificates {self.root_certificates} is not a file")
         self.retry = retry
+        self.budget = retry_budget or RetryBudget()
         self.retries = 0  # tries sent again so far, all threads together
         # One connection per thread, held in a thread-local (never handed to a later thread that
         # happens to reuse a finished one's id: gevent refuses that), and listed for close().
@@ -235,22 +323,39 @@ class EmbedClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one tritonclient call, turning every failure into a ServerError with its message."""
+    def _call(self, what: str, fn: Any, *args: Any, deadline_s: float | None = None, **kwargs: Any) -> Any:
+        """Run one tritonclient call, turning every failure into a ServerError with its message
+        and :func:`classify`'s status; over HTTP, ``deadline_s`` bounds the call."""
         from tritonclient.utils import InferenceServerException
 
         try:
+            if deadline_s is not None and self.protocol == "http":
+                return self._http_within(deadline_s, fn, *args, **kwargs)
             return fn(*args, **kwargs)
-        except InferenceServerException as exc:
-            status = str(exc.status()) if exc.status() is not None else None
-            raise ServerError(
-                f"{self.protocol}://{self.url} {what}: {exc.message()}", status, status in RETRYABLE_STATUSES
-            ) from exc
-        except TimeoutError as exc:  # the HTTP client's own timeout: the deadline is spent
-            raise ServerError(f"{self.protocol}://{self.url} {what}: timed out ({exc})", "timeout") from exc
-        except OSError as exc:  # refused / reset: the server is not there (yet), worth another try
-            msg = f"{self.protocol}://{self.url} {what}: {type(exc).__name__}: {exc}"
-            raise ServerError(msg, "connection", True) from exc
+        except (InferenceServerException, OSError) as exc:
+            status, retryable = classify(exc)
+            text = exc.message() if isinstance(exc, InferenceServerException) else f"{type(exc).__name__}: {exc}"
+            if status in ("tls", "dns", "connection", "timeout"):
+                text = f"{status} failure: {text}"
+            raise ServerError(f"{self.protocol}://{self.url} {what}: {text}", status, retryable) from exc
+
+    @staticmethod
+    def _http_within(deadline_s: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn`` (a gevent-based HTTP call) stopped after ``deadline_s``: the HTTP client's socket
+        timeouts are fixed when it connects, so the request's deadline is a ``gevent.Timeout``
+        (a BaseException: the HTTP client's own retry of socket errors cannot swallow it)."""
+        import gevent
+
+        timer = gevent.Timeout(deadline_s)
+        timer.start()
+        try:
+            return fn(*args, **kwargs)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            raise TimeoutError(f"no answer within {deadline_s:.3g} s") from None
+        finally:
+            timer.close()
 
     # -- the API ------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -291,6 +396,7 @@ class EmbedClient:
             raise InputError(f"deadline must be > 0 seconds, got {budget}")
         end = time.monotonic() + budget
         attempt = 0
+        self.budget.deposit()
         while True:
             try:
                 return self._embed_once(data, end - time.monotonic(), names=names, kinds=kinds, dtype=dtype)
@@ -298,6 +404,8 @@ class EmbedClient:
                 wait = backoff_s(attempt)
                 if not (self.retry and exc.retryable) or time.monotonic() + wait >= end - 0.001:
                     raise
+                if not self.budget.withdraw():
+                    raise ServerError(f"{exc} (not retried: the client's retry budget is spent)", exc.status) from exc
             time.sleep(wait)
             attempt += 1
             with self._lock:
@@ -322,9 +430,21 @@ class EmbedClient:
         kwargs: dict[str, Any] = {"timeout": max(1, int(left_s * 1e6))}  # Triton: microseconds in queues
         if self.protocol == "grpc":
             kwargs["client_timeout"] = left_s  # gRPC deadline: Triton cancels the request when it passes
-        result = self._call(
-            f"{self.model} infer", client.infer, self.model, [inp], outputs=outs, headers=self._headers, **kwargs
-        )
+        try:
+            result = self._call(
+                f"{self.model} infer",
+                client.infer,
+                self.model,
+                [inp],
+                outputs=outs,
+                headers=self._headers,
+                deadline_s=left_s,
+                **kwargs,
+            )
+        except ServerError as exc:
+            if exc.status in ("timeout", "connection") and self.protocol == "http":
+                self.close_thread()  # a connection cut mid-answer is not reused
+            raise
         try:
             rows = {k: _answer_rows(result.as_numpy(row_output(k, dtype)), dtype) for k in kinds}
             ids = result.as_numpy(_TOKEN_IDS)

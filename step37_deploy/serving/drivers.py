@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import Step37Error
 from ..runtime import ImageEmbedding
+from .client import OVERLOAD_STATUSES
 
 
 @dataclass
@@ -75,11 +76,13 @@ def mismatch(got: ImageEmbedding, ref: ImageEmbedding, tolerance: float) -> str 
 
 
 def _error_kind(exc: Exception) -> str | None:
-    """An open-loop error's kind: the server refused it (retryable), or the deadline passed first."""
+    """An open-loop error's kind: a live server refused it (its overload answer: Triton's
+    UNAVAILABLE, a gateway's 503), or the deadline passed first.  A lost connection, a refused
+    one, a TLS or name failure is none of these: the server is gone, which fails the run."""
     status = getattr(exc, "status", None)
     if status in ("StatusCode.DEADLINE_EXCEEDED", "timeout"):
         return "deadline"
-    if getattr(exc, "retryable", False):
+    if status in OVERLOAD_STATUSES:
         return "refused"
     return None
 

@@ -103,8 +103,17 @@ class _TowerBusy(Exception):
 
 
 #: Triton's messages for a request its queue policy refused (``Exceeds maximum queue size``) or
-#: timed out (``Request timeout expired``).
+#: timed out (``Request timeout expired``): only for a backend whose errors carry no code.
 _BUSY_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
+
+
+def _tower_busy(error) -> bool:
+    """A tower's error is its queue's refusal: Triton answers both a full queue and a queue timeout
+    with UNAVAILABLE (checked by code; by Triton's messages only where ``TritonError`` has no code)."""
+    code = getattr(error, "code", None)
+    if code is not None:
+        return code() == _code("UNAVAILABLE")
+    return any(m in error.message() for m in _BUSY_MESSAGES)
 
 
 def _code(name: str):
@@ -175,9 +184,12 @@ class TritonPythonModel:
             except _TowerBusy as exc:  # a tower's queue refused the views: retryable, as Triton's own refusals
                 err = pb_utils.TritonError(str(exc), _code("UNAVAILABLE"))
                 responses.append(pb_utils.InferenceResponse(error=err))
-            except Step37Error as exc:
+            except InputError as exc:  # the request's fault: INVALID_ARG, never retried
                 err = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=err))
+            except Step37Error as exc:  # the server's fault (a repository, an engine...): INTERNAL
+                self.logger.log_error(traceback.format_exc())
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), _code("INTERNAL"))))
             except Exception as exc:  # answered, logged; the next request is served as usual
                 self.logger.log_error(traceback.format_exc())
                 err = pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}")
@@ -279,7 +291,7 @@ class TritonPythonModel:
         for resp in await asyncio.gather(*calls):
             if resp.has_error():
                 message = resp.error().message()
-                if any(m in message for m in _BUSY_MESSAGES):
+                if _tower_busy(resp.error()):
                     raise _TowerBusy(f"tower {name}: {message}")
                 raise RuntimeError(f"tower {name}: {message}")
             outs.append(pb_utils.get_output_tensor_by_name(resp, C.TOWER_OUTPUT).as_numpy())
