@@ -117,10 +117,23 @@ class Served:
     """One ``serve`` subprocess on loopback, free ports; ``direct`` is Triton's own gRPC port behind
     the gateway (what ``--no-gateway`` would expose)."""
 
-    def __init__(self, code: Path, ckpt: Path, files: list[Path], work: Path, extra: list[str], stage_log: bool):
+    def __init__(
+        self,
+        code: Path,
+        ckpt: Path,
+        files: list[Path],
+        work: Path,
+        extra: list[str],
+        stage_log: bool,
+        variant: str = "",
+    ):
         from step37_deploy.serving.server import free_port
 
         self.code, self.log = code, work / f"serve-{os.getpid()}-{free_port()}.log"
+        self.variant = variant
+        words = shlex.split(variant)
+        env_vars = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+        extra = [*extra, *(w for w in words if not ("=" in w and not w.startswith("-")))]
         self.ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
         self.stage_log = work / f"stages-{self.ports['grpc']}.jsonl" if stage_log else None
         cmd = [
@@ -143,7 +156,7 @@ class Served:
             *(f"--{k}-port={v}" for k, v in self.ports.items()),
             *extra,
         ]
-        env = dict(os.environ, PYTHONPATH=str(code))
+        env = dict(os.environ, PYTHONPATH=str(code), **env_vars)
         if self.stage_log is not None:
             env[STAGE_LOG_ENV] = str(self.stage_log)
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=code, env=env)
@@ -282,7 +295,8 @@ def breakdown(args) -> int:
     ckpt, files = artifacts(args.preset, work)
     payloads = [p.read_bytes() for p in photos(args.images)]
     codes = [Path(c).resolve() for c in (args.code or [ROOT])]
-    servers = [Served(c, ckpt, files, work, shlex.split(args.serve_args), True) for c in codes]
+    extra = shlex.split(args.serve_args)
+    servers = [Served(c, ckpt, files, work, extra, True, v) for c in codes for v in (args.variant or [""])]
     try:
         for s in servers:
             s.wait_ready()
@@ -319,7 +333,13 @@ def breakdown(args) -> int:
     names = [n for n, _ in SERVED_STAGES]
     for j, s in enumerate(servers):
         records = read_stage_log(s.stage_log)
-        entry = {"code": str(s.code), "settings": s.settings, "triton": stats_delta(s0[j], s1[j]), "paths": {}}
+        entry = {
+            "code": str(s.code),
+            "variant": s.variant,
+            "settings": s.settings,
+            "triton": stats_delta(s0[j], s1[j]),
+            "paths": {},
+        }
         for tag, srv, _ in targets:
             if srv is s:
                 entry["paths"]["gateway" if tag.endswith("g") else "direct"] = summarize(
@@ -345,7 +365,7 @@ def print_report(report: dict) -> None:
     ip = report["in_process"]
     same = {"preprocess": "preprocess", "tower_compute": "tower_compute", "projector": "projector", "total": "total"}
     for s in report["servers"]:
-        print(f"\n== serve from {s['code']}")
+        print(f"\n== serve from {s['code']} {s['variant']}")
         for line in s["settings"]:
             print("   " + line.split(": ", 1)[-1][:220])
         paths = list(s["paths"])
@@ -469,6 +489,11 @@ def main() -> int:
     b = sub.choices["breakdown"]
     b.add_argument("--preset", default="tiny", choices=("tiny", "small"), help="synthetic checkpoint (default tiny)")
     b.add_argument("--code", action="append", help="checkout to serve from; repeat to compare (default this one)")
+    b.add_argument(
+        "--variant",
+        action="append",
+        help="one more server per variant: ENV=VALUE words go to its environment, the rest to serve (default one)",
+    )
     b.add_argument("--rounds", type=int, default=3, help="alternating blocks per path (default 3)")
     b.add_argument("--requests", type=int, default=12, help="requests per block (default 12)")
     b.add_argument("--no-direct", action="store_true", help="skip Triton's direct port (default: measure it)")

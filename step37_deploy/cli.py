@@ -234,8 +234,9 @@ def _add_repository_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue-delay-us",
         type=int,
-        default=2000,
-        help="dynamic batching: how long a tower waits for more views (default 2000 microseconds)",
+        default=None,
+        help="dynamic batching: how long a tower waits for more views (default 2000 microseconds for trt towers, "
+        "0 for onnx/torch towers on the CPU)",
     )
     p.add_argument(
         "--preprocess-instances",
@@ -255,7 +256,7 @@ def _add_repository_options(p: argparse.ArgumentParser) -> None:
         "--tower-threads",
         type=int,
         default=None,
-        help="onnx towers: ONNX Runtime intra-op threads each (default: ONNX Runtime's choice)",
+        help="onnx/torch towers: intra-op threads each (default: the usable cores; serve states its choice)",
     )
     p.add_argument(
         "--cache-mb",

@@ -59,6 +59,7 @@ from ..errors import BackendUnavailable, ConfigError, ServerCrashed
 from . import contract as C
 from .gateway import Gateway, GatewayOptions, check_tls_files, die_with_parent, read_api_key, require_nginx
 from .supervise import POLL_S, Supervisor, shm_prefix, sweep_dead_runs
+from .threads import ThreadPlan, thread_options
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,13 @@ def package_parent() -> str:
     return str(Path(step37_deploy.__file__).resolve().parent.parent)
 
 
-def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+def server_env(
+    install: TritonInstall, base: dict[str, str] | None = None, threads: ThreadPlan | None = None
+) -> dict[str, str]:
+    """tritonserver's environment: the stub fixes above, and ``threads``' pool sizes for the stubs."""
     env = dict(os.environ if base is None else base)
+    if threads is not None:
+        env = threads.env(env)
     libdirs = [sysconfig.get_config_var("LIBDIR")]
     if install.libs is not None:
         libdirs.append(str(install.libs))
@@ -206,7 +212,9 @@ class TritonServer:
         models: tuple[str, ...] = SERVED_MODELS,
         allow_shared_memory: bool = False,
         grpc_tls: tuple[Path, Path] | None = None,
+        threads: ThreadPlan | None = None,
     ) -> None:
+        self.threads = threads  # the stubs' thread pools (serving/threads.py), set in their environment
         self.repository = Path(repository)
         self.workdir = Path(workdir)
         self.install = install or bundled_tritonserver()
@@ -282,7 +290,11 @@ class TritonServer:
         cmd = self.command()
         log.info("starting %s", self.redacted(cmd))
         self.proc = subprocess.Popen(
-            cmd, env=server_env(self.install), cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent
+            cmd,
+            env=server_env(self.install, threads=self.threads),
+            cwd=self.workdir,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         return self.proc
 
@@ -463,6 +475,7 @@ def serve(
     workdir = temp_sibling(tmp_root / "step37-serve", directory=True)  # .step37-serve.step37-tmp-HOST-PID-...
     os.chmod(workdir, 0o700)
     try:
+        options, threads = thread_options(options)  # issue 21: the stubs share the cores
         repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
         if stop:
             log.info("stopped during start-up")
@@ -471,7 +484,7 @@ def serve(
             # Triton on loopback only, free ports; the user's address and ports are the gateway's.
             server = TritonServer(
                 repo, workdir, install, "127.0.0.1", None, None, None, exit_timeout_s, log_verbose,
-                allow_shared_memory=allow_shared_memory,
+                allow_shared_memory=allow_shared_memory, threads=threads,
             )  # fmt: skip
         else:
             log.warning(
@@ -482,7 +495,7 @@ def serve(
             )
             server = TritonServer(
                 repo, workdir, install, host, http_port, grpc_port, metrics_port, exit_timeout_s, log_verbose,
-                allow_shared_memory=allow_shared_memory, grpc_tls=tls,
+                allow_shared_memory=allow_shared_memory, grpc_tls=tls, threads=threads,
             )  # fmt: skip
         supervisor = Supervisor(server.shm_prefix)
         server.launch()
@@ -518,13 +531,14 @@ def serve(
             repo,
             len(supervisor.stubs()),
         )
+        log.info("threads: %s", threads.describe())
         while not stop:
             problem = supervisor.check()
             if problem is not None:
                 log.error("crash: %s; taking the server down", problem)
                 supervisor.kill_all()
                 raise ServerCrashed(f"{problem}: the server was taken down (restart serve)")
-            time.sleep(POLL_S)
+            supervisor.wait(POLL_S)  # woken at once by a watched process's exit
         drained = False
         if server.proc.poll() is None:
             drained = server.drain(exit_timeout_s)

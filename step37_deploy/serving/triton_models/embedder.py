@@ -51,6 +51,7 @@ from step37_deploy.runtime import EmbeddingCache
 from step37_deploy.serving import contract as C
 from step37_deploy.serving.repository import read_record, verify_repository
 from step37_deploy.serving.stages import StageLog, clock_ns
+from step37_deploy.serving.threads import THREADS_PARAMETER
 
 
 def check_not_empty(raw: bytes) -> None:
@@ -158,6 +159,11 @@ class TritonPythonModel:
             if res not in (self.pcfg.image_size, self.pcfg.patch_size) or name != C.TOWER_MODELS.get(res):
                 raise ValueError(f"repository record names tower {name!r} for {res}: not the served contract")
         params = json.loads(args["model_config"]).get("parameters", {})
+        threads = params.get(THREADS_PARAMETER, {}).get("string_value")
+        if threads:  # serve's share of the cores per instance (serving/threads.py): torch's pool
+            import torch
+
+            torch.set_num_threads(int(threads))
         cache_mb = float(params.get(C.CACHE_MB_PARAMETER, {}).get("string_value", "0"))
         self.cache = EmbeddingCache(cache_mb)
         self.cache_counters = _cache_counters(args["model_name"], args["model_version"])
