@@ -41,11 +41,11 @@ SPINNING_PARAMETER = "spinning"
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset): what the
+    embedder's default instance count is read from, too."""
+    from .repository import default_preprocess_instances
+
+    return default_preprocess_instances()
 
 
 @dataclass(frozen=True)
