@@ -16,9 +16,11 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 def session_from_onnx(
-    path: str | Path, provider: str = "cpu", threads: int | None = None, device_id: int = 0
+    path: str | Path, provider: str = "cpu", threads: int | None = None, device_id: int = 0, spinning: bool = True
 ) -> Callable[[], Any]:
-    """Loader: an ``InferenceSession`` for ``path`` on the CPU or CUDA provider."""
+    """Loader: an ``InferenceSession`` for ``path`` on the CPU or CUDA provider.  ``spinning=False``:
+    idle intra-op workers sleep at once instead of spin-waiting for the next run, which is what a
+    session sharing its cores with other processes wants (``serving/threads.py`` has the numbers)."""
 
     def load():
         import onnxruntime as ort
@@ -29,6 +31,9 @@ def session_from_onnx(
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable(

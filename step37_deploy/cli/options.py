@@ -151,9 +151,9 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue-delay-us",
         type=int,
-        default=C.DEFAULT_QUEUE_DELAY_US,
+        default=None,
         help=f"dynamic batching: how long a tower waits for more views (default {C.DEFAULT_QUEUE_DELAY_US} "
-        "microseconds)",
+        f"microseconds for trt towers, {C.CPU_QUEUE_DELAY_US} for onnx/torch towers on the CPU)",
     )
     p.add_argument(
         "--preprocess-instances",
@@ -173,7 +173,7 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
         "--tower-threads",
         type=int,
         default=None,
-        help="onnx towers: ONNX Runtime intra-op threads each (default: ONNX Runtime's choice)",
+        help="onnx/torch towers: intra-op threads each (default: the usable cores; serve states its choice)",
     )
     _add_queue_options(p)
 

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig
 from . import contract as C
 from .contract import (  # the defaults live in the contract, where the CLI's --help reads them
+    CPU_QUEUE_DELAY_US,
     DEFAULT_CACHE_MB,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -43,12 +44,13 @@ class RepositoryOptions:
     """Serving knobs written into the configs (the CLI's ``triton-repo``/``serve`` options)."""
 
     max_batch: int | None = None  # default: engine profile MAX, or DEFAULT_MAX_BATCH
-    max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    max_queue_delay_us: int | None = None  # default: DEFAULT_QUEUE_DELAY_US (trt), CPU_QUEUE_DELAY_US
     preprocess_instances: int | None = None  # default: default_preprocess_instances()
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     cuda_graphs: bool = False
     warmup: bool = True
     tower_threads: int | None = None  # ONNX Runtime intra-op threads per Python-backend tower
+    embedder_threads: int | None = None  # BLAS/torch threads per embedder instance (serve: threads.py)
     cache_mb: float = DEFAULT_CACHE_MB  # embedding cache of each embedder instance (0 = off)
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # requests waiting per model (towers: at least what BLS needs)
     queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS  # longest wait in a queue before UNAVAILABLE
@@ -56,7 +58,7 @@ class RepositoryOptions:
     def validate(self) -> None:
         if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.max_queue_delay_us < 0:
+        if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
             raise ConfigError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
         if self.preprocess_instances is not None and self.preprocess_instances < 1:
             raise ConfigError(f"--preprocess-instances must be >= 1, got {self.preprocess_instances}")
@@ -119,6 +121,11 @@ def tower_queue_size(opts: RepositoryOptions, max_batch: int, pcfg: PreprocessCo
     return max(opts.max_queue_size, instances * per_request)
 
 
+def tower_queue_delay_us(t: TowerArtifact) -> int:
+    """The default batching delay of a tower: TensorRT towers wait for views to batch, CPU towers not."""
+    return DEFAULT_QUEUE_DELAY_US if t.kind == "trt" else CPU_QUEUE_DELAY_US
+
+
 def tower_config(t: TowerArtifact, opts: RepositoryOptions) -> Any:
     """The tower's ``ModelConfig`` message."""
     pb, _ = _pb()
@@ -129,7 +136,8 @@ def tower_config(t: TowerArtifact, opts: RepositoryOptions) -> Any:
     cfg.input.add(name=C.TOWER_INPUT, data_type=pb.DataType.Value(C.tower_input_type(t.input_dtype)), dims=[3, r, r])
     cfg.output.add(name=C.TOWER_OUTPUT, data_type=pb.DataType.Value(out_type), dims=[t.num_tokens, t.out_dim])
     db = cfg.dynamic_batching
-    db.max_queue_delay_microseconds = opts.max_queue_delay_us
+    delay = opts.max_queue_delay_us
+    db.max_queue_delay_microseconds = delay if delay is not None else tower_queue_delay_us(t)
     set_queue_policy(db, tower_queue_size(opts, mb), opts.queue_timeout_ms)
     if t.kind == "trt":
         mn, opt, _ = t.profile
@@ -170,6 +178,8 @@ def embedder_config(opts: RepositoryOptions) -> Any:
     count = opts.preprocess_instances or default_preprocess_instances()
     cfg.instance_group.add(count=count, kind=pb.ModelInstanceGroup.KIND_CPU)
     cfg.parameters[C.CACHE_MB_PARAMETER].string_value = repr(float(opts.cache_mb))
+    if opts.embedder_threads:
+        cfg.parameters["threads"].string_value = str(opts.embedder_threads)
     # Triton 2.51 accepts a dynamic batcher on a max_batch_size 0 model: it batches nothing but
     # gives the model a bounded, timed queue (the wire contract stays one image per request).
     set_queue_policy(cfg.dynamic_batching, opts.max_queue_size, opts.queue_timeout_ms)

@@ -66,6 +66,7 @@ from .gateway import Gateway, GatewayOptions
 from .net import free_port, host_port, probe_host
 from .prepare import ServePlan, TritonInstall, bundled_tritonserver, plan_serve, private_work_folder
 from .supervise import POLL_S, Supervisor, shm_prefix
+from .threads import ThreadPlan, thread_options
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,13 @@ def package_parent() -> str:
     return str(Path(step37_deploy.__file__).resolve().parent.parent)
 
 
-def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+def server_env(
+    install: TritonInstall, base: dict[str, str] | None = None, threads: ThreadPlan | None = None
+) -> dict[str, str]:
+    """tritonserver's environment: the stub fixes above, and ``threads``' pool sizes for the stubs."""
     env = dict(os.environ if base is None else base)
+    if threads is not None:
+        env = threads.env(env)
     libdirs = [sysconfig.get_config_var("LIBDIR")]
     if install.libs is not None:
         libdirs.append(str(install.libs))
@@ -145,7 +151,9 @@ class TritonServer:
         models: tuple[str, ...] = SERVED_MODELS,
         allow_shared_memory: bool = False,
         grpc_tls: tuple[Path, Path] | None = None,
+        threads: ThreadPlan | None = None,
     ) -> None:
+        self.threads = threads  # the stubs' thread pools (serving/threads.py), set in their environment
         self.repository = Path(repository)
         self.workdir = Path(workdir)
         self.install = install or bundled_tritonserver()
@@ -222,7 +230,11 @@ class TritonServer:
         log.info("starting %s", self.redacted(cmd))
         # umask 077: what tritonserver and its stubs create is the server user's alone
         self.proc = subprocess.Popen(
-            cmd, env=server_env(self.install), cwd=self.workdir, start_new_session=True, preexec_fn=child_setup(0o077)
+            cmd,
+            env=server_env(self.install, threads=self.threads),
+            cwd=self.workdir,
+            start_new_session=True,
+            preexec_fn=child_setup(0o077),
         )
         return self.proc
 
@@ -349,7 +361,9 @@ class ServeRun:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def start_triton(self, repo: Path, workdir: Path, ready_timeout_s: float) -> None:
+    def start_triton(
+        self, repo: Path, workdir: Path, ready_timeout_s: float, threads: ThreadPlan | None = None
+    ) -> None:
         """tritonserver on the repository, watched from its launch, until every model is ready (or a
         stop is asked).  Behind the gateway it listens on 127.0.0.1 only, on free ports."""
         p = self.plan
@@ -365,7 +379,7 @@ class ServeRun:
             host, ports, tls = p.host, p.ports, p.tls
         self.server = TritonServer(
             repo, workdir, p.install, host, ports["http"], ports["grpc"], ports["metrics"], p.exit_timeout_s,
-            p.log_verbose, allow_shared_memory=p.allow_shared_memory, grpc_tls=tls,
+            p.log_verbose, allow_shared_memory=p.allow_shared_memory, grpc_tls=tls, threads=threads,
         )  # fmt: skip
         self.supervisor = Supervisor(self.server.shm_prefix)
         self.server.launch()
@@ -409,7 +423,7 @@ class ServeRun:
                 log.error("crash: %s; taking the server down", problem)
                 self.supervisor.kill_all()
                 raise ServerCrashed(f"{problem}: the server was taken down (restart serve)")
-            time.sleep(POLL_S)
+            self.supervisor.wait(POLL_S)  # woken at once by a watched process's exit
 
     def drain_and_stop(self) -> int:
         """Drain the embedder through Triton (the gateway still up, so new requests get Triton's
@@ -493,9 +507,11 @@ def serve(
     run = ServeRun(plan)
     with run.handling_signals(), private_work_folder() as workdir:
         try:
+            options, threads = thread_options(options)  # issue 21: the stubs share the cores
+            log.info("threads: %s", threads.describe())
             repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
             if not run.stopping:
-                run.start_triton(repo, workdir, ready_timeout_s)
+                run.start_triton(repo, workdir, ready_timeout_s, threads)
             if not run.stopping:
                 run.start_gateway(workdir)
             if run.stopping:  # SIGTERM/SIGINT before every model was ready: nothing was served, nothing to drain

@@ -50,6 +50,8 @@ from step37_deploy.preprocess import PreprocessConfig, as_pixel_dtype, host_pixe
 from step37_deploy.runtime import EmbeddingCache
 from step37_deploy.serving import contract as C
 from step37_deploy.serving.repository import read_record, verify_repository
+from step37_deploy.serving.stages import StageLog, clock_ns
+from step37_deploy.serving.threads import THREADS_PARAMETER
 
 
 def check_not_empty(raw: bytes) -> None:
@@ -166,10 +168,17 @@ class TritonPythonModel:
             if res not in (self.pcfg.image_size, self.pcfg.patch_size) or name != C.TOWER_MODELS.get(res):
                 raise ValueError(f"repository record names tower {name!r} for {res}: not the served contract")
         params = json.loads(args["model_config"]).get("parameters", {})
+        threads = params.get(THREADS_PARAMETER, {}).get("string_value")
+        if threads:  # serve's share of the cores per instance (serving/threads.py): torch's pool
+            import torch
+
+            torch.set_num_threads(int(threads))
         cache_mb = float(params.get(C.CACHE_MB_PARAMETER, {}).get("string_value", "0"))
         self.cache = EmbeddingCache(cache_mb)
         self.cache_counters = _cache_counters(args["model_name"], args["model_version"])
         self.logger.log_info(f"{args['model_name']}: embedding cache of {cache_mb:g} MiB (0 = off)")
+        # Per-request stage stamps (serving/stages.py), only when the server's environment asks.
+        self.stages = StageLog.from_env()
 
     async def execute(self, requests: list) -> list:
         responses = []
@@ -178,7 +187,12 @@ class TritonPythonModel:
                 if _cancelled(request):  # its client gave up while it waited: no work for nobody
                     responses.append(_cancelled_response())
                     continue
-                responses.append(await self._embed(request))
+                marks = None
+                if self.stages is not None:
+                    marks = {"m": "embedder", "id": request.request_id(), "exec": clock_ns(), "bls": []}
+                responses.append(await self._embed(request, marks))
+                if marks is not None:
+                    self.stages.write({**marks, "built": clock_ns()})
             except _Cancelled:
                 responses.append(_cancelled_response())
             except _TowerBusy as exc:  # a tower's queue refused the views: retryable, as Triton's own refusals
@@ -213,9 +227,12 @@ class TritonPythonModel:
         names = list(request.requested_output_names()) if hasattr(request, "requested_output_names") else []
         return names or list(C.EMBEDDER_OUTPUTS)
 
-    async def _embed(self, request):
-        """The embedding cache in front of :meth:`_compute`: a hit answers the stored tensors."""
+    async def _embed(self, request, marks: dict | None = None):
+        """The embedding cache in front of :meth:`_compute`: a hit answers the stored tensors.
+        ``marks``: the request's stage stamps, when the stage log is on."""
         raw = self._image_bytes(request)
+        if marks is not None:
+            marks["read"] = clock_ns()
         names = self._requested(request)
         kinds = {C.ROW_OUTPUTS[n][0] for n in names if n in C.ROW_OUTPUTS}
         key = EmbeddingCache.key_of(raw) if self.cache.enabled else None
@@ -223,7 +240,7 @@ class TritonPythonModel:
         hit = stored is not None and kinds <= stored.keys()
         if key is not None:
             self._count_cache(key, hit=hit)
-        tensors = stored if hit else {**(stored or {}), **(await self._compute(request, raw, kinds))}
+        tensors = stored if hit else {**(stored or {}), **(await self._compute(request, raw, kinds, marks))}
         if key is not None and not hit:
             self.cache.put(key, tensors, sum(a.nbytes for a in tensors.values()) + 256)
         return pb_utils.InferenceResponse(output_tensors=[_answer(n, tensors) for n in names])
@@ -239,25 +256,29 @@ class TritonPythonModel:
                 f"{st['bytes'] / 2**20:.1f} of {st['max_bytes'] / 2**20:.0f} MiB"
             )
 
-    async def _compute(self, request, raw: bytes, kinds: set[str]) -> dict[str, np.ndarray]:
+    async def _compute(self, request, raw: bytes, kinds: set[str], marks: dict | None = None) -> dict[str, np.ndarray]:
         """The FP32 tensors of ``raw``: the layout always, and the rows of each kind in ``kinds``
         (``vision_features``: the towers' rows; ``features``: projected).  No kind, no tower call."""
         check_not_empty(raw)
         pre = preprocess(raw, self.pcfg, pixel_dtype=self.pixel_dtype)  # pcfg.max_pixels is --max-image-pixels
         _, ids = image_layout(pre.num_crops, pre.newline_mask, self.tokens, self.pcfg)
         out = {"token_ids": np.asarray(ids, dtype=np.int64), "num_crops": np.asarray([pre.num_crops], dtype=np.int32)}
+        if marks is not None:
+            marks["pre"] = marks["proj"] = clock_ns()
         if not kinds:
             return out
         if _cancelled(request):  # given up during preprocessing: the towers never see it
             raise _Cancelled
-        jobs = [self._tower(self.pcfg.image_size, pre.global_view[None])]
+        jobs = [self._tower(self.pcfg.image_size, pre.global_view[None], marks)]
         if pre.num_crops:
-            jobs.append(self._tower(self.pcfg.patch_size, pre.crops))
+            jobs.append(self._tower(self.pcfg.patch_size, pre.crops, marks))
         feats = await asyncio.gather(*jobs)
         if "vision_features" in kinds:
             out["vision_features"] = _token_rows(feats)
         if "features" in kinds:
             out["features"] = _token_rows([self._project(f) for f in feats])
+        if marks is not None:
+            marks["proj"] = clock_ns()
         return out
 
     def _project(self, feats: np.ndarray) -> np.ndarray:
@@ -271,21 +292,25 @@ class TritonPythonModel:
         x = torch.from_numpy(np.ascontiguousarray(feats)).to(w.device, non_blocking=True)
         return project_torch(x, w, b, torch.float32).cpu().numpy()
 
-    async def _tower(self, resolution: int, views: np.ndarray) -> np.ndarray:
+    async def _tower(self, resolution: int, views: np.ndarray, marks: dict | None = None) -> np.ndarray:
         """Features of ``views`` from the tower model, in chunks of at most its ``max_batch_size``."""
         name, dtype, max_batch = self.towers[resolution]
+        sent = clock_ns() if marks is not None else 0
         x = np.ascontiguousarray(as_pixel_dtype(views, dtype))
         kwargs = {}
         if hasattr(pb_utils, "PreferredMemory"):  # features back in host memory, also from GPU towers
             kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        if marks is not None:  # the towers log these ids: the breakdown joins on them
+            ids = [f"{marks['id']}/{resolution}/{i}" for i in range(0, len(x), max_batch)]
         calls = [
             pb_utils.InferenceRequest(
                 model_name=name,
                 requested_output_names=[C.TOWER_OUTPUT],
                 inputs=[pb_utils.Tensor(C.TOWER_INPUT, x[i : i + max_batch])],
+                **({"request_id": ids[k]} if marks is not None else {}),
                 **kwargs,
             ).async_exec()
-            for i in range(0, len(x), max_batch)
+            for k, i in enumerate(range(0, len(x), max_batch))
         ]
         outs = []
         for resp in await asyncio.gather(*calls):
@@ -295,7 +320,10 @@ class TritonPythonModel:
                     raise _TowerBusy(f"tower {name}: {message}")
                 raise RuntimeError(f"tower {name}: {message}")
             outs.append(pb_utils.get_output_tensor_by_name(resp, C.TOWER_OUTPUT).as_numpy())
-        return np.concatenate(outs)
+        rows = np.concatenate(outs)
+        if marks is not None:
+            marks["bls"] += [{"id": i, "sent": sent, "numpy": clock_ns()} for i in ids]
+        return rows
 
 
 def _token_rows(parts: list[np.ndarray]) -> np.ndarray:

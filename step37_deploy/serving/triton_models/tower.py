@@ -24,6 +24,8 @@ import triton_python_backend_utils as pb_utils
 from step37_deploy.backends import OnnxrtRunner, TorchRunner, load_torch_model, session_from_onnx
 from step37_deploy.serving import contract as C
 from step37_deploy.serving.repository import _inside
+from step37_deploy.serving.stages import StageLog, clock_ns
+from step37_deploy.serving.threads import SPINNING_PARAMETER, THREADS_PARAMETER, usable_cores
 
 
 class TritonPythonModel:
@@ -35,11 +37,18 @@ class TritonPythonModel:
         gpu = args.get("model_instance_kind") == "GPU"
         device_id = int(args.get("model_instance_device_id") or 0)
         kind = params["step37_backend"]
+        # serve writes the threads it chose (serving/threads.py); a repository written elsewhere
+        # (triton-repo) gets this machine's cores.  Idle workers sleep: the cores are shared.
+        threads = int(params.get(THREADS_PARAMETER) or usable_cores())
+        spinning = params.get(SPINNING_PARAMETER, "0") == "1"
         if kind == "onnx":
             provider = "cuda" if gpu else "cpu"
-            threads = int(params["threads"]) if params.get("threads") else None
-            runner = OnnxrtRunner(session_from_onnx(artifact, provider, threads, device_id), provider=provider)
+            loader = session_from_onnx(artifact, provider, threads, device_id, spinning=spinning)
+            runner = OnnxrtRunner(loader, provider=provider)
         elif kind == "torch":
+            import torch
+
+            torch.set_num_threads(threads)
             runner = TorchRunner(load_torch_model(str(artifact), "fp32", f"cuda:{device_id}" if gpu else "cpu"))
         else:
             raise ValueError(f"{args['model_name']}: unknown step37_backend {kind!r}")
@@ -55,19 +64,31 @@ class TritonPythonModel:
                 f"{args['model_name']}: config says {C.TOWER_INPUT} is {np.dtype(in_dtype)} but "
                 f"{artifact.name} takes {self.runner.input_spec().dtype}"
             )
+        self.model_name = args["model_name"]
+        # Per-batch stage stamps (serving/stages.py), only when the server's environment asks.
+        self.stages = StageLog.from_env()
 
     def execute(self, requests: list) -> list:
+        t_exec = clock_ns() if self.stages is not None else 0
         views = [pb_utils.get_input_tensor_by_name(r, C.TOWER_INPUT).as_numpy() for r in requests]
         try:
-            feats = np.asarray(self.runner.infer(np.concatenate(views)), dtype=self.out_dtype)
+            batch = views[0] if len(views) == 1 else np.concatenate(views)  # one request: no copy
+            t_read = clock_ns() if self.stages is not None else 0
+            feats = np.asarray(self.runner.infer(batch), dtype=self.out_dtype)
         except Exception as exc:  # every request of this batch gets the error; the model keeps serving
             err = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(error=err) for _ in requests]
+        t_infer = clock_ns() if self.stages is not None else 0
         responses, start = [], 0
         for v in views:
             part = feats[start : start + len(v)]
             start += len(v)
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(C.TOWER_OUTPUT, part)]))
+        if self.stages is not None:
+            self.stages.write(
+                {"m": "tower", "model": self.model_name, "ids": [r.request_id() for r in requests], "views": len(feats),
+                 "exec": t_exec, "read": t_read, "infer": t_infer, "built": clock_ns()}
+            )  # fmt: skip
         return responses
 
     def finalize(self) -> None:
