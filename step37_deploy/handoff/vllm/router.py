@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError, OutputError, ServerError
-from .layout import image_size, vllm_rows
 
 if TYPE_CHECKING:
     from .producer import VllmProducer
@@ -169,6 +168,8 @@ class EpdRouter:
     def _embed_parts(self, parts: list[dict]) -> None:
         """Decode each part's data URL, write the files this deployment has not written yet (or
         whose rows are not vLLM's for the image), set ``uuid``, touch the reused ones."""
+        from .layout import image_size, vllm_rows  # here: the module stays light for --help
+
         writer, cfg = self.producer.writer, self.producer.cfg
         images, ids = [], []
         for p in parts:
