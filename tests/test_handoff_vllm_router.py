@@ -127,28 +127,29 @@ def _recording_vllm(seen: list) -> web.Application:
     return app
 
 
-def _refused_bodies(url: str, other_id: str) -> list[dict]:
-    """Issue 22 item 3: every way past the router's image check that vLLM 0.32 would accept."""
+def _refused_bodies(url: str, other_id: str) -> list[tuple[dict, str]]:
+    """Issue 22 item 3: every way past the router's image check that vLLM 0.32 would accept, with a
+    word of the refusal each gets."""
     img = {"type": "image_url", "image_url": {"url": url}}
-    bodies = [
-        {"type": "input_image", "image_url": "http://169.254.169.254/x"},
-        {"type": "image_embeds", "image_embeds": "AAAA"},
-        {"type": "video_url", "video_url": {"url": "http://example.com/v.mp4"}},
-        {"type": "audio_url", "audio_url": {"url": "http://example.com/a.wav"}},
-        {"type": "image_pil", "image_pil": "x"},
-        {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}},
-        {"type": "image_url", "image_url": "https://example.com/a.png"},
-        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}},
-        {**img, "uuid": other_id},  # another image's (or another deployment's) file
-        {"type": "text", "text": "x", "uuid": other_id},
-        {"type": "image_url", "image_url": {"url": url, "uuid": other_id}},
-        {"type": "text", "text": ["not a string"]},
-        "a bare string part",
+    parts = [
+        ({"type": "input_image", "image_url": "http://169.254.169.254/x"}, "type 'input_image'"),
+        ({"type": "image_embeds", "image_embeds": "AAAA"}, "type 'image_embeds'"),
+        ({"type": "video_url", "video_url": {"url": "http://example.com/v.mp4"}}, "type 'video_url'"),
+        ({"type": "audio_url", "audio_url": {"url": "http://example.com/a.wav"}}, "type 'audio_url'"),
+        ({"type": "image_pil", "image_pil": "x"}, "type 'image_pil'"),
+        ({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}, "data:image"),
+        ({"type": "image_url", "image_url": "https://example.com/a.png"}, "data:image"),
+        ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "data:image"),
+        ({**img, "uuid": other_id}, "set by the router"),  # another image's (or deployment's) file
+        ({"type": "text", "text": "x", "uuid": other_id}, "set by the router"),
+        ({"type": "image_url", "image_url": {"url": url, "uuid": other_id}}, "unknown key"),
+        ({"type": "text", "text": ["not a string"]}, "must be a string"),
+        ("a bare string part", "type None"),
     ]
-    chats = [{"model": "m", "messages": [{"role": "user", "content": [b]}]} for b in bodies]
-    chats.append({"model": "m", "messages": [{"role": "user", "content": {"type": "text"}}]})
-    chats.append({"model": "m", "messages": ["not an object"]})
-    chats += [{**_chat(url), field: {"image": {}}} for field in ("mm_processor_kwargs", "media_io_kwargs")]
+    chats = [({"model": "m", "messages": [{"role": "user", "content": [b]}]}, why) for b, why in parts]
+    chats.append(({"model": "m", "messages": [{"role": "user", "content": {"type": "text"}}]}, "list of parts"))
+    chats.append(({"model": "m", "messages": ["not an object"]}, "object"))
+    chats += [({**_chat(url), f: {"image": {}}}, f) for f in ("mm_processor_kwargs", "media_io_kwargs")]
     return chats
 
 
@@ -167,10 +168,10 @@ def test_router_cannot_be_walked_around(tmp_path, embedder):
         router = hv.EpdRouter(hv.VllmProducer(embed, writer, embedder.tokens), str(upstream.make_url("")))
         url, _ = _data_url(400, 300)
         async with TestClient(TestServer(router.app(), host="127.0.0.1")) as client:
-            for body in _refused_bodies(url, "sha256-" + "0" * 64):
+            for body, why in _refused_bodies(url, "sha256-" + "0" * 64):
                 r = await client.post("/v1/chat/completions", json=body)
-                err = (await r.json())["error"]
-                assert r.status == 400 and "\n" not in err["message"], body
+                msg = (await r.json())["error"]["message"] if r.status == 400 else f"HTTP {r.status}"
+                assert why in msg and "\n" not in msg, (body, msg)
             assert seen == [] and calls == []  # nothing embedded, nothing reached vLLM
             # only the documented routes: others are the router's own JSON 404 / 405
             for method, path, status in (
