@@ -283,7 +283,7 @@ def openai_stage(vpy: Path, work: Path, ck: Path, cache: Path, producer, images:
 
     from aiohttp import web
 
-    from step37_deploy.handoff.vllm import EpdRouter, content_id
+    from step37_deploy.handoff.vllm import EpdRouter
     from step37_deploy.serving.server import free_port
 
     port, rport = free_port(), free_port()
@@ -379,7 +379,7 @@ def openai_stage(vpy: Path, work: Path, ck: Path, cache: Path, producer, images:
             )
             same, d = differ(own, routed, tol)
             nsame, nd = differ(own, noise, tol)
-            written = producer.writer.path_of(content_id(data)).is_file()
+            written = producer.writer.path_of(producer.writer.content_id(data)).is_file()
             good = same and d <= tol and written and ((not nsame) or nd > 10 * tol)
             ok &= good
             out[name] = {

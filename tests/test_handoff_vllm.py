@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from step37_deploy.errors import InputError
+from step37_deploy.checkpoint import weights_fingerprint
+from step37_deploy.config import Step37Config
+from step37_deploy.errors import InputError, OutputError
 from step37_deploy.handoff import vllm as hv
 from step37_deploy.preprocess import normalise_views, to_chw
 from step37_deploy.runtime import ImageEmbedding, VisionEmbedder
@@ -248,10 +251,145 @@ def test_vllm_cache_cli(tmp_path, tiny_fp32, capsys):
     args = ["vllm-cache", "--checkpoint", str(tiny_fp32), "--dir", str(tmp_path / "ec"), "--image", str(img), "-q"]
     assert main([*args, "--backend", "torch"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
-    assert line["id"] == hv.content_id(img.read_bytes()) and line["rows"] == 331 and line["layout"] == "vllm"
+    hidden = Step37Config.from_checkpoint(tiny_fp32).text_hidden_size
+    identity = hv.deployment_identity(weights_fingerprint(tiny_fp32), "bf16", hidden)
+    assert line["id"] == hv.content_id(img.read_bytes(), identity) and line["id"].endswith("-d" + identity)
+    assert line["rows"] == 331 and line["layout"] == "vllm"
+    with safe_open(line["file"], "pt") as f:
+        assert f.metadata()["identity"] == identity and f.get_tensor(hv.CACHE_TENSOR).shape[1] == hidden
+    # another dtype is another deployment: another ID, and a hand-named file of the first is refused
+    assert main([*args, "--backend", "torch", "--dtype", "fp16"]) == 0
+    other = json.loads(capsys.readouterr().out.strip())
+    assert other["id"] != line["id"] and Path(other["file"]).is_file()
+    before = Path(line["file"]).read_bytes()
+    assert main([*args, "--backend", "torch", "--dtype", "fp16", "--id", line["id"]]) == 2
+    assert Path(line["file"]).read_bytes() == before
+    capsys.readouterr()
     assert line["multi_modal_uuids"] == {"image": [line["id"]]} and Path(line["file"]).is_file()
     assert main([*args, "--backend", "torch", "--mismatch", "refuse"]) == 2
     assert main(args) == 2  # neither --server nor --backend
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "refused" in err[0] and "--server" in err[1]
     assert main([*args, "--backend", "torch", "--id", "../x"]) == 2
+
+
+def _writer(root, dtype="bf16", weights="w1", hidden=8, **kw) -> hv.VllmCacheWriter:
+    return hv.VllmCacheWriter(root, dtype, weights=weights, hidden=hidden, **kw)
+
+
+def test_files_of_another_deployment_are_never_reused_or_replaced(tmp_path):
+    """Issue 22 item 4: a folder shared by deployments of other weights, dtype or width."""
+    root = tmp_path / "ec"
+    mine = _writer(root)
+    lay = hv.vllm_layout(400, 400)
+    e = ImageEmbedding(np.ones((169, 8), np.float32), [], "", 0, [])
+    path = mine.write("x", e, lay)
+    assert mine.reusable(path, 169) and not mine.reusable(path, 170)  # rows: vLLM's count for the image
+    others = [_writer(root, dtype="fp16"), _writer(root, weights="w2"), _writer(root, hidden=16)]
+    data = b"same image bytes"
+    for other in others:
+        assert other.identity != mine.identity and other.content_id(data) != mine.content_id(data)
+        assert not other.reusable(path, 169)
+        before = path.read_bytes()
+        with pytest.raises(OutputError) as exc:
+            other.write("x", ImageEmbedding(np.ones((169, other.hidden), np.float32), [], "", 0, []), lay)
+        assert one_line(exc) and "not written by this deployment" in str(exc.value) and path.read_bytes() == before
+    with pytest.raises(InputError):  # rows of another width than the LLM's are never written
+        mine.write("y", ImageEmbedding(np.ones((169, 16), np.float32), [], "", 0, []), lay)
+    foreign = root / "foreign" / hv.CACHE_FILE  # vLLM's own producer's, or a hand-made file
+    foreign.parent.mkdir()
+    save_file({hv.CACHE_TENSOR: torch.ones(169, 8, dtype=torch.bfloat16)}, str(foreign))
+    assert not mine.reusable(foreign, 169)
+    with pytest.raises(OutputError):
+        mine.write("foreign", e, lay)
+    assert mine.write("x", e, lay) == path  # its own file: replaced
+
+
+def test_write_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    from step37_deploy.handoff.vllm import cache
+
+    writer = _writer(tmp_path / "ec")
+    final = writer.path_of("a")
+    synced = []
+    real = cache._fsync
+
+    def record(path, directory=False):
+        synced.append((Path(path), directory, final.exists()))
+        real(path, directory)
+
+    monkeypatch.setattr(cache, "_fsync", record)
+    writer.write("a", ImageEmbedding(np.ones((169, 8), np.float32), [], "", 0, []), hv.vllm_layout(400, 400))
+    (tmp, d0, existed), (folder, d1, _) = synced
+    assert tmp.parent == final.parent and tmp != final and not d0 and not existed  # data synced, then renamed
+    assert folder == final.parent and d1
+
+
+def test_retention_never_removes_a_young_file(tmp_path):
+    """vLLM checks a file exists, then loads it: a file younger than min_age_s stays, whatever the limits."""
+    writer = _writer(tmp_path / "ec", retention=hv.Retention(max_age_s=10, max_bytes=0, interval_s=1e9, min_age_s=50))
+    lay = hv.vllm_layout(400, 400)
+    e = ImageEmbedding(np.ones((169, 8), np.float32), [], "", 0, [])
+    young, old = writer.write("young", e, lay), writer.write("old", e, lay)
+    now = time.time()
+    os.utime(young, (now - 20, now - 20))  # past max_age_s, under min_age_s
+    os.utime(old, (now - 60, now - 60))
+    assert writer.cleanup(now) == [old] and young.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["handoff", "sglang", "--tokenizer", "t", "--prompt", "p", "--image", "i", "--out", "o.json"],
+        ["vllm-cache", "--checkpoint", "c", "--dir", "d", "--image", "i"],
+        ["epd-router", "--checkpoint", "c", "--dir", "d", "--vllm-url", "http://127.0.0.1:8000"],
+    ],
+    ids=["sglang", "vllm-cache", "epd-router"],
+)
+def test_handoff_commands_reach_a_secured_service(tmp_path, monkeypatch, command):
+    """Issue 22 item 10: the key and TLS of a ``serve --api-key-file --tls-cert`` service."""
+    from step37_deploy.cli import build_parser
+    from step37_deploy.cli import handoff as cli_handoff
+    from step37_deploy.serving import client as client_mod
+
+    key, ca = tmp_path / "key", tmp_path / "ca.pem"
+    key.write_text("k" * 32 + "\n")
+    key.chmod(0o600)
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    made = {}
+
+    class Recorder:
+        def __init__(self, url, protocol, **kwargs):
+            made.update(url=url, protocol=protocol, **kwargs)
+
+    monkeypatch.setattr(client_mod, "EmbedClient", Recorder)
+    args = build_parser().parse_args([*command, "--server", "h:8001", "--api-key-file", str(key), "--tls-ca", str(ca)])
+    cli_handoff._client(args)
+    assert made["url"] == "h:8001" and made["api_key"] == "k" * 32
+    assert made["tls"] is True and made["root_certificates"] == str(ca)
+    made.clear()
+    args = build_parser().parse_args([*command, "--server", "h:8001", "--tls"])
+    cli_handoff._client(args)
+    assert made["api_key"] is None and made["tls"] is True and made["root_certificates"] is None
+
+
+def test_vllm_cache_sends_the_key_through_its_client(tmp_path, tiny_fp32, monkeypatch):
+    from step37_deploy.cli import main
+    from step37_deploy.errors import ServerError
+    from step37_deploy.serving import client as client_mod
+
+    key = tmp_path / "key"
+    key.write_text("k" * 32 + "\n")
+    key.chmod(0o600)
+    made = {}
+
+    class Refusing:
+        def __init__(self, url, protocol, **kwargs):
+            made.update(kwargs)
+            raise ServerError("stop here")
+
+    monkeypatch.setattr(client_mod, "EmbedClient", Refusing)
+    img = tmp_path / "a.png"
+    Image.fromarray(synthetic_image(400, 300)).save(img)
+    argv = ["vllm-cache", "--checkpoint", str(tiny_fp32), "--dir", str(tmp_path / "ec"), "--image", str(img)]
+    assert main([*argv, "--server", "h:8001", "--api-key-file", str(key), "--tls", "-q"]) == 2
+    assert made["api_key"] == "k" * 32 and made["tls"] is True

@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..handoff.vllm.cache import DTYPES, Retention
 from ..handoff.vllm.router import RouterLimits
 from .args import NON_NEGATIVE_FLOAT, PORT, POSITIVE, POSITIVE_FLOAT, float_in
-from .options import add_common, add_service
+from .options import add_client_security, add_common, add_service
 
 log = logging.getLogger(__name__)
 _MIB = 1 << 20
@@ -39,6 +39,7 @@ def _add_sglang(sub: argparse._SubParsersAction) -> None:
         formatter_class=p.formatter_class,
     )
     add_service(t, old_name="--url")
+    add_client_security(t)
     t.add_argument("--timeout", type=POSITIVE_FLOAT, default=60.0, help="seconds one embedding request may take")
     t.add_argument("--tokenizer", required=True, help="folder with the checkpoint's tokenizer (tokenizer.json)")
     t.add_argument("--prompt", required=True, help="prompt text with one <im_patch> where each --image goes")
@@ -60,13 +61,11 @@ def run_sglang(args: argparse.Namespace, progress: bool) -> int:
     """Embed ``--image`` through the service, write the ``/generate`` body to ``--out``."""
     from ..files import atomic_path, check_output_file, check_replaceable_json, refuse_inputs
     from ..handoff.sglang import generate_body, load_tokenizer
-    from ..serving.client import EmbedClient
-
     out = check_output_file(args.out, "--out")
     refuse_inputs({"--out": out}, {"--image": args.image, "--tokenizer": args.tokenizer})
     check_replaceable_json(out, "--out", {"input_ids", "sampling_params"})
     tokenizer = load_tokenizer(args.tokenizer)
-    with EmbedClient(args.server, args.protocol, timeout=args.timeout) as client:
+    with _client(args, timeout=args.timeout) as client:
         embeddings = [client.embed(image, dtype=args.dtype) for image in args.image]
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     body = generate_body(args.prompt, embeddings, tokenizer, sampling)
@@ -76,6 +75,21 @@ def run_sglang(args: argparse.Namespace, progress: bool) -> int:
     log.info("wrote %s: %d input ids, %d image rows (%s)", out, len(body["input_ids"]), rows, args.dtype)
     print(args.out)
     return 0
+
+
+def _client(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """The service's client with the key and TLS of ``add_client_security``'s options."""
+    from ..serving.auth import read_optional_api_key
+    from ..serving.client import EmbedClient
+
+    return EmbedClient(
+        args.server,
+        args.protocol,
+        api_key=read_optional_api_key(args.api_key_file),
+        tls=args.tls or args.tls_ca is not None,
+        root_certificates=args.tls_ca,
+        **kwargs,
+    )
 
 
 # -- vLLM: vllm-cache, epd-router ------------------------------------------------------------------
@@ -103,12 +117,20 @@ def _add_vllm_options(p: argparse.ArgumentParser) -> None:
         help="retention: keep our files under this many GB, oldest removed first "
         f"(default {Retention.max_bytes / 1e9:g}; 0: no limit)",
     )
+    p.add_argument(
+        "--min-age-s",
+        type=float_in(0, 1e9),
+        default=Retention.min_age_s,
+        help="retention: never remove a file younger than this, so vLLM can load what it just found; the "
+        f"router needs at least its upstream timeout (default {Retention.min_age_s:g})",
+    )
 
 
 def _add_vllm_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vllm-cache", help="embed images and write vLLM encoder-cache files (ec_consumer input)")
     _add_vllm_options(p)
     add_service(p, required=False)
+    add_client_security(p)
     p.add_argument(
         "--backend",
         choices=["trt", "onnx", "torch"],
@@ -131,6 +153,7 @@ def _add_epd_router(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("epd-router", help="OpenAI-compatible front: embed via the service, forward to vLLM by ID")
     _add_vllm_options(p)
     add_service(p)
+    add_client_security(p)
     p.add_argument("--vllm-url", required=True, help="vLLM's OpenAI server (ec_consumer), http://HOST:PORT (required)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=PORT, default=8100, help="port to listen on (default 8100)")
@@ -163,13 +186,16 @@ def _producer(args: argparse.Namespace) -> tuple[Any, Callable[[], bool], Callab
     from ..handoff.vllm.cache import VllmCacheWriter
     from ..handoff.vllm.producer import VllmProducer
 
-    tokens = Step37Config.from_checkpoint(args.checkpoint).tokens
-    retention = Retention(max_age_s=args.max_age_s or None, max_bytes=int(args.max_gb * 1e9) or None)
-    writer = VllmCacheWriter(args.dir, dtype=args.dtype, retention=retention)
+    config = Step37Config.from_checkpoint(args.checkpoint)
+    retention = Retention(
+        max_age_s=args.max_age_s or None, max_bytes=int(args.max_gb * 1e9) or None, min_age_s=args.min_age_s
+    )
+    writer = VllmCacheWriter(
+        args.dir, args.dtype, retention, weights=_weights_identity(args.checkpoint), hidden=config.text_hidden_size
+    )
+    tokens = config.tokens
     if args.server:
-        from ..serving.client import EmbedClient
-
-        client = EmbedClient(args.server, args.protocol)
+        client = _client(args)
         return VllmProducer(client.embed_many, writer, tokens, args.mismatch), client.is_ready, client.close
     if getattr(args, "backend", None) is None:
         raise InputError("give --server HOST:PORT (the embedding service) or --backend (embed in process)")
@@ -179,11 +205,25 @@ def _producer(args: argparse.Namespace) -> tuple[Any, Callable[[], bool], Callab
     return VllmProducer(emb.embed_images, writer, tokens, args.mismatch), lambda: True, lambda: None
 
 
+def _weights_identity(checkpoint: str) -> str:
+    """What names the vision weights in the files' identity: their fingerprint, or (a checkpoint
+    folder without weights, used only for its token ids beside ``--server``) its config's hash."""
+    import hashlib
+
+    from ..checkpoint import weights_fingerprint
+    from ..errors import Step37Error
+
+    try:
+        return weights_fingerprint(checkpoint)
+    except Step37Error as exc:
+        log.warning("no vision weights in %s (%s): files are identified by its config.json alone", checkpoint, exc)
+        return "config-" + hashlib.sha256((Path(checkpoint) / "config.json").read_bytes()).hexdigest()
+
+
 def run_vllm_cache(args: argparse.Namespace, progress: bool) -> int:
     """One file per ``--image``; prints one JSON line per image with its ID, rows, layout and the
     ``multi_modal_uuids`` to send."""
     from ..files import os_reason
-    from ..handoff.vllm.cache import content_id
 
     if args.id is not None and len(args.id) != len(args.image):
         raise InputError(f"{len(args.id)} --id for {len(args.image)} --image: give one per image or none")
@@ -193,8 +233,8 @@ def run_vllm_cache(args: argparse.Namespace, progress: bool) -> int:
             datas.append(Path(path).read_bytes())
         except OSError as exc:
             raise InputError(f"cannot read --image {path}: {os_reason(exc)}") from None
-    ids = args.id or [content_id(d) for d in datas]
     producer, _, close = _producer(args)
+    ids = args.id or [producer.writer.content_id(d) for d in datas]
     try:
         made = producer.produce_many(datas, ids)
     finally:

