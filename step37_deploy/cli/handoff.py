@@ -61,6 +61,7 @@ def run_sglang(args: argparse.Namespace, progress: bool) -> int:
     """Embed ``--image`` through the service, write the ``/generate`` body to ``--out``."""
     from ..files import atomic_path, check_output_file, check_replaceable_json, refuse_inputs
     from ..handoff.sglang import generate_body, load_tokenizer
+
     out = check_output_file(args.out, "--out")
     refuse_inputs({"--out": out}, {"--image": args.image, "--tokenizer": args.tokenizer})
     check_replaceable_json(out, "--out", {"input_ids", "sampling_params"})
