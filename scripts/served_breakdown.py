@@ -10,7 +10,7 @@ as well, e.g. a worktree at an older commit, so a before/after comparison runs i
 one machine at one moment.  Every served answer is checked against the in-process one (rel L2).
 
 ``benchmark``: the issue's acceptance measurement: per preset and run, a fresh ``serve --cache-mb
-0`` and ``step37-deploy loadtest --in-process --rounds 2 --concurrency 1 --concurrency 8
+0 --queue-timeout-ms 600000`` and ``step37-deploy loadtest --in-process --rounds 2 --concurrency 1 --concurrency 8
 --requests 36 --tolerance 1e-4`` over gRPC; prints the served/in-process ratios of every run.
 
 Photos: six real photographs that scikit-image ships inside its wheel (``skimage/data``: no
@@ -397,7 +397,10 @@ def benchmark(args) -> int:
     for preset in args.preset or ["tiny", "small"]:
         ckpt, files = artifacts(preset, work)
         for run in range(args.runs):
-            s = Served(Path(args.code or ROOT).resolve(), ckpt, files, work, shlex.split(args.serve_args), False)
+            # A long queue timeout: on a loaded machine c=8 requests wait longer than the 5 s default for
+            # an embedder instance, and a refusal would fail the run instead of measuring it.
+            extra = ["--queue-timeout-ms", "600000", *shlex.split(args.serve_args)]
+            s = Served(Path(args.code or ROOT).resolve(), ckpt, files, work, extra, False)
             try:
                 s.wait_ready()
                 out = work / f"loadtest-{preset}-{run}.json"
