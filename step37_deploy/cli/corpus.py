@@ -13,7 +13,7 @@ import argparse
 
 from ..config import MAX_PIXELS
 from .args import POSITIVE, float_in, int_at_least
-from .options import add_client_security, add_common, add_service
+from .options import add_client_security, add_common, add_service, client_kwargs
 
 NAME = "embed-corpus"
 
@@ -122,19 +122,6 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     add_client_security(p)
 
 
-def _client_kwargs(args: argparse.Namespace) -> dict:
-    from ..serving.auth import read_api_key
-
-    key = read_api_key(args.api_key_file) if args.api_key_file else None
-    return {
-        "protocol": args.protocol,
-        "timeout": args.timeout,
-        "api_key": key,
-        "tls": args.tls,
-        "root_certificates": args.tls_ca,
-    }
-
-
 def options_from_args(args: argparse.Namespace):  # -> CorpusOptions (imported here: --help stays light)
     from ..corpus.compute import EngineSpec
     from ..corpus.run import CorpusOptions
@@ -147,7 +134,7 @@ def options_from_args(args: argparse.Namespace):  # -> CorpusOptions (imported h
         device=args.device,
         provider=args.provider,
         server=args.server,
-        client=_client_kwargs(args) if args.server else {},
+        client={**client_kwargs(args), "timeout": args.timeout} if args.server else {},
         concurrency=args.concurrency,
         max_pixels=args.max_pixels,
         batch=args.batch,

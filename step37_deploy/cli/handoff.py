@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..handoff.vllm.cache import DTYPES, Retention
 from ..handoff.vllm.router import RouterLimits
 from .args import NON_NEGATIVE_FLOAT, PORT, POSITIVE, POSITIVE_FLOAT, float_in
-from .options import add_client_security, add_common, add_service
+from .options import add_client_security, add_common, add_service, client_kwargs
 
 log = logging.getLogger(__name__)
 _MIB = 1 << 20
@@ -80,17 +80,9 @@ def run_sglang(args: argparse.Namespace, progress: bool) -> int:
 
 def _client(args: argparse.Namespace, **kwargs: Any) -> Any:
     """The service's client with the key and TLS of ``add_client_security``'s options."""
-    from ..serving.auth import read_optional_api_key
     from ..serving.client import EmbedClient
 
-    return EmbedClient(
-        args.server,
-        args.protocol,
-        api_key=read_optional_api_key(args.api_key_file),
-        tls=args.tls or args.tls_ca is not None,
-        root_certificates=args.tls_ca,
-        **kwargs,
-    )
+    return EmbedClient(args.server, **client_kwargs(args), **kwargs)
 
 
 # -- vLLM: vllm-cache, epd-router ------------------------------------------------------------------

@@ -62,6 +62,19 @@ def add_client_security(p: argparse.ArgumentParser) -> None:
     )
 
 
+def client_kwargs(args: argparse.Namespace) -> dict:
+    """``EmbedClient``'s protocol, key and TLS from ``add_service``/``add_client_security``'s options
+    (a plain dict: the corpus job hands it to its worker processes)."""
+    from ..serving.auth import read_optional_api_key
+
+    return {
+        "protocol": args.protocol,
+        "api_key": read_optional_api_key(args.api_key_file),
+        "tls": args.tls or args.tls_ca is not None,
+        "root_certificates": args.tls_ca,
+    }
+
+
 # -- runners and artifacts ------------------------------------------------------------------------
 def add_runner_options(p: argparse.ArgumentParser, torch_default: list[str] | None, torch_help: str) -> None:
     """The runners ``compare`` and ``bench`` take (built by ``backends.factory.runners_from_args``)."""
