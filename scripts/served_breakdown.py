@@ -410,7 +410,7 @@ def benchmark(args) -> int:
                     "-m",
                     "step37_deploy.cli",
                     "loadtest",
-                    "--url",
+                    "--server",
                     f"127.0.0.1:{s.ports['grpc']}",
                     "--protocol",
                     "grpc",

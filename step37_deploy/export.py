@@ -245,6 +245,21 @@ def _finalise_graph(
     return total
 
 
+def _check_target(
+    cfg: Step37Config, checkpoint_dir, out_dir: Path, precision: str, resolution: int, opset: int, input_kind: str
+) -> str:
+    """The request, and where it goes: the file name, in a usable folder, replacing only an export
+    this tool wrote and never an input.  Checked before minutes of tracing."""
+    validate_request(cfg, precision, resolution, opset, input_kind)
+    check_output_dir(out_dir, "--out")
+    name = onnx_filename(precision, resolution, input_kind)
+    refuse_inputs(
+        {"output": out_dir / name, "external data": out_dir / (name + ".data")}, {"--checkpoint": checkpoint_dir}
+    )
+    check_replaceable_exports(out_dir, [name])
+    return name
+
+
 def export_onnx(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -268,14 +283,8 @@ def export_onnx(
     skips it with a warning) and protect the tensors that would leave the FP16 range."""
     started = time.perf_counter()
     cfg = Step37Config.from_checkpoint(checkpoint_dir)
-    validate_request(cfg, precision, resolution, opset, input_kind)
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, "--out")
-    name = onnx_filename(precision, resolution, input_kind)
-    refuse_inputs(
-        {"output": out_dir / name, "external data": out_dir / (name + ".data")}, {"--checkpoint": checkpoint_dir}
-    )
-    check_replaceable_exports(out_dir, [name])
+    name = _check_target(cfg, checkpoint_dir, out_dir, precision, resolution, opset, input_kind)
     grid = cfg.vision.grid(resolution, resolution)
     num_tokens = cfg.vision.num_output_tokens(resolution, resolution)
     refs = vision_refs(checkpoint_dir)
@@ -288,17 +297,12 @@ def export_onnx(
     log.info("tracing %s graph for %dx%d (grid %dx%d)", precision, resolution, resolution, *grid)
     ir_model = _trace(model, resolution, opset)
     source = WeightSource(refs, cfg, grid, PRECISIONS[precision], policy)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(unit="B", unit_scale=True, desc=f"writing {name}")
+    bar = tqdm(unit="B", unit_scale=True, desc=f"writing {name}", disable=not progress)
     try:
-        weight_bytes = _finalise_graph(
-            ir_model, source, num_tokens, cfg.vision.output_dim, bar.update if bar is not None else None
-        )
-        if bar is not None:
-            bar.total = weight_bytes
+        weight_bytes = _finalise_graph(ir_model, source, num_tokens, cfg.vision.output_dim, bar.update)
+        bar.total = weight_bytes
         ir_model.producer_name = "step37-deploy"
         ir_model.producer_version = __version__
         ir_model.metadata_props.update(
@@ -314,8 +318,7 @@ def export_onnx(
         )
         _save_checked(ir_model, final, data_name, num_tokens, cfg.vision.output_dim)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     seconds = time.perf_counter() - started
     log.info("wrote %s (%.1f MB of weights) in %.1fs", final, weight_bytes / 1e6, seconds)
     return ExportResult(

@@ -358,6 +358,104 @@ def _with_language_model(cfg: Step37Config) -> tuple[Step37Config, dict]:
     return cfg, config
 
 
+Entry = tuple[str, tuple[int, ...], bool]  # tensor name, shape, real (False: a never-read decoy)
+
+
+def _interleave(real: dict, decoys: dict, lm: dict) -> list[Entry]:
+    """Decoys between real tensors, so that every shard mixes both kinds (a reader that reads a
+    whole shard reads decoys); the language model's tensors count as real values."""
+    entries: list[Entry] = []
+    real_items, decoy_items = list(real.items()), list(decoys.items())
+    step = max(1, len(real_items) // max(1, len(decoy_items)))
+    for i, (k, s) in enumerate(real_items):
+        entries.append((k, s, True))
+        if i % step == 0 and decoy_items:
+            dk, ds = decoy_items.pop(0)
+            entries.append((dk, ds, False))
+    entries.extend((k, s, False) for k, s in decoy_items)
+    return [(k, s, real or k in lm) for k, s, real in entries]
+
+
+def _group(entries: list[Entry], shards: int, itemsize: int) -> list[list[Entry]]:
+    """``entries`` in order in ``shards`` groups of about equal bytes (some empty for tiny configs)."""
+    per_shard = sum(math.prod(s) for _, s, _ in entries) * itemsize / shards
+    groups: list[list[Entry]] = [[]]
+    acc = 0
+    for entry in entries:
+        if acc >= per_shard * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(entry)
+        acc += math.prod(entry[1]) * itemsize
+    while len(groups) < shards:
+        groups.append([])
+    return groups
+
+
+def _check_target(out: Path, shards: int, decoy_ratio: float, overwrite: bool) -> None:
+    """The arguments, and ``out``: new, or a checkpoint this tool wrote when ``overwrite``."""
+    if shards < 1:
+        raise CheckpointError(f"--shards must be >= 1, got {shards}")
+    if not 0 <= decoy_ratio <= 100:
+        raise CheckpointError(f"decoy ratio must be in [0, 100], got {decoy_ratio}")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"--out {out} already exists; remove it or pass --overwrite")
+        check_replaceable(out)
+    check_output_dir(out.parent, "--out", out)
+    ensure_dir(out.parent, f"--out {out}")
+
+
+def _shard_tensors(group: list[Entry], i: int, lm: dict, gen, cfg: Step37Config, massive: bool, tdtype) -> dict:
+    """One shard's tensors: values drawn from ``gen`` in order, zeros for decoys (never read), and a
+    tiny decoy in an empty group (a shard must hold something)."""
+    tensors = {}
+    for key, shape, is_real in group:
+        if key in lm:
+            tensors[key] = _init_lm_tensor(key, shape, gen).to(tdtype)
+        elif is_real:
+            value = _init_tensor(key, shape, gen)
+            tensors[key] = (_massive(key, value, cfg) if massive else value).to(tdtype)
+        else:
+            tensors[key] = torch.zeros(shape, dtype=tdtype)
+    return tensors or {f"model.layers.pad{i}.weight": torch.zeros(8, dtype=tdtype)}
+
+
+def _write_shards(tmp: Path, groups: list[list[Entry]], spec: dict, bar) -> dict[str, str]:
+    """Every shard into ``tmp`` (decoys punched into holes where the file system allows; where it
+    does not, the rest must fit in full); returns the weight map."""
+    gen = torch.Generator().manual_seed(spec["seed"])
+    weight_map: dict[str, str] = {}
+    sparse, shards, itemsize = True, len(groups), spec["itemsize"]
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = _shard_tensors(group, i, spec["lm"], gen, spec["cfg"], spec["massive"], spec["tdtype"])
+        weight_map.update(dict.fromkeys(tensors, fname))
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        apply_umask(tmp / fname)  # safetensors creates 0600
+        if sparse and not punch_holes(tmp / fname, [k for k, _, real in group if not real]):
+            sparse = False
+            check_free_space(tmp, sum(math.prod(sh) for g in groups[i + 1 :] for _, sh, _ in g) * itemsize)
+        if bar is not None:
+            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
+        del tensors
+    return weight_map
+
+
+def _write_metadata(tmp: Path, cfg: Step37Config, config_json: dict, index: dict, marker: dict) -> None:
+    """The index, config, tokenizer files (a real tiny tokenizer with the language model) and our marker."""
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
+    if marker["with_language_model"]:
+        tokenizer, tokenizer_config = lm_tokenizer_files(cfg.tokens)
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        (tmp / REMOTE_CONFIG_FILE).write_text(REMOTE_CONFIG_SOURCE)
+    else:
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(cfg), indent=2))
+    files = sorted([*(p.name for p in tmp.iterdir()), MARKER])
+    (tmp / MARKER).write_text(json.dumps({**marker, "files": files}, indent=2))
+
+
 def make_checkpoint(
     out: str | Path,
     preset_name: str = "tiny",
@@ -373,123 +471,45 @@ def make_checkpoint(
 ) -> Path:
     """Write a synthetic checkpoint for ``preset_name`` (or ``cfg``) to ``out``; returns ``out``.
 
-    ``decoy_ratio`` sets the decoy language-model bytes relative to the vision bytes (0 writes
-    none).  The free space next to ``out`` is checked before anything is written: a release-size
-    checkpoint is several GB, and running out of disk halfway would only waste minutes.
-    ``massive_activations`` writes a stress checkpoint (:func:`_massive`): a few residual channels
-    far above FP16's range, which the FP16 export's calibration must find and protect.
-    ``with_language_model`` adds a real tiny language model instead of decoys (see
-    :func:`lm_text_config`): a full checkpoint that ``transformers`` and vLLM load, whose language
-    tensors the vision readers must still never read.
-    """
+    ``decoy_ratio``: decoy language-model bytes over vision bytes (0: none).  The free space is
+    checked first: a release-size checkpoint is GBs, and a full disk halfway only wastes minutes.
+    ``massive_activations``: a stress checkpoint (:func:`_massive`), a few residual channels far
+    above FP16's range, which the FP16 export's calibration must find and protect.
+    ``with_language_model``: a real tiny language model instead of decoys (:func:`lm_text_config`),
+    which ``transformers`` and vLLM load and the vision readers must still never read."""
     cfg = cfg or preset(preset_name)
     config_json = cfg.to_dict()
     if with_language_model:
         cfg, config_json = _with_language_model(cfg)
     tdtype = parse_dtype(dtype)
     out = Path(out)
-    if shards < 1:
-        raise CheckpointError(f"--shards must be >= 1, got {shards}")
-    if not 0 <= decoy_ratio <= 100:
-        raise CheckpointError(f"decoy ratio must be in [0, 100], got {decoy_ratio}")
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise CheckpointError(f"--out {out} already exists; remove it or pass --overwrite")
-        check_replaceable(out)
-    check_output_dir(out.parent, "--out", out)
-    ensure_dir(out.parent, f"--out {out}")
+    _check_target(out, shards, decoy_ratio, overwrite)
     itemsize = torch.empty((), dtype=tdtype).element_size()
-
     real = vision_shapes(cfg)
     vision_bytes = sum(math.prod(s) for s in real.values()) * itemsize
     # The language model's tensors take the decoys' place: real values, interleaved the same way.
     lm = lm_shapes(config_json["text_config"]) if with_language_model else {}
-    decoys = lm or dict(_decoys(cfg, vision_bytes, itemsize, decoy_ratio))
-    # Interleave decoys between real tensors so that every shard mixes both kinds.
-    entries: list[tuple[str, tuple[int, ...], bool]] = []
-    real_items, decoy_items = list(real.items()), list(decoys.items())
-    step = max(1, len(real_items) // max(1, len(decoy_items)))
-    for i, (k, s) in enumerate(real_items):
-        entries.append((k, s, True))
-        if i % step == 0 and decoy_items:
-            dk, ds = decoy_items.pop(0)
-            entries.append((dk, ds, False))
-    entries.extend((k, s, False) for k, s in decoy_items)
-    entries = [(k, s, real or k in lm) for k, s, real in entries]
-
+    entries = _interleave(real, lm or dict(_decoys(cfg, vision_bytes, itemsize, decoy_ratio)), lm)
     total = sum(math.prod(s) for _, s, _ in entries) * itemsize
-    per_shard = total / shards
-    groups: list[list[tuple[str, tuple[int, ...], bool]]] = [[]]
-    acc = 0
-    for entry in entries:
-        if acc >= per_shard * len(groups) and len(groups) < shards:
-            groups.append([])
-        groups[-1].append(entry)
-        acc += math.prod(entry[1]) * itemsize
-    while len(groups) < shards:  # tiny configs: keep the requested shard count
-        groups.append([])
-
+    groups = _group(entries, shards, itemsize)
     # With holes punched, the disk holds the vision bytes plus one shard's decoys at a time.
     shard_decoys = [sum(math.prod(sh) for _, sh, real in g if not real) * itemsize for g in groups]
     check_free_space(out.parent, total - sum(shard_decoys) + max(shard_decoys))
-    sparse = True
+    spec = {"seed": seed, "itemsize": itemsize, "lm": lm, "cfg": cfg, "massive": massive_activations, "tdtype": tdtype}
+    marker = {
+        "written_by": WRITTEN_BY, "preset": preset_name, "dtype": dtype, "seed": seed, "shards": shards,
+        "massive_activations": massive_activations, "with_language_model": with_language_model,
+    }  # fmt: skip
     tmp = temp_sibling(out, directory=True)
     try:
-        gen = torch.Generator().manual_seed(seed)
-        weight_map: dict[str, str] = {}
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {preset_name} checkpoint")
-        for i, group in enumerate(groups):
-            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            tensors = {}
-            for key, shape, is_real in group:
-                # decoys are zeros: never read, and punched into holes below
-                if key in lm:
-                    tensors[key] = _init_lm_tensor(key, shape, gen).to(tdtype)
-                elif is_real:
-                    value = _init_tensor(key, shape, gen)
-                    tensors[key] = (_massive(key, value, cfg) if massive_activations else value).to(tdtype)
-                else:
-                    tensors[key] = torch.zeros(shape, dtype=tdtype)
-                weight_map[key] = fname
-            if not tensors:  # a shard must hold something: a tiny decoy
-                key = f"model.layers.pad{i}.weight"
-                tensors[key] = torch.zeros(8, dtype=tdtype)
-                weight_map[key] = fname
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            apply_umask(tmp / fname)  # safetensors creates 0600
-            if sparse and not punch_holes(tmp / fname, [k for k, _, real in group if not real]):
-                sparse = False  # this file system keeps the zeros: the rest must fit in full
-                check_free_space(tmp, sum(math.prod(sh) for g in groups[i + 1 :] for _, sh, _ in g) * itemsize)
-            if bar is not None:
-                bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
-            del tensors
-        if bar is not None:
-            bar.close()
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"writing {preset_name} checkpoint", disable=not progress
+        ) as bar:
+            weight_map = _write_shards(tmp, groups, spec, bar)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
-        if with_language_model:
-            tokenizer, tokenizer_config = lm_tokenizer_files(cfg.tokens)
-            (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2))
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-            (tmp / REMOTE_CONFIG_FILE).write_text(REMOTE_CONFIG_SOURCE)
-        else:
-            (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(cfg), indent=2))
-        files = sorted([*(p.name for p in tmp.iterdir()), MARKER])
-        marker = {
-            "written_by": WRITTEN_BY,
-            "preset": preset_name,
-            "dtype": dtype,
-            "seed": seed,
-            "shards": shards,
-            "massive_activations": massive_activations,
-            "with_language_model": with_language_model,
-        }
-        (tmp / MARKER).write_text(json.dumps({**marker, "files": files}, indent=2))
+        _write_metadata(tmp, cfg, config_json, index, marker)
         if out.exists():
             log.warning("replacing %s, a synthetic checkpoint this tool wrote (%s)", out, _describe(out))
         replace_dir(tmp, out)
