@@ -294,14 +294,16 @@ def test_tritonserver_gets_a_private_dev_shm_where_the_platform_allows(procs, ca
     proc, private = shm.launch([PY, "-c", _MAKE_REGION], True, 0o077, stdout=subprocess.PIPE, text=True)
     procs.append(proc)
     mode = proc.stdout.readline().strip()
-    name = f"step37_probe_{proc.pid}"
-    if not allowed:
-        assert not private and "a private one cannot be made here" in caplog.text
-        (shm.SHM_DIR / name).unlink()
-        pytest.skip(f"no private /dev/shm on this machine: {caplog.text.strip()}")
-    assert private and shm.private_shm(proc.pid) and mode == "0o700"
-    assert not (shm.SHM_DIR / name).exists()  # never in the host's /dev/shm, not even for a moment
-    assert (Path(f"/proc/{proc.pid}/root/dev/shm") / name).exists()
+    host = shm.SHM_DIR / f"step37_probe_{proc.pid}"
+    try:
+        if not allowed:
+            assert not private and "a private one cannot be made here" in caplog.text
+            pytest.skip(f"no private /dev/shm on this machine: {caplog.text.strip()}")
+        assert private and shm.private_shm(proc.pid) and mode == "0o700"
+        assert not host.exists()  # never in the host's /dev/shm, not even for a moment
+        assert (Path(f"/proc/{proc.pid}/root/dev/shm") / host.name).exists()
+    finally:
+        host.unlink(missing_ok=True)
 
 
 def test_the_fallback_is_one_logged_line_and_the_host_dev_shm(procs, caplog, monkeypatch):
