@@ -14,10 +14,11 @@ supervisor (Kubernetes, systemd) can act on:
   sleeps on their exit events (Linux pidfds: a death wakes it at once) and
   :meth:`Supervisor.check` reads their states.  Each is known by its PID *and* start time
   (:class:`~step37_deploy.process.ProcessId`): a PID the kernel gave to another process reads as
-  dead, never as alive.  Stubs are looked for from tritonserver's launch on (its threads' child
-  lists: a few small reads), and each model's stub count is compared with its ``config.pbtxt``, so
-  a stub that died before it was seen is a crash too.  A poll costs well under a millisecond of
-  CPU (a few ``/proc/PID/stat`` reads), so watching takes no measurable share of the cores;
+  dead, never as alive.  Stubs are looked for from tritonserver's launch on (the child lists of
+  its threads: 4.1 ms of CPU for 170 threads, every 0.25 s while loading, then every
+  :data:`DISCOVER_S`), and each model's stub count is compared with its ``config.pbtxt``, so a stub
+  that died before it was seen is a crash too.  A poll costs 0.35 ms of CPU (a few
+  ``/proc/PID/stat`` reads; 4 stubs, 2 workers), so watching takes no measurable share of the cores;
 * a process that exits, or stays stopped (state ``T``) longer than :data:`STALL_S`, is a crash, and
   so is a model with fewer stubs than its config asks, an nginx worker stopped that long, or a
   gateway short of workers for :data:`WORKER_RESPAWN_S` (nginx replaces a worker that dies: that is
