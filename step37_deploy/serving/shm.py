@@ -7,7 +7,7 @@ a process that opens a region in it keeps its mapping (a chmod does not revoke i
 tritonserver gets a ``/dev/shm`` of its own: :func:`launch` starts it in a new mount namespace
 (plus a user namespace when ``serve`` lacks ``CAP_SYS_ADMIN``: an unprivileged user may make both)
 with a fresh tmpfs, mode 0700, on ``/dev/shm``, as large as the host's.  Its regions never appear
-in the host's ``/dev/shm``, nothing else can open them, and the kernel frees them with the last
+in the host's ``/dev/shm``, no other user's process can open them, and the kernel frees them with the last
 process of the run (a killed run leaves none).  Triton's client shared-memory API is closed unless
 ``--allow-shared-memory`` (the regions clients register must be in the host's ``/dev/shm``), so
 the private one is used whenever that flag is off.  Where the namespaces cannot be made (a
