@@ -7,6 +7,12 @@ reboot or a busy day the PID in a leftover's name may belong to an unrelated pro
 :func:`alive` also compares the process's start time with the time the leftover was last written
 (its ``mtime``): a process that started after that cannot be its writer.
 
+A process that ``serve`` watches or signals is named by :class:`ProcessId`, its PID *and* its
+start time in clock ticks since boot (``/proc/PID/stat``, field 22): exact, unlike a wall-clock
+start time, and never the same for two processes of one boot, so a PID that the kernel has given
+to another process is never mistaken for the one ``serve`` started, and a signal goes through a
+pidfd opened and checked against that identity (:meth:`ProcessId.send`).
+
 Children that ``serve`` starts (``tritonserver``, the gateway's nginx) get :func:`child_setup` as
 ``preexec_fn``: SIGTERM when ``serve`` dies, even by SIGKILL (``PR_SET_PDEATHSIG``), and, for
 tritonserver, umask 077 so what it and its stubs create is the server user's alone.
@@ -20,6 +26,8 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 #: When this process started (wall clock): a leftover written after it may belong to a run that
 #: started before this one and is still going, so sweeps leave such files alone.
@@ -60,6 +68,98 @@ def alive(pid: int, written_at: float | None = None) -> bool:
         return True
     start = started_at(pid)
     return start is None or start <= written_at + START_TIME_SLACK_S
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """What ``/proc/PID/stat`` says of one process (one read: the fields belong together)."""
+
+    pid: int
+    state: str  # R, S, D, T (stopped), t (traced), Z (zombie), X, I...
+    ppid: int
+    pgid: int
+    start: int  # clock ticks after boot
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """``/proc/PID/stat`` of ``pid``, or None when it does not exist (or cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except (OSError, ValueError):
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces and ')': split after the last.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return ProcStat(pid, fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """One process, for as long as it lives: its PID and its start time (clock ticks after boot).
+    A PID reused by the kernel has another start time, so it is never this process."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessId | None:
+        """The process that has ``pid`` now, or None."""
+        st = proc_stat(pid)
+        return None if st is None else cls(pid, st.start)
+
+    def stat(self) -> ProcStat | None:
+        """This process's ``/proc`` stat, or None once it is gone (its PID free or reused)."""
+        st = proc_stat(self.pid)
+        return st if st is not None and st.start == self.start else None
+
+    def running(self) -> bool:
+        """It exists and has not exited (a zombie has exited)."""
+        st = self.stat()
+        return st is not None and st.state not in ("Z", "X", "x")
+
+    def send(self, sig: int) -> bool:
+        """Send ``sig`` to this process and no other: through a pidfd opened first and checked
+        against the start time (a pidfd names one process, even if its PID is reused after the
+        check).  False when it is gone.  Where pidfds are missing (Linux < 5.3), ``kill`` after the
+        same check."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return False
+        except (AttributeError, OSError):
+            fd = None
+        try:
+            if not self.running():
+                return False
+            if fd is None:
+                os.kill(self.pid, sig)
+            else:
+                signal.pidfd_send_signal(fd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def boot_id() -> str:
+    """This boot's random id (32 hex digits): process start times count from this boot only."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace: PIDs mean something only inside one (0 if unknown)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -162,3 +162,17 @@ def tiny_server(tiny_fp32, exported, tmp_path_factory) -> Iterator[ServedEmbedde
         yield ServedEmbedder(proc, ports["http"], ports["grpc"], ports["metrics"], tiny_fp32, artifacts, log)
     finally:
         stop_serve(proc)
+
+
+def private_shm_allowed() -> bool:
+    """Whether this machine lets a process mount a tmpfs on /dev/shm in a mount namespace of its
+    own (with a user namespace unless root), asked of util-linux's ``unshare`` (it makes the mount
+    private first), independently of ``serving/shm.py``; skips the test without ``unshare``."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) here to tell whether namespaces are allowed")
+    mount = ["sh", "-c", "mount -t tmpfs none /dev/shm"]
+    tries = [["unshare", "-m", *mount]] if os.geteuid() == 0 else []
+    tries.append(["unshare", "-r", "-m", *mount])
+    return any(subprocess.run(t, capture_output=True, timeout=30).returncode == 0 for t in tries)

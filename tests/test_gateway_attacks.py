@@ -39,6 +39,7 @@ psutil = pytest.importorskip("psutil")
 from step37_deploy.serving import contract as C  # noqa: E402
 from step37_deploy.serving.client import EmbedClient  # noqa: E402
 from step37_deploy.serving.gateway import find_nginx  # noqa: E402
+from step37_deploy.serving.shm import RunMark  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -115,10 +116,16 @@ def held_bytes(server: ServedEmbedder) -> int:
                     target = os.readlink(f"/proc/{p.pid}/fd/{fd}")
                     if "/client_body/" in target or "/proxy/" in target or target.endswith("(deleted)"):
                         total += os.stat(f"/proc/{p.pid}/fd/{fd}").st_blocks * 512
-    for f in Path("/dev/shm").glob(f"step37_{server.proc.pid}_*"):
+    # Its regions: in tritonserver's private /dev/shm, or in the host's (shm.py's fallback).
+    regions = {}
+    for folder in {Path("/dev/shm"), *(Path(f"/proc/{p.pid}/root/dev/shm") for p in procs)}:
         with contextlib.suppress(OSError):
-            total += f.stat().st_blocks * 512
-    return total
+            for f in folder.iterdir():
+                mark = RunMark.parse(f.name)
+                if mark is not None and mark.owner.pid == server.proc.pid:
+                    st = f.stat()
+                    regions[st.st_dev, st.st_ino] = st.st_blocks * 512
+    return total + sum(regions.values())
 
 
 class Watch:

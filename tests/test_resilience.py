@@ -28,9 +28,9 @@ import psutil
 import pytest
 
 from step37_deploy.errors import ServerError
-from step37_deploy.serving import supervise
+from step37_deploy.serving import shm, supervise
 from step37_deploy.serving.client import EmbedClient
-from tests.conftest import start_serve, stop_serve
+from tests.conftest import private_shm_allowed, start_serve, stop_serve
 
 # -- without a server ---------------------------------------------------------------------------------
 
@@ -366,16 +366,40 @@ def test_sigkill_is_a_crash_that_takes_everything_down(tiny_fp32, exported, tmp_
         stop_serve(proc)
 
 
-def test_a_stub_frozen_for_3s_is_a_crash(tiny_fp32, exported, tmp_path):
+def _gateway_workers(serve: subprocess.Popen) -> list[int]:
+    (master,) = [c for c in psutil.Process(serve.pid).children() if "nginx: master" in " ".join(c.cmdline())]
+    return sorted(c.pid for c in master.children() if c.status() != psutil.STATUS_ZOMBIE)
+
+
+def _worker_after_a_replaced_one(serve: subprocess.Popen, http_port: int) -> int:
+    """Issue 22 item 18: a killed worker that nginx replaces is no crash; returns a live worker."""
+    first = _gateway_workers(serve)
+    os.kill(first[0], signal.SIGKILL)
+    for _ in range(50):  # up to 5 s for nginx's replacement
+        if (now := _gateway_workers(serve)) != first and len(now) == len(first):
+            break
+        time.sleep(0.1)
+    time.sleep(2 * supervise.WORKER_RESPAWN_S)
+    assert serve.poll() is None and _ready(http_port) and len(_gateway_workers(serve)) == len(first)
+    return _gateway_workers(serve)[-1]
+
+
+@pytest.mark.parametrize("target", ["stub", "gateway-worker"])
+def test_a_process_frozen_for_3s_is_a_crash(tiny_fp32, exported, tmp_path, target):
     log = tmp_path / "serve.log"
-    proc, _ports = start_serve(_args(tiny_fp32, (exported[("fp32", 728)], exported[("fp32", 504)])), log)
+    proc, ports = start_serve(_args(tiny_fp32, (exported[("fp32", 728)], exported[("fp32", 504)])), log)
     try:
         workdir, prefix = _run_facts(log)
-        pid = _stub_pid(prefix, "step37_vision_504_0_0")
+        if target == "stub":
+            pid = _stub_pid(prefix, "step37_vision_504_0_0")
+        else:
+            pid = _worker_after_a_replaced_one(proc, ports["http"])
         os.kill(pid, signal.SIGSTOP)
         time.sleep(3)
         # Seen while still frozen: serve did not wait for the stub to run again.
-        assert "stalled (stopped for more than 1s)" in log.read_text(errors="replace")
+        text = log.read_text(errors="replace")
+        assert "stalled (stopped for more than 1s)" in text
+        assert target == "stub" or f"crash: gateway worker (pid {pid}) stalled" in text, text[-2000:]
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
         assert proc.wait(15) == EXIT_CRASH
@@ -432,7 +456,9 @@ def survivor(tiny_fp32, exported, tmp_path_factory):
     while _leftover_processes(prefix) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = {"workdir": workdir, "prefix": prefix, "regions": supervise.shm_regions(prefix), "pid": dead.pid}
-    assert workdir.is_dir() and left["regions"], "the killed run left nothing to sweep"
+    # A private /dev/shm (issue 22 item 5) dies with the run: nothing of it is left on the host.
+    private = "a private one cannot be made here" not in dead_log.read_text(errors="replace")
+    assert workdir.is_dir() and bool(left["regions"]) != private, "the killed run left nothing to sweep"
     log = folder / "serve.log"
     proc, ports = start_serve(_args(tiny_fp32, artifacts), log)
     try:
@@ -451,10 +477,18 @@ def test_the_next_serve_removes_a_killed_runs_leftovers(survivor):
 
 def test_shared_memory_and_repository_are_the_server_users_only(survivor):
     workdir, prefix = _run_facts(survivor["log"])
-    regions = supervise.shm_regions(prefix)
+    triton = _triton_pid(prefix)
+    # Issue 22 item 5: where the platform allows, tritonserver's regions live in a /dev/shm of its
+    # own (0700): they never exist in the host's, not even for the moment before a chmod.
+    assert shm.private_shm(triton) == private_shm_allowed()
+    if shm.private_shm(triton):
+        own = Path(f"/proc/{triton}/root/dev/shm")
+        assert own.stat().st_mode & 0o777 == 0o700 and not supervise.shm_regions(prefix)
+        regions = [r for r in own.iterdir() if r.name.startswith(prefix)]
+    else:  # the fallback: made 0600 after the fact
+        regions = supervise.shm_regions(prefix)
+        assert all(r.stat().st_mode & 0o777 == 0o600 for r in regions), [oct(r.stat().st_mode) for r in regions]
     assert len(regions) >= 4  # one per stub: two towers, two embedder instances
-    for r in regions:
-        assert r.stat().st_mode & 0o777 == 0o600, (r, oct(r.stat().st_mode))
     assert workdir.stat().st_mode & 0o777 == 0o700
     files = [p for p in workdir.rglob("*") if p.is_file() and not p.is_symlink()]
     assert files

@@ -60,12 +60,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ServerCrashed
-from ..process import child_setup
 from . import contract as C
 from .gateway import Gateway, GatewayOptions
 from .net import free_port, host_port, probe_host
 from .prepare import ServePlan, TritonInstall, bundled_tritonserver, plan_serve, private_work_folder
-from .supervise import POLL_S, Supervisor, shm_prefix
+from .shm import launch as launch_with_shm
+from .supervise import POLL_S, Supervisor, expected_stubs, shm_prefix
 from .threads import ThreadPlan, thread_options
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class TritonServer:
         # new every run, known to this process only, sent by drain() alone, never logged.
         self.admin_key = secrets.token_urlsafe(32)
         self.proc: subprocess.Popen | None = None
-        self.shm_prefix = shm_prefix(os.getpid(), self.http_port)
+        self.shm_prefix = shm_prefix()
+        self.private_shm = False  # set by launch(): tritonserver has a /dev/shm of its own (shm.py)
 
     @property
     def http_url(self) -> str:
@@ -225,17 +226,15 @@ class TritonServer:
         return " ".join(cmd).replace(self.admin_key, "<redacted>")
 
     def launch(self) -> subprocess.Popen:
-        """Start tritonserver (its own process group, umask 077, SIGTERM when this process dies)."""
+        """Start tritonserver (its own process group, umask 077, SIGTERM when this process dies, and
+        a private /dev/shm unless ``allow_shared_memory`` or the platform forbids it: ``shm.py``)."""
         cmd = self.command()
         log.info("starting %s", self.redacted(cmd))
         # umask 077: what tritonserver and its stubs create is the server user's alone
-        self.proc = subprocess.Popen(
-            cmd,
-            env=server_env(self.install, threads=self.threads),
-            cwd=self.workdir,
-            start_new_session=True,
-            preexec_fn=child_setup(0o077),
-        )
+        self.proc, self.private_shm = launch_with_shm(
+            cmd, not self.allow_shared_memory, 0o077,
+            env=server_env(self.install, threads=self.threads), cwd=self.workdir, start_new_session=True,
+        )  # fmt: skip
         return self.proc
 
     def start(self, timeout_s: float = 300.0, should_stop=lambda: False) -> TritonServer:
@@ -260,8 +259,9 @@ class TritonServer:
                 )
             if should_stop():
                 return
-            if supervisor is not None:
+            if supervisor is not None:  # stubs are watched from their start (a later death is then seen)
                 supervisor.protect_shm()
+                supervisor.discover()
             if time.monotonic() > deadline:
                 self.stop()
                 raise BackendUnavailable(f"tritonserver was not ready within {timeout_s:.0f}s (its log above says why)")
@@ -382,7 +382,9 @@ class ServeRun:
             p.log_verbose, allow_shared_memory=p.allow_shared_memory, grpc_tls=tls, threads=threads,
         )  # fmt: skip
         self.supervisor = Supervisor(self.server.shm_prefix)
+        self.supervisor.expect_stubs(expected_stubs(repo))
         self.server.launch()
+        self.supervisor.private_shm = self.server.private_shm
         self.supervisor.watch("tritonserver", self.server.proc, front=True, stubs=True)
         self.server.wait_ready(ready_timeout_s, should_stop=lambda: self.stopping, supervisor=self.supervisor)
 
@@ -396,7 +398,7 @@ class ServeRun:
         listen = {name: port or free_port(probe) for name, port in p.ports.items()}
         upstream = {"http": server.http_port, "grpc": server.grpc_port, "metrics": server.metrics_port}
         self.front = Gateway(workdir, p.host, listen, upstream, p.gateway, p.nginx).start()
-        self.supervisor.watch("gateway", self.front.proc, front=True)
+        self.supervisor.watch("gateway", self.front.proc, front=True, workers=self.front.options.worker_processes)
 
     def report_ready(self, repo: Path) -> None:
         """Shared memory made private and the stubs watched, then one line: where to connect."""

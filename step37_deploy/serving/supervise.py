@@ -8,27 +8,36 @@ tritonserver abort or segfault a moment later.  Neither can be healed from outsi
 reloading models through the API that must stay closed to clients, so ``serve`` does what a
 supervisor (Kubernetes, systemd) can act on:
 
-* :class:`Supervisor` watches every process (tritonserver and every stub it spawned, each named by
-  its model and instance, read from the stub's command line, plus whatever else
-  :meth:`Supervisor.watch` is given, such as a gateway): :meth:`Supervisor.wait` sleeps on their
-  exit events (Linux pidfds: a death wakes it at once) and :meth:`Supervisor.check` reads their
-  states.  A poll costs well under a millisecond of CPU (it reads a few ``/proc/PID/stat`` files;
-  the scan of every process for new stubs, 2.9 ms of CPU each time on a quiet machine, runs only
-  every :data:`DISCOVER_S`), so watching takes no measurable share of the cores the service runs on;
-* a process that exits, or stays stopped (state ``T``) longer than :data:`STALL_S`, is a crash:
-  :meth:`Supervisor.check` returns one line naming it;
+* :class:`Supervisor` watches every process (tritonserver and every instance stub it spawned, each
+  named by its model and instance, read from the stub's command line, the gateway's nginx master
+  and its workers, plus whatever else :meth:`Supervisor.watch` is given): :meth:`Supervisor.wait`
+  sleeps on their exit events (Linux pidfds: a death wakes it at once) and
+  :meth:`Supervisor.check` reads their states.  Each is known by its PID *and* start time
+  (:class:`~step37_deploy.process.ProcessId`): a PID the kernel gave to another process reads as
+  dead, never as alive.  Stubs are looked for from tritonserver's launch on (the child lists of
+  its threads: 4.1 ms of CPU for 170 threads, every 0.25 s while loading, then every
+  :data:`DISCOVER_S`), and each model's stub count is compared with its ``config.pbtxt``, so a stub
+  that died before it was seen is a crash too.  A poll costs 0.35 ms of CPU (a few
+  ``/proc/PID/stat`` reads; 4 stubs, 2 workers), so watching takes no measurable share of the cores;
+* a process that exits, or stays stopped (state ``T``) longer than :data:`STALL_S`, is a crash, and
+  so is a model with fewer stubs than its config asks, an nginx worker stopped that long, or a
+  gateway short of workers for :data:`WORKER_RESPAWN_S` (nginx replaces a worker that dies: that is
+  fine once the new one runs): :meth:`Supervisor.check` returns one line naming it;
 * :meth:`Supervisor.kill_all` then takes the listening front down first (SIGKILL, so readiness stops
   answering at once), SIGTERMs the rest, and SIGKILLs what is left after a short grace, including
-  stubs that ignore SIGTERM or are frozen; ``serve`` exits with the crash code.
+  stubs that ignore SIGTERM or are frozen; ``serve`` exits with the crash code.  It runs once (every
+  exit path calls it; the second call does nothing) and signals only what is provably this
+  server's, through pidfds checked against the start time: never a process group whose leader is
+  gone (its number may be another group's by then).
 
-It also keeps request data private: the Python backend (boost.interprocess) creates its shared
-memory regions with mode 0644 whatever the umask, so :meth:`Supervisor.protect_shm` sets every
-region of this server to 0600 as soon as it sees it (the regions only carry request data after the
-models are loaded, and ``serve`` checks them before it reports ready).
+Shared memory (``shm.py``): tritonserver gets a private ``/dev/shm`` where the platform allows;
+elsewhere :meth:`Supervisor.protect_shm` sets every region of this server to 0600 as soon as it
+sees it (the regions only carry request data after the models are loaded, and ``serve`` checks
+them before it reports ready).
 
 :func:`sweep_dead_runs` is the other half of "a killed run's leftovers are cleaned by the next
-run": shared-memory regions (``step37_{serve pid}_{port}_...``) and orphaned stubs of a ``serve``
-that is gone.
+run": orphaned stubs and shared-memory regions of a ``serve`` that is provably gone
+(:class:`~.shm.RunMark`: same boot, same PID namespace, its PID and start time no longer run).
 """
 
 from __future__ import annotations
@@ -36,15 +45,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import select
 import signal
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..process import PROCESS_START, alive
+from ..process import ProcessId, ProcStat, proc_stat
+from .shm import SHM_DIR, RunMark, remove_shm, shm_regions, sweep_regions  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +63,28 @@ log = logging.getLogger(__name__)
 STALL_S = 1.0
 #: How often the watched processes' states are read (a death is seen at once through its pidfd).
 POLL_S = 0.2
-#: How often :meth:`Supervisor.check` looks for stubs spawned since (a scan of every process): stubs
-#: are spawned while the models load, which ``serve`` covers with an explicit :meth:`~Supervisor.discover`.
+#: How often :meth:`Supervisor.check` looks for stubs spawned since (a read of tritonserver's
+#: threads' child lists): stubs are spawned while the models load, which ``serve`` covers with
+#: :meth:`~Supervisor.discover` on every poll until ready.
 DISCOVER_S = 10.0
 #: Between SIGTERM and SIGKILL when the process tree is taken down.
 KILL_GRACE_S = 3.0
-#: Where POSIX shared memory lives on Linux.
-SHM_DIR = Path("/dev/shm")
+#: How long a gateway may run fewer workers than it was started with: nginx replaces a worker that
+#: dies within milliseconds, so a longer shortfall means it cannot.
+WORKER_RESPAWN_S = 2.0
 #: The Python backend's stub executable.
 STUB_NAME = "triton_python_backend_stub"
-_SHM_RE = re.compile(r"^step37_(\d+)_(\d+)_")
+_STOPPED = ("T", "t")
+_EXITED = ("Z", "X", "x")
+_HAVE_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
-def shm_prefix(serve_pid: int, port: int) -> str:
-    """The Python-backend shared-memory prefix of one server (``--backend-config=python,
-    shm-region-prefix-name=...``): servers side by side never share regions, and the next run can
-    tell a dead run's regions by its PID."""
-    return f"step37_{serve_pid}_{port}_"
+def shm_prefix() -> str:
+    """A new run's Python-backend shared-memory prefix (``--backend-config=python,
+    shm-region-prefix-name=...``): boot, PID namespace, this ``serve``'s PID and start time, and
+    random bits (:class:`~.shm.RunMark`), so servers side by side never share regions and a sweep can
+    prove a run dead."""
+    return RunMark.new().prefix
 
 
 def stub_identity(cmdline: list[str]) -> tuple[str, str] | None:
@@ -83,6 +98,32 @@ def stub_identity(cmdline: list[str]) -> tuple[str, str] | None:
     return model, instance
 
 
+def instance_stub(cmdline: list[str]) -> tuple[str, str] | None:
+    """(model, instance) of a stub that serves a model instance; None for any other process,
+    including the two the backend starts and ends itself while a model loads: the stub run with no
+    argument (a permission check) and the auto-complete stub (named by the model, not an instance)."""
+    ident = stub_identity(cmdline)
+    if ident is None or len(cmdline) < 9 or ident[1] == ident[0]:
+        return None
+    return ident
+
+
+def expected_stubs(repository: str | Path) -> dict[str, int]:
+    """How many stubs each Python-backend model of ``repository`` runs once loaded: the counts of
+    its CPU instance groups (``config.pbtxt``).  A model with another kind of group (GPU: its count
+    depends on the devices) is left out."""
+    from .configs import parse_config
+
+    out = {}
+    for path in sorted(Path(repository).glob("*/config.pbtxt")):
+        cfg = parse_config(path)
+        groups = list(cfg.instance_group)
+        if cfg.backend != "python" or not groups or any(type(g).Kind.Name(g.kind) != "KIND_CPU" for g in groups):
+            continue
+        out[cfg.name or path.parent.name] = sum(max(g.count, 1) for g in groups)
+    return out
+
+
 def _describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "exited"
@@ -94,103 +135,197 @@ def _describe_exit(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def _pids() -> list[int]:
+    """Every PID this process can see."""
+    try:
+        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+
+
+def _children(parent: ProcessId) -> list[ProcStat]:
+    """The children of ``parent`` (provably: each one's parent is ``parent``, checked after it was
+    read), from every thread's ``/proc/PID/task/TID/children`` (a child is listed under the thread
+    that forked it); a scan of every process where that file is missing."""
+    pids: list[int] = []
+    if _HAVE_CHILDREN:
+        try:
+            tids = os.listdir(f"/proc/{parent.pid}/task")
+        except OSError:
+            tids = []
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{parent.pid}/task/{tid}/children") as fh:
+                pids += [int(x) for x in fh.read().split()]
+    else:
+        pids = _pids()
+    out = [st for st in map(proc_stat, pids) if st is not None and st.ppid == parent.pid]
+    return out if parent.running() else []
+
+
 @dataclass
 class _Watched:
-    name: str  # "tritonserver", "model step37_vision_728 (stub step37_vision_728_0_0)", "gateway"...
-    pid: int
-    popen: subprocess.Popen | None  # the exit status, when this process is our child
-    proc: object  # psutil.Process
-    front: bool  # listens for clients: killed first, so readiness stops answering
-    stubs: bool  # its children that are Python-backend stubs are watched too
+    name: str  # "tritonserver", "model step37_vision_728 (stub step37_vision_728_0_0, pid 7)", "gateway"...
+    ident: ProcessId | None  # None: it was gone before it could be watched
+    popen: subprocess.Popen | None = None  # the exit status, when this process is our child
+    front: bool = False  # listens for clients: killed first, so readiness stops answering
+    kind: str = "process"  # "process"; "stub" (its death is a crash); "worker" (nginx replaces it)
+    model: str | None = None  # a stub's model
+    parent: int | None = None  # a worker's master
     stopped_since: float | None = None
     pidfd: int | None = None  # readable once the process has exited (Linux >= 5.3)
+
+    @property
+    def pid(self) -> int:
+        return self.ident.pid if self.ident is not None else -1
 
 
 @dataclass
 class Supervisor:
     """The processes of one ``serve``; see the module docstring.  Not thread-safe: ``serve``'s main
-    loop calls :meth:`check` every :data:`POLL_S`."""
+    loop calls :meth:`check` every :data:`POLL_S`.  Every process is known by its
+    :class:`~step37_deploy.process.ProcessId` (PID and start time), so a PID the kernel gave to
+    another process is never judged nor signalled as ours."""
 
     shm_prefix: str | None = None
     stall_s: float = STALL_S
+    private_shm: bool = False  # tritonserver has its own /dev/shm: nothing to protect or remove
     watched: dict[int, _Watched] = field(default_factory=dict)
-    groups: set[int] = field(default_factory=set)  # process groups to sweep at the end
+    groups: dict[int, ProcessId] = field(default_factory=dict)  # process groups to sweep, by leader
+    stub_parents: list[ProcessId] = field(default_factory=list)
+    workers: dict[int, int] = field(default_factory=dict)  # nginx master PID -> the workers it runs
+    short_since: dict[int, float] = field(default_factory=dict)  # master PID -> fewer workers since
+    expected: dict[str, int] = field(default_factory=dict)  # model -> its stubs (expected_stubs)
     discovered_at: float = float("-inf")
+    down: bool = False  # kill_all has run
 
-    def watch(self, name: str, process: subprocess.Popen | int, front: bool = False, stubs: bool = False) -> None:
+    def watch(
+        self, name: str, process: subprocess.Popen | int, front: bool = False, stubs: bool = False, workers: int = 0
+    ) -> None:
         """Watch ``process`` (a ``Popen`` or a PID) under ``name``: its exit or a stall is a crash.
         ``front``: it listens for clients (tritonserver, a gateway) and is killed first on a crash.
         ``stubs``: its Python-backend stub children are found and watched too (tritonserver).
-        Its process group is swept at :meth:`kill_all` when it leads one (``start_new_session``)."""
-        import psutil
-
+        ``workers``: it is an nginx master running that many workers, watched too (a stall is a
+        crash; a dead one is fine once nginx has replaced it).  Its process group is swept at
+        :meth:`kill_all` while it leads one (``start_new_session``) and still runs."""
         pid = process if isinstance(process, int) else process.pid
         popen = None if isinstance(process, int) else process
-        try:
-            proc = psutil.Process(pid)
-            if os.getpgid(pid) == pid:
-                self.groups.add(pid)
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            proc = None
-        self.watched[pid] = _Watched(name, pid, popen, proc, front, stubs, pidfd=_pidfd(pid))
+        st = proc_stat(pid)
+        ident = ProcessId(pid, st.start) if st is not None else None
+        if ident is not None and st.pgid == pid:
+            self.groups[pid] = ident
+        if ident is not None and stubs:
+            self.stub_parents.append(ident)
+        if workers:
+            self.workers[pid] = workers
+        self.watched[pid] = _Watched(name, ident, popen, front, pidfd=_pidfd(pid))
+
+    def expect_stubs(self, counts: dict[str, int]) -> None:
+        """Each model's stub count once loaded (:func:`expected_stubs`): fewer running is a crash,
+        which also catches a stub that died before :meth:`discover` could see it."""
+        self.expected = dict(counts)
 
     def discover(self) -> None:
-        """Start watching the stubs the ``stubs=True`` processes have spawned since the last call."""
-        import psutil
-
+        """Start watching the instance stubs the ``stubs=True`` processes have spawned since the
+        last call (cheap enough to run on every poll while the models load)."""
         self.discovered_at = time.monotonic()
-        for w in list(self.watched.values()):
-            if not w.stubs or w.proc is None:
-                continue
-            try:
-                children = w.proc.children(recursive=False)
-            except psutil.Error:
-                continue
-            for child in children:
-                if child.pid in self.watched:
+        for parent in self.stub_parents:
+            for st in _children(parent):
+                known = self.watched.get(st.pid)
+                if known is not None and known.ident == ProcessId(st.pid, st.start):
                     continue
-                try:
-                    ident = stub_identity(child.cmdline())
-                except psutil.Error:
+                ident = instance_stub(_cmdline(st.pid))
+                if ident is None or ProcessId.of(st.pid) != ProcessId(st.pid, st.start):
                     continue
-                if ident is not None:
-                    model, instance = ident
-                    self.watched[child.pid] = _Watched(
-                        f"model {model} (stub {instance}, pid {child.pid})", child.pid, None, child, False, False,
-                        pidfd=_pidfd(child.pid),
-                    )  # fmt: skip
+                model, instance = ident
+                self.watched[st.pid] = _Watched(
+                    f"model {model} (stub {instance}, pid {st.pid})", ProcessId(st.pid, st.start), kind="stub",
+                    model=model, pidfd=_pidfd(st.pid),
+                )  # fmt: skip
 
     def stubs(self) -> list[str]:
         """Names of the stubs watched so far."""
-        return [w.name for w in self.watched.values() if w.name.startswith("model ")]
+        return [w.name for w in self.watched.values() if w.kind == "stub"]
 
     def check(self, now: float | None = None) -> str | None:
-        """One poll: the first watched process that died or stalls too long, as one line; None
-        when all are running."""
-        import psutil
-
+        """One poll: the first watched process that died or stalls too long, a model with fewer
+        stubs than its config asks, or a gateway short of workers, as one line; None when all run."""
         now = time.monotonic() if now is None else now
         if time.monotonic() - self.discovered_at >= DISCOVER_S:
             self.discover()
-        for w in self.watched.values():
-            if w.popen is not None and w.popen.poll() is not None:
-                return f"{w.name} {_describe_exit(w.popen.returncode)}"
-            try:
-                status = w.proc.status() if w.proc is not None else psutil.STATUS_DEAD
-            except psutil.NoSuchProcess:
-                status = psutil.STATUS_DEAD
-            except psutil.Error:
+        live: Counter[str] = Counter()
+        for w in list(self.watched.values()):
+            if w.kind == "worker":
                 continue
-            if status in (psutil.STATUS_DEAD, psutil.STATUS_ZOMBIE):
-                return f"{w.name} died"
-            if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
-                w.stopped_since = w.stopped_since or now
-                if now - w.stopped_since >= self.stall_s:
-                    return f"{w.name} stalled (stopped for more than {self.stall_s:g}s)"
-            else:
-                w.stopped_since = None
-        if self.shm_prefix:
+            problem = self._judge(w, now)
+            if problem is not None:
+                return problem
+            if w.kind == "stub":
+                live[w.model] += 1
+        for model, want in self.expected.items():
+            if live[model] < want:
+                return f"model {model} runs {live[model]} of its {want} stubs (one exited before serve found it)"
+        for master, want in self.workers.items():
+            problem = self._check_workers(master, want, now)
+            if problem is not None:
+                return problem
+        if self.shm_prefix and not self.private_shm:
             self.protect_shm()
+        return None
+
+    def _judge(self, w: _Watched, now: float) -> str | None:
+        """``w``'s exit or stall as one line, or None."""
+        if w.popen is not None and w.popen.poll() is not None:
+            return f"{w.name} {_describe_exit(w.popen.returncode)}"
+        st = w.ident.stat() if w.ident is not None else None
+        if st is None or st.state in _EXITED:
+            return f"{w.name} died"
+        return self._stall(w, st.state, now)
+
+    def _stall(self, w: _Watched, state: str, now: float) -> str | None:
+        if state not in _STOPPED:
+            w.stopped_since = None
+            return None
+        w.stopped_since = now if w.stopped_since is None else w.stopped_since
+        if now - w.stopped_since >= self.stall_s:
+            return f"{w.name} stalled (stopped for more than {self.stall_s:g}s)"
+        return None
+
+    def _check_workers(self, master_pid: int, want: int, now: float) -> str | None:
+        """The workers of one nginx master: a stall is a crash, a death is not once nginx has
+        replaced the worker (within :data:`WORKER_RESPAWN_S`)."""
+        master = self.watched.get(master_pid)
+        if master is None or master.ident is None:
+            return None
+        seen = set()
+        for st in _children(master.ident):  # nginx's master has one thread: one small read
+            if st.state in _EXITED:  # not reaped yet: gone all the same
+                continue
+            seen.add(st.pid)
+            w = self.watched.get(st.pid)
+            if w is None or w.ident != ProcessId(st.pid, st.start):
+                w = self.watched[st.pid] = _Watched(
+                    f"gateway worker (pid {st.pid})", ProcessId(st.pid, st.start), kind="worker", parent=master_pid
+                )
+            problem = self._stall(w, st.state, now)
+            if problem is not None:
+                return problem
+        for pid in [p for p, w in self.watched.items() if w.parent == master_pid and p not in seen]:
+            del self.watched[pid]  # gone: nginx has reaped it
+        running = sum(1 for w in self.watched.values() if w.parent == master_pid)
+        if running >= want or not master.ident.running():
+            self.short_since.pop(master_pid, None)
+            return None
+        since = self.short_since.setdefault(master_pid, now)
+        if now - since >= WORKER_RESPAWN_S:
+            return f"{master.name} runs {running} of its {want} workers (for more than {WORKER_RESPAWN_S:g}s)"
         return None
 
     def wait(self, timeout_s: float = POLL_S) -> None:
@@ -215,8 +350,8 @@ class Supervisor:
                 w.pidfd = None
 
     def protect_shm(self) -> list[Path]:
-        """Set this server's shared-memory regions readable and writable by its user only; returns
-        the regions changed."""
+        """Set this server's shared-memory regions in the host's ``/dev/shm`` readable and writable
+        by its user only; returns the regions changed."""
         changed = []
         for path in shm_regions(self.shm_prefix or ""):
             with contextlib.suppress(OSError):
@@ -225,58 +360,77 @@ class Supervisor:
                     changed.append(path)
         return changed
 
-    def _tree(self) -> list:
-        """Every live process of this server: the watched ones, their descendants, and the members of
-        their process groups (orphaned stubs keep the group of the tritonserver that started them)."""
-        import psutil
-
-        procs = {}
-        for w in self.watched.values():
-            if w.proc is None:
+    def _tree(self) -> dict[int, ProcessId]:
+        """Every live process that is provably this server's: the watched ones that still run, their
+        descendants, the members of a process group whose leader still runs (its PID cannot be
+        another group's then), and any process of this user whose command line carries this run's
+        unguessable shared-memory prefix (stubs orphaned by a dead tritonserver)."""
+        found: dict[int, ProcessId] = {}
+        todo = [w.ident for w in self.watched.values() if w.ident is not None and w.ident.running()]
+        while todo:
+            p = todo.pop()
+            if p.pid in found:
                 continue
-            with contextlib.suppress(psutil.Error):
-                if w.proc.is_running():
-                    procs[w.pid] = w.proc
-                for c in w.proc.children(recursive=True):
-                    procs[c.pid] = c
-        if self.groups:
-            for p in psutil.process_iter():
-                with contextlib.suppress(psutil.Error, ProcessLookupError):
-                    if p.pid != os.getpid() and os.getpgid(p.pid) in self.groups:
-                        procs[p.pid] = p
-        procs.pop(os.getpid(), None)
-        return list(procs.values())
+            found[p.pid] = p
+            todo += [ProcessId(st.pid, st.start) for st in _children(p) if st.state not in _EXITED]
+        leaders = {pid for pid, leader in self.groups.items() if leader.running()}
+        for pid in _pids() if leaders or self.shm_prefix else []:
+            st = proc_stat(pid)
+            if st is None or pid in found or st.state in _EXITED:
+                continue
+            if st.pgid in leaders or (self.shm_prefix and self._carries_prefix(pid)):
+                found[pid] = ProcessId(pid, st.start)
+        found.pop(os.getpid(), None)
+        return found
+
+    def _carries_prefix(self, pid: int) -> bool:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+                return False
+        except OSError:
+            return False
+        return any(self.shm_prefix in arg for arg in _cmdline(pid))
 
     def kill_all(self, grace_s: float = KILL_GRACE_S) -> list[int]:
-        """Take the server down: SIGKILL the front processes (their ports close at once), SIGTERM the
-        rest, SIGKILL whatever still runs after ``grace_s`` (stopped processes included).  Returns
-        the PIDs that had to be SIGKILLed after the grace."""
-        import psutil
-
-        rest = self._tree()  # before anything dies: a dead parent no longer lists its children
-        fronts = [w.proc for w in self.watched.values() if w.front and w.proc is not None]
+        """Take the server down, once (a second call does nothing): SIGKILL the front processes (their
+        ports close at once), SIGTERM the rest, SIGKILL whatever still runs after ``grace_s``
+        (stopped processes at once).  Only processes that are provably this server's are signalled
+        (:meth:`_tree`), each through a pidfd checked against its start time.  Returns the PIDs that
+        had to be SIGKILLed after the grace."""
+        if self.down:
+            return []
+        self.down = True
+        tree = self._tree()  # before anything dies: a dead parent no longer lists its children
+        fronts = [w.ident for w in self.watched.values() if w.front and w.ident is not None]
         for p in fronts:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        rest = [p for p in rest if p.pid not in {f.pid for f in fronts}]
+            p.send(signal.SIGKILL)
+        rest = [p for p in tree.values() if p not in fronts]
         for p in rest:
-            with contextlib.suppress(psutil.Error):
-                # A stopped process would only act on SIGTERM once continued: SIGKILL it now.
-                p.kill() if p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP) else p.terminate()
-        _, alive = psutil.wait_procs(rest, timeout=grace_s)
-        alive += [p for p in self._tree() if p not in alive]  # anything spawned meanwhile
+            st = p.stat()
+            # A stopped process would only act on SIGTERM once continued: SIGKILL it now.
+            if st is not None:
+                p.send(signal.SIGKILL if st.state in _STOPPED else signal.SIGTERM)
+        _wait_gone(rest, grace_s)
+        alive = [p for p in rest if p.running()]
+        alive += [p for p in self._tree().values() if p not in alive and p not in fronts]  # spawned meanwhile
         for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=grace_s)
+            p.send(signal.SIGKILL)
+        _wait_gone(alive, grace_s)
         for w in self.watched.values():
             if w.popen is not None:
                 with contextlib.suppress(Exception):
                     w.popen.wait(grace_s)
-        if self.shm_prefix:
+        if self.shm_prefix and not self.private_shm:
             remove_shm(self.shm_prefix, "at exit")
         self.close()
         return [p.pid for p in alive]
+
+
+def _wait_gone(procs: list[ProcessId], timeout_s: float) -> None:
+    """Until none of ``procs`` runs (a zombie has exited), or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while any(p.running() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _pidfd(pid: int) -> int | None:
@@ -287,77 +441,36 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def shm_regions(prefix: str) -> list[Path]:
-    """This machine's shared-memory regions whose name starts with ``prefix``."""
-    if not prefix:
-        return []
-    try:
-        return [SHM_DIR / n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
-    except OSError:
-        return []
-
-
-def remove_shm(prefix: str, when: str) -> list[Path]:
-    """Remove the regions of one server that its processes left behind (a killed stub never unlinks
-    its region); logged."""
-    removed = []
-    for path in shm_regions(prefix):
-        with contextlib.suppress(OSError):
-            size = path.stat().st_size
-            path.unlink()
-            removed.append(path)
-            log.warning(
-                "removed shared memory %s (%.1f MiB) left by this server's processes %s", path, size / 2**20, when
-            )
-    return removed
-
-
 def sweep_dead_runs() -> list[str]:
     """Remove what ``serve`` runs that are gone (SIGKILL, OOM killer, power cut of a container) left
-    on this machine: their orphaned stubs (killed) and shared-memory regions (unlinked).  A run is
-    gone when the ``serve`` PID in its region prefix no longer runs the process that started it
-    (``process.alive``: a reused PID is not that ``serve``); a live run's are never touched.
-    Returns one line per thing removed (also logged)."""
-    import psutil
-
+    on this machine: their orphaned stubs (killed) and shared-memory regions in the host's
+    ``/dev/shm`` (unlinked).  Only what is provably a dead run's is touched (:class:`~.shm.RunMark`:
+    this boot, this PID namespace, this user, and its ``serve``'s PID and start time no longer run);
+    a stub whose tritonserver still runs, and its regions, are left alone.  Returns one line per
+    thing removed (also logged)."""
     done: list[str] = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        cmd = p.info.get("cmdline") or []
+    in_use: set[str] = set()
+    for pid in _pids():
+        cmd = _cmdline(pid)
         if stub_identity(cmd) is None or len(cmd) < 6:
             continue
-        m = _SHM_RE.match(Path(cmd[2]).name)
-        born = p.info.get("create_time")  # its serve and its tritonserver started before it
-        if not m or alive(int(m.group(1)), born) or (cmd[5].isdigit() and alive(int(cmd[5]), born)):
+        mark, st = RunMark.parse(Path(cmd[2]).name), proc_stat(pid)
+        if mark is None or st is None:
             continue
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+        parent_runs = cmd[5].isdigit() and st.ppid == int(cmd[5])  # not reparented: its tritonserver lives
+        try:
+            mine = os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+        except OSError:
+            continue
+        if parent_runs or not mine or not mark.dead():
+            in_use.add(mark.prefix)
+            continue
+        if ProcessId(pid, st.start).send(signal.SIGKILL):
             model, instance = stub_identity(cmd)
             line = (
-                f"killed stub {instance} (pid {p.pid}) of model {model}, "
-                f"left running by a killed serve (pid {m.group(1)})"
+                f"killed stub {instance} (pid {pid}) of model {model}, "
+                f"left running by a killed serve (pid {mark.owner.pid})"
             )
             log.warning("%s", line)
             done.append(line)
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        names = []
-    for name in names:
-        m = _SHM_RE.match(name)
-        if not m or int(m.group(1)) == os.getpid():
-            continue
-        path = SHM_DIR / name
-        try:
-            st = path.stat()
-            if st.st_mtime >= PROCESS_START or alive(int(m.group(1)), st.st_mtime):
-                continue
-            path.unlink()
-        except FileNotFoundError:  # removed meanwhile (by the serve it belongs to)
-            continue
-        except OSError as exc:
-            log.warning("could not remove %s, shared memory of a killed serve: %s", path, exc)
-            continue
-        line = f"removed {path} ({st.st_size / 2**20:.1f} MiB), shared memory left by a killed serve (pid {m.group(1)})"
-        log.warning("%s", line)
-        done.append(line)
-    return done
+    return done + sweep_regions(in_use)
