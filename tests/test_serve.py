@@ -382,7 +382,7 @@ def test_sigterm_at_concurrency_8_answers_every_request_and_stops_within_25s(sec
     served, cert, _ = secured
     context = ssl.create_default_context(cafile=str(cert))
     repo = Path(re.search(r"repository (\S+/model_repository)", served.log.read_text()).group(1))
-    images = [image_bytes(900 + 60 * i, 600 + 40 * i, 200 + i) for i in range(8)]  # each with crops
+    images = [image_bytes(900 + 20 * i, 600 + 10 * i, 200 + i) for i in range(8)]  # each with crops
     refs = secured_reference.embed_images(images)
     got: dict[int, object] = {}
 
@@ -408,7 +408,7 @@ def test_sigterm_at_concurrency_8_answers_every_request_and_stops_within_25s(sec
         if _https(served.http_port, "/v2/health/ready", context)[0] == 503:
             not_ready_after = time.monotonic() - signalled
             break
-        time.sleep(0.05)
+        time.sleep(0.1)
     assert not_ready_after is not None and not_ready_after < 1.0, not_ready_after
     client = _keyed_grpc(served, cert)
     with pytest.raises(InferenceServerException, match="UNAVAILABLE"):
@@ -435,7 +435,8 @@ def test_sigterm_at_concurrency_8_answers_every_request_and_stops_within_25s(sec
     )
     assert took < 25
     text = served.log.read_text(errors="replace")
-    assert "in-flight requests done; stopping tritonserver" in text and "step37-deploy: error" not in text
+    assert re.search(r"in-flight requests done after [0-9.]+s; stopping tritonserver", text)
+    assert "step37-deploy: error" not in text
     # Triton may exit with status 1 when its models' unloading outlasts its exit timeout (nothing is
     # in flight by then: every request was answered); serve still stops with 0.
     assert re.search(r"^INFO \S+: stopped( cleanly)?$", text, re.M)

@@ -426,10 +426,11 @@ class ServeRun:
         drain.  0, or :class:`BackendUnavailable` when Triton fails to stop with requests still in
         flight.  :func:`stop_bound_s` sums the waits."""
         server, front, exit_timeout_s = self.server, self.front, self.plan.exit_timeout_s
-        drained = False
+        drained, started = False, time.monotonic()
         if front is not None and server.proc.poll() is None:
             drained = front.drain(exit_timeout_s, should_stop=lambda: len(self.stop_signals) > 1)
-            log.info("%s; stopping tritonserver", "in-flight requests done" if drained else "drain cut short")
+            what = "in-flight requests done" if drained else "drain cut short"
+            log.info("%s after %.1fs; stopping tritonserver", what, time.monotonic() - started)
         server.signal(signal.SIGTERM)
         rc = server.wait(server.exit_timeout_s + STOP_GRACE_S)
         if front is not None:
