@@ -392,7 +392,7 @@ def test_api_key_is_required_for_inference_and_metadata_not_health(keyed, refere
 def test_keys_are_in_no_log_no_command_line_and_the_config_is_private(keyed):
     text = keyed.log.read_text(errors="replace")
     assert KEY not in text
-    assert "step37-admin-key=<redacted>" in text  # Triton's own admin key: redacted from the command line
+    assert "admin-key" not in text and "--model-control-mode=none" in text  # Triton holds no key either
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
@@ -734,7 +734,7 @@ def test_no_gateway_keeps_tritons_restrictions_and_passes_tls_to_grpc(no_gateway
     served, cert = no_gateway
     text = served.log.read_text(errors="replace")
     assert "--no-gateway: tritonserver listens on 127.0.0.1 itself" in text and "nginx" not in text
-    assert "--grpc-use-ssl=true" in text and "step37-admin-key=<redacted>" in text
+    assert "--grpc-use-ssl=true" in text and "step37-lock=no\\nbody" in text and "admin-key" not in text
     # Triton alone refuses what the gateway would have: its restricted APIs.
     marker = tmp_path / "ran"
     code = f"open({str(marker)!r}, 'w').write('ran')\nclass TritonPythonModel:\n    pass\n"
@@ -753,19 +753,27 @@ def test_no_gateway_keeps_tritons_restrictions_and_passes_tls_to_grpc(no_gateway
         plain.embed(raw)
 
 
-def test_restricted_apis_on_tritons_command_line(tmp_path):
+def test_restricted_apis_on_tritons_command_line_are_locked_not_keyed(tmp_path):
+    """No secret on tritonserver's command line: every model loads at start and the repository API
+    can load nothing (``--model-control-mode=none``, no ``--load-model``); the restricted categories
+    are locked by a header value that holds a newline, which no client can send."""
     from step37_deploy.serving.server import TritonInstall, TritonServer
 
     fake = TritonInstall(Path("/bin/true"), None, None, None)
     server = TritonServer(tmp_path, tmp_path, fake)
-    restricted = [
-        c for c in server.command() if c.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))
-    ]
-    assert len(restricted) == 2 and all("model-repository,shared-memory,logging,trace:" in c for c in restricted)
-    assert server.admin_key not in server.redacted(server.command())
+    cmd = server.command()
+    assert "--model-control-mode=none" in cmd and not any(c.startswith("--load-model") for c in cmd)
+    restricted = [c for c in cmd if c.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
+    assert len(restricted) == 2
+    for flag in restricted:
+        categories, lock = flag.split("=", 1)[1].split(":", 1)
+        assert categories == "model-repository,shared-memory,logging,trace"
+        assert lock == "step37-lock=no\nbody"
+    assert not hasattr(server, "admin_key")
+    assert "\n" not in server.loggable(cmd) and "step37-lock=no\\nbody" in server.loggable(cmd)
     opened = TritonServer(tmp_path, tmp_path, fake, allow_shared_memory=True)
     opened_flags = [c for c in opened.command() if c.startswith(("--http-restricted-api=", "--grpc-restricted-"))]
-    assert len(opened_flags) == 2 and all("shared-memory" not in c for c in opened_flags)
+    assert len(opened_flags) == 2 and all("shared-memory" not in c and "\n" in c for c in opened_flags)
 
 
 def proxied_locations(text: str) -> dict[str, set[str]]:
@@ -831,3 +839,35 @@ def test_every_gateway_config_is_valid_nginx(tmp_path, cert, key, tls_on, shm):
     if key is not None:  # a regex (~, case-sensitive), anchored at both ends
         exact = "^" + key.replace(".", "[.]").replace("+", "[+]") + "$"
         assert f'$step37_key_ok {{ default 0; "~{exact}" 1; }}' in text
+
+
+def test_the_draining_config_refuses_readiness_and_inference_and_keeps_no_idle_upstream(tmp_path):
+    """What ``serve`` reloads the gateway with when it stops: valid nginx, the same listeners;
+    readiness (HTTP and gRPC, server and model) and inference answer 503 / UNAVAILABLE at once
+    ("shutting down"), liveness, metadata and metrics are still passed on, and no keep-alive
+    connection to Triton stays open (Triton waits for those before it exits)."""
+    from step37_deploy.serving.gateway import Gateway, GatewayOptions
+
+    ports = {"http": 1, "grpc": 2, "metrics": 3}
+    gw = Gateway(
+        tmp_path / "work", "127.0.0.1", ports, {k: v + 10 for k, v in ports.items()}, GatewayOptions(api_key=KEY)
+    )
+    serving = gw.write_config().read_text()
+    draining = gw.write_config(draining=True).read_text()
+    check = subprocess.run([*gw.command(), "-t", "-q"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    assert re.findall(r"listen [^;]*;", draining) == re.findall(r"listen [^;]*;", serving)
+    refused_http = {"= /v2/health/ready", f'~ "^/v2/models/{MODEL_RE}/ready$"', f'~ "^/v2/models/{MODEL_RE}/infer$"'}
+    refused_grpc = {f"= /inference.GRPCInferenceService/{m}" for m in ("ServerReady", "ModelReady", "ModelInfer")}
+    grpc_allowed = {f"= /inference.GRPCInferenceService/{m}" for m in GRPC_METHODS}
+    assert proxied_locations(serving) == {"1": ALLOWED_HTTP, "2": grpc_allowed, "3": {"= /metrics"}}
+    assert proxied_locations(draining) == {
+        "1": ALLOWED_HTTP - refused_http,
+        "2": grpc_allowed - refused_grpc,
+        "3": {"= /metrics"},
+    }
+    for spec in refused_http | refused_grpc:
+        post_only = r'(if \(\$request_method != "POST"\) \{ return 405; \} )?'
+        assert re.search(rf"location {re.escape(spec)} \{{\s*{post_only}return 503;", draining), spec
+    assert "keepalive 32" in serving and "keepalive " not in draining.replace("keepalive_timeout", "")
+    assert "shutting down" in draining and "shutting down" not in serving

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..serving.contract import DEFAULT_EXIT_TIMEOUT_S
 from .args import NON_NEGATIVE, PORT, POSITIVE, POSITIVE_FLOAT
 from .options import add_common, add_repository_options, add_security_options, repository_options
 
@@ -53,8 +54,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--exit-timeout",
         type=POSITIVE,
-        default=30,
-        help="on SIGINT/SIGTERM, seconds to finish in-flight requests (default 30)",
+        default=DEFAULT_EXIT_TIMEOUT_S,
+        help=f"on SIGINT/SIGTERM, seconds to finish in-flight requests (default {DEFAULT_EXIT_TIMEOUT_S})",
     )
     p.add_argument(
         "--ready-timeout",

@@ -137,3 +137,7 @@ DEFAULT_MAX_BODY_MB = 64.0
 DEFAULT_MAX_CONNECTIONS = 1024
 #: Gateway: default idle timeout, nginx's own default for client header/body reads.
 DEFAULT_IDLE_TIMEOUT_S = 60.0
+#: On SIGINT/SIGTERM, how long requests in flight get to finish (``--exit-timeout``).  A request
+#: waits at most ``DEFAULT_QUEUE_TIMEOUT_MS`` in a queue, then computes; 10 s leaves the whole stop
+#: under Kubernetes' default 30 s grace period (``server.stop_bound_s``: 22.2 s with it).
+DEFAULT_EXIT_TIMEOUT_S = 10

@@ -51,6 +51,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ConfigError
@@ -73,6 +74,16 @@ from .nginxconf import (  # noqa: F401  (re-exported: serve's options and the se
 
 log = logging.getLogger(__name__)
 
+#: After the shutdown timeout (nginx's ``worker_shutdown_timeout``, which then closes what is
+#: left), how long the old workers of a drain get to exit.
+DRAIN_MARGIN_S = 1.0
+#: How long a reload (SIGHUP) may take to start its new workers before the drain falls back to a
+#: graceful quit.
+RELOAD_S = 2.0
+#: The gateway's last stop, after a drain (SIGQUIT, then SIGKILL).
+STOP_S = 1.0
+#: How long the stop waits for the log relay to pass on nginx's last lines.
+RELAY_JOIN_S = 1.0
 #: The one documented install line (Debian/Ubuntu); ``serve`` names it when nginx is missing.
 NGINX_INSTALL = "apt-get install -y nginx"
 
@@ -145,11 +156,12 @@ class Gateway:
     def config_path(self) -> Path:
         return self.folder / "nginx.conf"
 
-    def config_text(self) -> str:
-        """The whole nginx.conf (holds the API key when there is one: write it 0600)."""
-        return NginxConfig(self.options, self.host, self.listen, self.upstream).text()
+    def config_text(self, draining: bool = False) -> str:
+        """The whole nginx.conf (holds the API key when there is one: write it 0600); ``draining``:
+        the variant :meth:`drain` reloads (readiness and inference refused)."""
+        return NginxConfig(self.options, self.host, self.listen, self.upstream, draining).text()
 
-    def write_config(self) -> Path:
+    def write_config(self, draining: bool = False) -> Path:
         for sub in ("", *TEMP_FOLDERS):
             (self.folder / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.options.tls:  # links, so that the config never holds the user's paths
@@ -160,7 +172,7 @@ class Gateway:
                 path.symlink_to(Path(target).resolve())
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(self.config_text())
+            fh.write(self.config_text(draining))
         os.chmod(self.config_path, 0o600)
         return self.config_path
 
@@ -234,20 +246,63 @@ class Gateway:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, grace_s: float | None = None) -> int | None:
+    def workers(self) -> set[int]:
+        """The PIDs of the master's children (its workers), read from /proc; empty once it is gone."""
+        import psutil
+
+        if not self.alive():
+            return set()
+        try:
+            return {p.pid for p in psutil.Process(self.proc.pid).children()}
+        except psutil.Error:
+            return set()
+
+    def drain(self, timeout_s: float, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Stop taking work, finish what is in flight, keep answering probes: reload nginx (SIGHUP)
+        with the draining config.  Its new workers refuse readiness and inference at once (503 /
+        ``UNAVAILABLE``) and still answer liveness; the old workers stop accepting, finish the
+        requests they are forwarding and exit (nginx's ``worker_shutdown_timeout``, the shutdown
+        timeout, cuts what is left).  True once every old worker is gone, within ``timeout_s`` +
+        :data:`DRAIN_MARGIN_S`; False on time out or when ``should_stop()`` says to stop now.
+        Should the reload fail (the master then keeps its old workers), nginx is asked to quit
+        gracefully instead (SIGQUIT: the ports close, what is in flight is finished)."""
+        if not self.alive():
+            return False
+        start = time.monotonic()
+        deadline = start + timeout_s + DRAIN_MARGIN_S
+        old = self.workers()
+        self.write_config(draining=True)
+        self.proc.send_signal(signal.SIGHUP)
+        log.info("gateway draining: readiness and new requests refused, %d old workers finishing", len(old))
+        reloaded = False
+        while time.monotonic() < deadline and not should_stop():
+            now = self.workers()
+            if not self.alive() or not (now & old):
+                return True
+            if not reloaded and now - old:
+                reloaded = True  # the new workers run the draining config
+            elif not reloaded and time.monotonic() > start + RELOAD_S:
+                log.warning("the gateway (nginx) did not reload its draining config; stopping it gracefully")
+                self.proc.send_signal(signal.SIGQUIT)
+                reloaded = True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, grace_s: float = STOP_S) -> int | None:
         """Graceful quit (SIGQUIT: nginx finishes requests in flight, closes idle connections),
-        SIGKILL when it has not exited after ``grace_s`` (default: the shutdown timeout + 5 s)."""
+        SIGKILL when it has not exited after ``grace_s`` (after :meth:`drain`, nothing but refusals
+        and probes is left to finish)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGQUIT)
             try:
-                self.proc.wait(grace_s if grace_s is not None else self.options.shutdown_timeout_s + 5)
+                self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 log.warning("the gateway (nginx) did not stop in time; killing it")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         if self.log_relay is not None:
-            self.log_relay.join()
+            self.log_relay.join(RELAY_JOIN_S)
         return self.proc.returncode

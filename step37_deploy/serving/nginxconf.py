@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .auth import API_KEY_HEADER
-from .contract import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
+from .contract import DEFAULT_EXIT_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
 from .net import host_port
 
 #: A request's whole header must arrive within this (nginx's client_header_timeout is a deadline
@@ -73,6 +73,8 @@ GRPC_STATUS = {
     503: (14, "too many requests in flight"),  # UNAVAILABLE
     504: (4, "the server did not answer in time"),  # DEADLINE_EXCEEDED
 }
+#: What every 503 says in the draining config (``serve`` is stopping): readiness, inference.
+DRAINING_MESSAGE = "the server is shutting down: send it elsewhere"
 # A model name in a URL: Triton's names, never '..' (the raw URI is checked for it separately).
 _MODEL = r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/versions/[0-9]+)?"
 
@@ -87,7 +89,7 @@ class GatewayOptions:
     api_key: str | None = field(default=None, repr=False)  # never in a repr, hence never in a log
     tls: tuple[Path, Path] | None = None  # (certificate, private key), PEM
     allow_shared_memory: bool = False
-    shutdown_timeout_s: int = 30  # nginx's worker_shutdown_timeout: in-flight requests at stop
+    shutdown_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S  # nginx's worker_shutdown_timeout: in-flight requests at stop
     #: Requests in flight from one client address, both API ports together (None: an eighth of
     #: max_connections, at least 4): one client cannot take every slot.
     max_client_requests: int | None = None
@@ -168,17 +170,34 @@ TEMP_FOLDERS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 TLS_LINKS = ("tls/cert.pem", "tls/key.pem")
 
 
-def _error_body(code: int) -> str:
+def _error_body(code: int, message: str | None = None) -> str:
     """The JSON body of an nginx-made refusal, as Triton's own errors are (tritonclient reads it)."""
-    return json.dumps({"error": GRPC_STATUS[code][1]}).replace("'", "")
+    return json.dumps({"error": message or GRPC_STATUS[code][1]}).replace("'", "")
 
 
 class NginxConfig:
     """The config of one gateway: ``listen`` is where clients connect (``{"http": .., "grpc": ..,
-    "metrics": ..}`` on ``host``), ``upstream`` where Triton listens on 127.0.0.1 (same keys)."""
+    "metrics": ..}`` on ``host``), ``upstream`` where Triton listens on 127.0.0.1 (same keys).
 
-    def __init__(self, options: GatewayOptions, host: str, listen: dict[str, int], upstream: dict[str, int]) -> None:
+    ``draining``: the config ``serve`` reloads nginx with when it stops (same listeners and
+    limits): readiness and inference answer 503 / gRPC ``UNAVAILABLE`` at once, liveness, metadata
+    and metrics are still passed on, and no idle connection to Triton is kept open (Triton waits
+    for open connections before it exits).  The workers of the previous config finish what they
+    are forwarding meanwhile."""
+
+    def __init__(
+        self,
+        options: GatewayOptions,
+        host: str,
+        listen: dict[str, int],
+        upstream: dict[str, int],
+        draining: bool = False,
+    ) -> None:
         self.options, self.host, self.listen, self.upstream = options, host, dict(listen), dict(upstream)
+        self.draining = draining
+
+    def _message(self, code: int) -> str:
+        return DRAINING_MESSAGE if self.draining and code == 503 else GRPC_STATUS[code][1]
 
     # -- the config ---------------------------------------------------------------------------------
     # nginx-made refusals reach clients as Triton's own would (JSON / a gRPC status).  They go to
@@ -189,8 +208,9 @@ class NginxConfig:
     def _grpc_errors(self) -> list[str]:
         lines = [f"error_page {code} = @grpc_{code};" for code in GRPC_STATUS if code != 400]
         lines.append("error_page 400 = /.step37/400;")
-        for code, (status, message) in GRPC_STATUS.items():
+        for code, (status, _) in GRPC_STATUS.items():
             where = "= /.step37/400 { internal; " if code == 400 else f"@grpc_{code} {{ "
+            message = self._message(code)
             lines.append(
                 f'location {where}add_header grpc-status {status} always; add_header grpc-message "{message}" always; '
                 "return 204; }"
@@ -202,7 +222,7 @@ class NginxConfig:
         lines.append("error_page 400 = /.step37/400;")
         for code in GRPC_STATUS:
             where = "= /.step37/400 { internal;" if code == 400 else f"@http_{code} {{"
-            lines.append(f"location {where} return {code} '{_error_body(code)}'; }}")
+            lines.append(f"location {where} return {code} '{_error_body(code, self._message(code))}'; }}")
         return lines
 
     def _listen_lines(self, name: str, http2: str = "") -> list[str]:
@@ -226,6 +246,9 @@ class NginxConfig:
         get_only = _GET_ONLY
         proxy = "proxy_pass http://step37_triton_http;"
         keyed = self._limits()
+        # Draining: readiness and inference refused at once (503), liveness still answers.
+        ready = "return 503;" if self.draining else f"{get_only} {proxy}"
+        infer = "return 503;" if self.draining else f"{keyed} {proxy}"
         out = [
             "server {",
             *self._listen_lines("http"),
@@ -241,13 +264,13 @@ class NginxConfig:
             *("    " + line for line in self._http_errors()),
             # Health and readiness stay outside the in-flight bounds: probes answer under overload.
             "    location = /v2/health/live { " + get_only + " " + proxy + " }",
-            "    location = /v2/health/ready { " + get_only + " " + proxy + " }",
-            f'    location ~ "^/v2/models/{_MODEL}/ready$" {{ {get_only} {proxy} }}',
+            "    location = /v2/health/ready { " + ready + " }",
+            f'    location ~ "^/v2/models/{_MODEL}/ready$" {{ {ready} }}',
             f"    location = /v2 {{ {get_only} {keyed} {proxy} }}",
             f"    location = /v2/models/stats {{ {get_only} {keyed} {proxy} }}",
             f'    location ~ "^/v2/models/{_MODEL}(/config|/stats)?$" {{ {get_only} {keyed} {proxy} }}',
             f'    location ~ "^/v2/models/{_MODEL}/infer$" {{',
-            f'        if ($request_method != "POST") {{ return 405; }} {keyed} {proxy}',
+            f'        if ($request_method != "POST") {{ return 405; }} {infer}',
             "    }",
         ]
         if o.allow_shared_memory:
@@ -275,8 +298,10 @@ class NginxConfig:
         methods = [(m, "") for m in GRPC_OPEN] + [(m, keyed) for m in GRPC_KEYED]
         if o.allow_shared_memory:
             methods += [(m, keyed) for m in GRPC_SHARED_MEMORY]
+        refused = ("ServerReady", "ModelReady", "ModelInfer") if self.draining else ()
         for method, check in methods:
-            out.append(f"    location = /{GRPC_SERVICE}/{method} {{ {check} {grpc_pass} }}")
+            action = "return 503;" if method in refused else f"{check} {grpc_pass}"
+            out.append(f"    location = /{GRPC_SERVICE}/{method} {{ {action} }}")
         out += ["    location / { return 403; }", "}"]
         return out
 
@@ -382,7 +407,7 @@ class NginxConfig:
             *("    " + line for line in self._tls_lines()),
         ]
         for name in ("http", "grpc", "metrics"):
-            keep = "" if name == "metrics" else " keepalive 32;"
+            keep = "" if name == "metrics" or self.draining else " keepalive 32;"
             lines.append(f"    upstream step37_triton_{name} {{ server 127.0.0.1:{self.upstream[name]};{keep} }}")
         for server in (self._http_server(), self._grpc_server(), self._metrics_server()):
             lines += ["    " + line for line in server]

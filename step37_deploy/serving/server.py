@@ -17,19 +17,24 @@ here rather than in the user's shell:
 PyTriton keeps the stubs outside the backend folder, so the Python backend folder is assembled in
 a temporary directory (links to the library and the stub for this Python).
 
-Stopping drains the entry model first: Triton's own SIGTERM handling stops *every* model from
-accepting requests at once, including the BLS requests an in-flight embedder request still has to
-send to the towers (they fail with "Server not ready").  So ``drain`` unloads ``step37_embedder``
-through the model-repository API (models load in explicit mode; that API, shared memory, logging
-and trace are restricted by a key generated per run, which only this process sends and which is
-redacted from the command line it logs): new requests to it are refused,
-the ones it is executing finish (their tower calls still work), and only then does Triton get
-SIGTERM (``--exit-timeout-secs`` bounds what is left).  The server also gets SIGTERM if this
-process dies (``PR_SET_PDEATHSIG``).
+No secret is on tritonserver's command line (any local user reads it in ``/proc/PID/cmdline``):
+models load once at start (``--model-control-mode=none``: the model-repository API can then load
+and unload nothing, even from loopback), and the restricted categories (model repository, shared
+memory, logging, trace) are locked with a header value no client can send (:data:`LOCK_VALUE`
+holds a newline), so there is no key to open them at all.
+
+Stopping drains through the gateway, not through Triton: Triton's own SIGTERM handling stops
+*every* model from accepting requests at once, including the BLS requests an in-flight embedder
+request still has to send to the towers (they fail with "Server not ready").  So ``serve`` first
+reloads the gateway with its draining config (``Gateway.drain``: readiness and new requests
+refused at once, what is in flight finished), and only once the gateway's old workers are gone
+does Triton get SIGTERM (``--exit-timeout-secs`` bounds what is left), then the gateway stops.
+:func:`stop_bound_s` is the sum of those bounded waits.  Under ``--no-gateway`` Triton gets SIGTERM
+directly.  The server also gets SIGTERM if this process dies (``PR_SET_PDEATHSIG``).
 
 ``serve`` puts the gateway (``gateway.py``: nginx, with the limits Triton lacks, an API allowlist,
 the API key and TLS) on the user's address and ports and Triton on 127.0.0.1 behind it; it starts
-the gateway once Triton is ready and stops it after the drain, before Triton.
+the gateway once Triton is ready, drains through it, and stops it after Triton.
 
 ``serve`` is a sequence of named steps: resolve and check its arguments (``prepare.plan_serve``),
 prepare the private work folder (``prepare.private_work_folder``), write the repository, then
@@ -48,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -61,11 +65,12 @@ from pathlib import Path
 
 from ..errors import BackendUnavailable, ServerCrashed
 from . import contract as C
-from .gateway import Gateway, GatewayOptions
+from .gateway import DRAIN_MARGIN_S, RELAY_JOIN_S, Gateway, GatewayOptions
+from .gateway import STOP_S as GATEWAY_STOP_S
 from .net import free_port, host_port, probe_host
 from .prepare import ServePlan, TritonInstall, bundled_tritonserver, plan_serve, private_work_folder
 from .shm import launch as launch_with_shm
-from .supervise import POLL_S, Supervisor, expected_stubs, shm_prefix
+from .supervise import KILL_GRACE_S, POLL_S, Supervisor, expected_stubs, shm_prefix
 from .threads import ThreadPlan, thread_options
 
 log = logging.getLogger(__name__)
@@ -111,11 +116,26 @@ def assemble_backends(install: TritonInstall, folder: Path) -> Path | None:
     return folder
 
 
-#: Triton's API categories no network client may use: only ``serve`` holds the key that opens
-#: them (``drain`` unloads the embedder through the model-repository API).
+#: Triton's API categories no client may use, not even on Triton's loopback ports: locked by
+#: :data:`LOCK_HEADER` = :data:`LOCK_VALUE`, which no client can send.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
-#: The header of that key (gRPC: ``triton-grpc-protocol-`` + it).
-ADMIN_HEADER = "step37-admin-key"
+#: The lock's header (gRPC: ``triton-grpc-protocol-`` + it) and value.  The value holds a newline:
+#: an HTTP header value cannot (a raw newline ends the header line) and gRPC clients refuse to
+#: send one ("Illegal header value"), so nothing opens these categories and the value is no
+#: secret: it may be read in ``ps``.  (Checked with Triton 2.51: 403 / ``UNAVAILABLE`` "This API
+#: is restricted" with or without ``step37-lock: no``.)
+LOCK_HEADER = "step37-lock"
+LOCK_VALUE = "no\nbody"
+#: Triton's ``--exit-timeout-secs`` behind the gateway: the gateway has drained every request
+#: before Triton gets SIGTERM, so this bounds only Triton's own unloading (Python-backend models
+#: took about 4 s to unload on a loaded 2-core machine; past it Triton exits with status 1 and
+#: the stubs are ended without their ``finalize``).
+TRITON_EXIT_AFTER_DRAIN_S = 6
+#: After Triton's exit timeout, how long before SIGKILL.
+STOP_GRACE_S = 1.0
+#: After a clean stop, what still runs (a stub of a SIGKILLed tritonserver) gets this long after
+#: SIGTERM, and again after SIGKILL (``Supervisor.kill_all``'s grace).
+CLEAN_KILL_GRACE_S = 1.0
 
 #: What "ready" means for ``serve``: every model of the served API is loaded.
 SERVED_MODELS = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL)
@@ -146,7 +166,7 @@ class TritonServer:
         http_port: int | None = None,
         grpc_port: int | None = None,
         metrics_port: int | None = None,
-        exit_timeout_s: int = 30,
+        exit_timeout_s: int = C.DEFAULT_EXIT_TIMEOUT_S,
         log_verbose: int = 0,
         models: tuple[str, ...] = SERVED_MODELS,
         allow_shared_memory: bool = False,
@@ -168,9 +188,6 @@ class TritonServer:
         self.probe_host = probe
         self.allow_shared_memory = allow_shared_memory
         self.grpc_tls = grpc_tls
-        # The key of Triton's restricted APIs (model repository, shared memory, logging, trace):
-        # new every run, known to this process only, sent by drain() alone, never logged.
-        self.admin_key = secrets.token_urlsafe(32)
         self.proc: subprocess.Popen | None = None
         self.shm_prefix = shm_prefix()
         self.private_shm = False  # set by launch(): tritonserver has a /dev/shm of its own (shm.py)
@@ -185,14 +202,14 @@ class TritonServer:
 
     @property
     def restricted_apis(self) -> tuple[str, ...]:
-        """Triton's API categories only the admin key opens (``--http-restricted-api`` and
+        """Triton's API categories locked for every client (``--http-restricted-api`` and
         ``--grpc-restricted-protocol``)."""
         if self.allow_shared_memory:
             return tuple(a for a in RESTRICTED_APIS if a != "shared-memory")
         return RESTRICTED_APIS
 
     def command(self) -> list[str]:
-        restricted = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
+        restricted = f"{','.join(self.restricted_apis)}:{LOCK_HEADER}={LOCK_VALUE}"
         cmd = [
             str(self.install.binary),
             f"--model-repository={self.repository}",
@@ -203,10 +220,9 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--strict-readiness=true",
-            "--model-control-mode=explicit",  # so that drain() can unload the entry model first
+            "--model-control-mode=none",  # every model loads at start; nothing loads or unloads after
             f"--http-restricted-api={restricted}",
             f"--grpc-restricted-protocol={restricted}",
-            *(f"--load-model={m}" for m in self.models),
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
@@ -221,15 +237,16 @@ class TritonServer:
             cmd.append(f"--backend-directory={backends}")
         return cmd
 
-    def redacted(self, cmd: list[str]) -> str:
-        """The command line for the log, with the admin key replaced."""
-        return " ".join(cmd).replace(self.admin_key, "<redacted>")
+    @staticmethod
+    def loggable(cmd: list[str]) -> str:
+        """The command line as one log line (the lock's newline written ``\\n``)."""
+        return " ".join(cmd).replace("\n", "\\n")
 
     def launch(self) -> subprocess.Popen:
         """Start tritonserver (its own process group, umask 077, SIGTERM when this process dies, and
         a private /dev/shm unless ``allow_shared_memory`` or the platform forbids it: ``shm.py``)."""
         cmd = self.command()
-        log.info("starting %s", self.redacted(cmd))
+        log.info("starting %s", self.loggable(cmd))
         # umask 077: what tritonserver and its stubs create is the server user's alone
         self.proc, self.private_shm = launch_with_shm(
             cmd, not self.allow_shared_memory, 0o077,
@@ -267,33 +284,6 @@ class TritonServer:
                 raise BackendUnavailable(f"tritonserver was not ready within {timeout_s:.0f}s (its log above says why)")
             time.sleep(0.25)
 
-    def _post(self, path: str, timeout_s: float) -> bytes:
-        req = urllib.request.Request(
-            f"http://{self.http_url}{path}", data=b"{}", method="POST", headers={ADMIN_HEADER: self.admin_key}
-        )
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return r.read()
-
-    def drain(self, timeout_s: float, entry: tuple[str, ...] = (C.EMBEDDER_MODEL,)) -> bool:
-        """Unload the entry models and wait until their in-flight requests are done (the towers
-        stay up for them).  True when drained within ``timeout_s``."""
-        import json
-
-        deadline = time.monotonic() + timeout_s
-        entry = tuple(m for m in entry if m in self.models)
-        try:
-            for m in entry:
-                self._post(f"/v2/repository/models/{m}/unload", timeout_s)
-            while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
-                index = json.loads(self._post("/v2/repository/index", 5))
-                busy = [e["name"] for e in index if e["name"] in entry and e.get("state") in ("READY", "UNLOADING")]
-                if not busy:
-                    return True
-                time.sleep(0.1)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            log.warning("could not drain %s before stopping: %s", ", ".join(entry), exc)
-        return False
-
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -313,15 +303,14 @@ class TritonServer:
                 continue
 
     def stop(self, grace_s: float | None = None) -> int:
-        """Drain the embedder, SIGTERM (Triton finishes the rest, unloads, exits), SIGKILL after the
-        grace period."""
+        """SIGTERM (Triton finishes what it runs within its exit timeout, unloads, exits), SIGKILL
+        after ``grace_s`` (default: the exit timeout + :data:`STOP_GRACE_S`).  Nothing drains the
+        embedder first: behind ``serve``'s gateway that is the gateway's job."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.drain(self.exit_timeout_s)
         self.signal(signal.SIGTERM)
         try:
-            return self.proc.wait(grace_s if grace_s is not None else self.exit_timeout_s + 15)
+            return self.proc.wait(grace_s if grace_s is not None else self.exit_timeout_s + STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             log.warning("tritonserver did not stop in time; killing it")
             self.proc.kill()
@@ -338,6 +327,7 @@ class ServeRun:
         self.server: TritonServer | None = None
         self.front: Gateway | None = None
         self.supervisor: Supervisor | None = None
+        self.stopped = False  # drain_and_stop completed
 
     @property
     def stopping(self) -> bool:
@@ -377,8 +367,11 @@ class ServeRun:
                 "; TLS covers gRPC only (HTTP stays plain)" if p.tls else "",
             )
             host, ports, tls = p.host, p.ports, p.tls
+        # Behind the gateway, Triton gets SIGTERM once the gateway has drained: its own exit timeout
+        # bounds only its unloading.  Without it, Triton's exit timeout is the drain.
+        exit_timeout_s = p.exit_timeout_s if p.gateway is None else TRITON_EXIT_AFTER_DRAIN_S
         self.server = TritonServer(
-            repo, workdir, p.install, host, ports["http"], ports["grpc"], ports["metrics"], p.exit_timeout_s,
+            repo, workdir, p.install, host, ports["http"], ports["grpc"], ports["metrics"], exit_timeout_s,
             p.log_verbose, allow_shared_memory=p.allow_shared_memory, grpc_tls=tls, threads=threads,
         )  # fmt: skip
         self.supervisor = Supervisor(self.server.shm_prefix)
@@ -428,43 +421,61 @@ class ServeRun:
             self.supervisor.wait(POLL_S)  # woken at once by a watched process's exit
 
     def drain_and_stop(self) -> int:
-        """Drain the embedder through Triton (the gateway still up, so new requests get Triton's
-        refusal), stop the gateway gracefully, then Triton.  0, or :class:`BackendUnavailable` when
-        Triton fails to stop with requests still in flight."""
-        server, exit_timeout_s = self.server, self.plan.exit_timeout_s
-        drained = False
-        if server.proc.poll() is None:
-            drained = server.drain(exit_timeout_s)
-            log.info("%s; stopping tritonserver", "in-flight requests done" if drained else "drain timed out")
-        if self.front is not None:
-            self.front.stop()  # graceful: it closes idle client connections and its keep-alive ones to Triton
-        if self.stopping:
-            server.signal(signal.SIGTERM)
-        rc = server.wait(exit_timeout_s + 15)
+        """Drain through the gateway (:meth:`Gateway.drain`: readiness and new requests refused at
+        once, the ones in flight finished within ``--exit-timeout``), then SIGTERM Triton (nothing
+        is left in flight, so its exit timeout bounds only its unloading), then stop the gateway.
+        Under ``--no-gateway`` Triton gets SIGTERM directly and its ``--exit-timeout-secs`` is the
+        drain.  0, or :class:`BackendUnavailable` when Triton fails to stop with requests still in
+        flight.  :func:`stop_bound_s` sums the waits."""
+        server, front, exit_timeout_s = self.server, self.front, self.plan.exit_timeout_s
+        drained, started = False, time.monotonic()
+        if front is not None and server.proc.poll() is None:
+            drained = front.drain(exit_timeout_s, should_stop=lambda: len(self.stop_signals) > 1)
+            what = "in-flight requests done" if drained else "drain cut short"
+            log.info("%s after %.1fs; stopping tritonserver", what, time.monotonic() - started)
+        server.signal(signal.SIGTERM)
+        rc = server.wait(server.exit_timeout_s + STOP_GRACE_S)
+        if front is not None:
+            front.stop()  # only refusals and probes are left: it quits at once
         if rc != 0 and drained:
-            # Every embedder request was answered before SIGTERM; what Triton still waited for is
-            # almost always clients' idle keep-alive HTTP connections (it waits for those first).
             log.warning(
-                "tritonserver exited with status %d after --exit-timeout %ds (open client connections?); "
-                "every embedder request had been answered",
+                "tritonserver exited with status %d (its models did not finish unloading within %ds?); every "
+                "request had been answered",
                 rc,
-                exit_timeout_s,
+                server.exit_timeout_s,
             )
         elif rc != 0:
             raise BackendUnavailable(
                 f"tritonserver exited with status {rc} while stopping (requests still in flight "
                 f"after --exit-timeout {exit_timeout_s}s?)"
             )
+        self.stopped = True
         log.info("stopped cleanly" if rc == 0 else "stopped")
         return 0
 
     def take_down(self) -> None:
         """Nothing outlives ``serve``: every watched process and its tree (stubs that ignore SIGTERM,
-        a gateway) is killed; a server started but not yet watched is stopped."""
+        a gateway) is killed; a server started but not yet watched is stopped.  After a clean stop
+        nothing should be left, so what is gets :data:`CLEAN_KILL_GRACE_S`."""
         if self.supervisor is not None:
-            self.supervisor.kill_all()
+            self.supervisor.kill_all(CLEAN_KILL_GRACE_S if self.stopped else KILL_GRACE_S)
         elif self.server is not None and self.server.proc is not None and self.server.proc.poll() is None:
             self.server.stop()
+
+
+def stop_bound_s(exit_timeout_s: float = C.DEFAULT_EXIT_TIMEOUT_S, gateway: bool = True) -> float:
+    """The longest a stop (SIGINT/SIGTERM to ``serve``'s exit) can take: every bounded wait on its
+    path, each at its bound.  The supervisor's poll; then behind the gateway its drain (requests
+    in flight up to ``exit_timeout_s``, then its old workers' exit), Triton's exit timeout and the
+    grace before SIGKILL, the gateway's stop and its log relay; under ``--no-gateway`` Triton's
+    exit timeout (``exit_timeout_s``) and that grace; and the take-down of whatever survived (two
+    waits).  With the defaults, 22.2 s: under Kubernetes' default grace period (30 s)."""
+    if gateway:
+        stop = exit_timeout_s + DRAIN_MARGIN_S + TRITON_EXIT_AFTER_DRAIN_S + STOP_GRACE_S + GATEWAY_STOP_S
+        stop += RELAY_JOIN_S
+    else:
+        stop = exit_timeout_s + STOP_GRACE_S
+    return POLL_S + stop + 2 * CLEAN_KILL_GRACE_S
 
 
 def serve(
@@ -477,7 +488,7 @@ def serve(
     grpc_port: int | None = None,
     metrics_port: int | None = None,
     tritonserver: str | Path | None = None,
-    exit_timeout_s: int = 30,
+    exit_timeout_s: int = C.DEFAULT_EXIT_TIMEOUT_S,
     ready_timeout_s: float = 600.0,
     log_verbose: int = 0,
     gateway: bool = True,
@@ -489,9 +500,9 @@ def serve(
 ) -> int:
     """``step37-deploy serve``: a repository in a temporary folder, ``tritonserver`` on it, and in
     front of it the gateway (nginx, on ``host`` and the given ports; Triton then listens on
-    127.0.0.1 only), in the foreground until SIGINT/SIGTERM; then drain the embedder (through
-    Triton, the gateway still up so that new requests get Triton's refusal), stop the gateway
-    (graceful: what it still forwards is answered), stop Triton and remove the folder.  Returns 0
+    127.0.0.1 only), in the foreground until SIGINT/SIGTERM; then drain through the gateway
+    (readiness and new requests refused, what is in flight answered), stop Triton, then the
+    gateway, and remove the folder (within :func:`stop_bound_s`).  Returns 0
     on a clean stop (also when the signal came during start-up).  ``limits`` carries the gateway's
     limits; its key, TLS, shared-memory rule and shutdown timeout come from the other arguments
     (:func:`gateway_options`; ``limits`` itself is never changed).
