@@ -137,3 +137,14 @@ DEFAULT_MAX_BODY_MB = 64.0
 DEFAULT_MAX_CONNECTIONS = 1024
 #: Gateway: default idle timeout, nginx's own default for client header/body reads.
 DEFAULT_IDLE_TIMEOUT_S = 60.0
+#: Gateway: a request's whole header must arrive within this many seconds of the connection's
+#: accept (nginx's client_header_timeout is a deadline), and a body may pause at most this long
+#: between two reads; each at most the idle timeout.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 10.0
+#: Gateway: who nginx's workers (what parses client bytes) run as when ``serve`` runs as root.
+DEFAULT_GATEWAY_USER = "nobody"
+#: Gateway: at most this many nginx workers when their count is not given (one per usable CPU), and
+#: at most ``MAX_GATEWAY_WORKERS`` when it is (each worker holds its own connection budget).
+MAX_AUTO_GATEWAY_WORKERS = 8
+MAX_GATEWAY_WORKERS = 64
