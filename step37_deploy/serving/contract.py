@@ -129,6 +129,13 @@ DEFAULT_MAX_QUEUE_SIZE = 32
 #: own ``timeout`` request parameter overrides it (``allow_timeout_override``).
 DEFAULT_QUEUE_TIMEOUT_MS = 5000
 
+#: Seconds a refused client should wait before it sends again (retried or new request): the
+#: gateway's 503 says it (``Retry-After`` and "retry after N s" in its message), the embedder's
+#: refusal for a busy tower says it, and ``EmbedClient`` assumes it for Triton's own queue refusals,
+#: which cannot carry a hint.  About what one queued request takes at the tiny preset on a CPU;
+#: a refused request's slot frees as fast as the service answers.
+RETRY_AFTER_S = 1
+
 #: Gateway: default body limit.  A 12 MP photo is 6 MiB as JPEG, 26 MiB as PNG, and 12 MP of noise
 #: (the worst case) 13 MiB as JPEG, 34 MiB as PNG, measured with Pillow; 64 MiB leaves room for those.
 #: An image at --max-image-pixels (89 MP) can weigh up to 256 MiB as PNG: raise it for those.

@@ -34,6 +34,7 @@ from .contract import (
     DEFAULT_MAX_CONNECTIONS,
     MAX_AUTO_GATEWAY_WORKERS,
     MAX_GATEWAY_WORKERS,
+    RETRY_AFTER_S,
 )
 from .net import host_port
 
@@ -76,7 +77,7 @@ GRPC_STATUS = {
     415: (3, "compressed requests are not accepted"),  # INVALID_ARGUMENT
     500: (13, "gateway error"),  # INTERNAL
     502: (14, "the server is not reachable"),  # UNAVAILABLE
-    503: (14, "too many requests in flight"),  # UNAVAILABLE
+    503: (14, f"too many requests in flight; retry after {RETRY_AFTER_S} s"),  # UNAVAILABLE (EmbedClient reads it)
     504: (4, "the server did not answer in time"),  # DEADLINE_EXCEEDED
 }
 # A model name in a URL: Triton's names, never '..' (the raw URI is checked for it separately).
@@ -246,7 +247,8 @@ class NginxConfig:
         lines.append("error_page 400 = /.step37/400;")
         for code in GRPC_STATUS:
             where = "= /.step37/400 { internal;" if code == 400 else f"@http_{code} {{"
-            lines.append(f"location {where} return {code} '{_error_body(code)}'; }}")
+            retry = f" add_header Retry-After {RETRY_AFTER_S} always;" if code == 503 else ""
+            lines.append(f"location {where}{retry} return {code} '{_error_body(code)}'; }}")
         return lines
 
     def _listen_lines(self, name: str, http2: str = "") -> list[str]:
@@ -282,6 +284,8 @@ class NginxConfig:
             '    proxy_set_header Connection "";',
             f'    proxy_set_header {API_KEY_HEADER} "";',
             '    proxy_set_header Content-Encoding "";',
+            # Triton's own refusals (503: a full queue, a queue timeout) say when to come back too.
+            "    add_header Retry-After $step37_retry_after always;",
             *("    " + line for line in self._http_errors()),
             # Health and readiness stay outside the in-flight bounds: probes answer under overload.
             "    location = /v2/health/live { " + get_only + " " + proxy + " }",
@@ -422,6 +426,7 @@ class NginxConfig:
             f"    grpc_send_timeout {UPSTREAM_TIMEOUT_S}s;",
             f"    {_GET_MAP}",
             f"    {_GRPC_DEADLINE_MAP}",
+            f'    map $upstream_status $step37_retry_after {{ "503" {RETRY_AFTER_S}; default ""; }}',
             *("    " + line for line in self._key_maps()),
             *("    " + line for line in self._tls_lines()),
         ]
