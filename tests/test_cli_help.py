@@ -187,3 +187,55 @@ def test_defaults_are_read_from_the_modules_that_own_them():
     assert defaults("make-checkpoint", "--out", "o").decoy_ratio == synthetic.DECOY_RATIO
     embed = defaults("embed", "--backend", "torch", "--artifacts", "c", "--image", "x", "--out", "o.npy")
     assert embed.max_pixels == preprocess.MAX_PIXELS == repo.max_image_pixels
+
+
+SERVE = ["serve", "--checkpoint", "c", "--backend", "onnx", "--artifacts", "a", "b"]
+
+
+def test_serve_passes_every_gateway_option_through_and_refuses_bad_ones(monkeypatch, capsys):
+    """The gateway's fields added in issue 22 round 1 are ``serve`` options: their defaults are the
+    ``GatewayOptions`` defaults, given values reach ``serve()`` (and the nginx config it writes),
+    and a value the gateway cannot honour is one line, exit 2, before anything starts."""
+    from step37_deploy import serving
+    from step37_deploy.serving import gateway, server
+    from step37_deploy.serving.nginxconf import NginxConfig
+
+    got = {}
+    monkeypatch.setattr(serving, "require_serve_extra", lambda *a: None)
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: got.update(kw) or 0)
+    defaults = cli.build_parser().parse_args(SERVE)
+    default_limits = gateway.GatewayOptions()
+    assert (defaults.max_client_requests, defaults.header_timeout_s, defaults.body_timeout_s) == (
+        default_limits.max_client_requests,
+        default_limits.header_timeout_s,
+        default_limits.body_timeout_s,
+    )
+    assert (defaults.gateway_workers, defaults.gateway_user) == (default_limits.workers, default_limits.worker_user)
+    extra = ["--max-connections", "64", "--max-client-requests", "3", "--header-timeout-s", "4"]
+    extra += ["--body-timeout-s", "5", "--gateway-workers", "2", "--gateway-user", "daemon"]
+    assert cli.main([*SERVE, *extra]) == 0
+    limits = got["limits"]
+    assert (limits.max_client_requests, limits.header_timeout_s, limits.body_timeout_s) == (3, 4.0, 5.0)
+    assert (limits.workers, limits.worker_user, limits.max_connections) == (2, "daemon", 64)
+    text = NginxConfig(limits, "127.0.0.1", {"http": 1, "grpc": 2, "metrics": 3}, {"http": 4, "grpc": 5, "metrics": 6})
+    conf = text.text()
+    for line in ("limit_conn step37_client 3;", "client_header_timeout 4s;", "client_body_timeout 5s;"):
+        assert line in conf, line
+    assert "worker_processes 2;" in conf
+    bad = {
+        ("--max-client-requests", "0"): "--max-client-requests",
+        ("--max-client-requests", "2000"): "--max-client-requests must be an integer in 1..--max-connections (1024)",
+        ("--header-timeout-s", "inf"): "--header-timeout-s",
+        ("--body-timeout-s", "0"): "--body-timeout-s",
+        ("--gateway-workers", "65"): "--gateway-workers",
+        ("--gateway-user", "a b"): "--gateway-user must be a user name",
+    }
+    for argv, words in bad.items():
+        got.clear()
+        try:
+            code = cli.main([*SERVE, *argv])
+        except SystemExit as exc:  # argparse's own refusal of a malformed number
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        ours = words.endswith(("(1024)", "user name"))  # a GatewayOptions check, not argparse's type
+        assert code == 2 and not got and words in err[-1] and (len(err) == 1 or not ours), (argv, code, err)

@@ -393,3 +393,33 @@ def test_vllm_cache_sends_the_key_through_its_client(tmp_path, tiny_fp32, monkey
     argv = ["vllm-cache", "--checkpoint", str(tiny_fp32), "--dir", str(tmp_path / "ec"), "--image", str(img)]
     assert main([*argv, "--server", "h:8001", "--api-key-file", str(key), "--tls", "-q"]) == 2
     assert made["api_key"] == "k" * 32 and made["tls"] is True
+
+
+# -- the service's input rule (issue 22, item 17) ---------------------------------------------------
+@pytest.mark.parametrize("size", [(1, 20000), (40, 2_000_000), (20000, 100)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_hand_off_refuses_what_the_service_refuses_from_the_header(tmp_path, size):
+    """An image the crop rule cannot use (padded past the pixel cap, a 0 px side, too many crops)
+    is refused by the producer with the service's own one-line message, from the header alone
+    (a PNG without pixel data), before anything is embedded or written."""
+    from step37_deploy.config import TokenIds
+    from step37_deploy.preprocess import preprocess
+
+    from .test_bad_input import header_only_png
+
+    png = header_only_png(*size)
+    with pytest.raises(InputError) as served:
+        preprocess(png)  # what the service's embedder answers
+    with pytest.raises(InputError) as sized:
+        hv.image_size(png)
+    assert str(sized.value) == str(served.value) and one_line(sized)
+
+    def never(images):  # the refusal must come before any embedding
+        raise AssertionError("embedded an image the service refuses")
+
+    producer = hv.VllmProducer(never, hv.VllmCacheWriter(tmp_path / "ec"), TokenIds())
+    with pytest.raises(InputError) as produced:
+        producer.produce(png, "strip")
+    assert str(produced.value) == str(served.value)
+    assert not (tmp_path / "ec" / "strip").exists()
+    with pytest.raises(InputError, match="crop rule pads it"):  # decoded images: the same check
+        hv.image_size(Image.new("RGB", (1, 20000)))

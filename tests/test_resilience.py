@@ -30,7 +30,7 @@ import pytest
 from step37_deploy.errors import ServerError
 from step37_deploy.serving import shm, supervise
 from step37_deploy.serving.client import EmbedClient
-from tests.conftest import private_shm_allowed, start_serve, stop_serve
+from tests.conftest import private_shm_allowed, rel_l2, start_serve, stop_serve
 
 # -- without a server ---------------------------------------------------------------------------------
 
@@ -125,6 +125,7 @@ def test_queue_policy_in_every_config():
 
 
 def test_client_retries_unavailable_with_backoff_within_its_deadline_never_invalid_arg(monkeypatch):
+    monkeypatch.setattr("step37_deploy.serving.client.RETRY_AFTER_S", 0)  # plain backoff here (the hint: below)
     client = EmbedClient("127.0.0.1:1", "grpc", timeout=2.0)
     calls: list[float] = []
 
@@ -161,6 +162,55 @@ def test_client_retries_unavailable_with_backoff_within_its_deadline_never_inval
     assert time.monotonic() - t0 < 1.0 and len(calls) > 2  # backed off, gave up inside the deadline
     with pytest.raises(ServerError):
         EmbedClient("127.0.0.1:1", "grpc", retry=False).embed(b"x")  # a refused connection, final at once
+
+
+def test_client_waits_what_a_refusal_asks_before_the_retry_and_the_next_request(monkeypatch):
+    """Issue 22 item 20: a refusal that says "retry after N s" (the gateway's 503, the embedder's
+    busy tower) is retried no sooner than N s later; Triton's own queue refusal, which cannot say
+    it, gets the contract's RETRY_AFTER_S; a lost connection only the jittered backoff.  When the
+    retry budget is spent the refusal is final, and the same thread's next request waits the rest
+    of N s before it is sent (a closed loop does not answer a refusal with a new request at once);
+    ``retry=False`` callers pace themselves and never wait."""
+    from step37_deploy.serving import client as cl
+    from step37_deploy.serving.contract import RETRY_AFTER_S
+
+    gateway = ServerError("too many requests in flight; retry after 0.4 s", "StatusCode.UNAVAILABLE", retryable=True)
+    triton = ServerError("Exceeds maximum queue size", "503", retryable=True)
+    lost = ServerError("connection failure: reset", "connection", retryable=True)
+    assert cl.retry_after_s(gateway) == 0.4 and cl.retry_after_s(triton) == RETRY_AFTER_S
+    assert cl.retry_after_s(lost) == 0.0
+    assert cl.retry_after_s(ServerError("retry after 9999 s", "503", retryable=True)) == cl.MAX_RETRY_AFTER_S
+    monkeypatch.setattr(cl, "backoff_s", lambda attempt: 0.0)  # only the hint is waited for here
+    sent: list[float] = []
+
+    def refused_once(data, left_s, **_request):
+        sent.append(time.monotonic())
+        if len(sent) == 1:
+            raise gateway
+        return "answer"
+
+    client = EmbedClient("127.0.0.1:1", "grpc", timeout=5.0)
+    monkeypatch.setattr(client, "_embed_once", refused_once)
+    assert client.embed(b"x") == "answer" and sent[1] - sent[0] >= 0.4  # the retry waited the hint
+    sent.clear()
+
+    def always_refused(data, left_s, **_request):
+        sent.append(time.monotonic())
+        raise gateway
+
+    spent = EmbedClient("127.0.0.1:1", "grpc", timeout=5.0, retry_budget=cl.RetryBudget(0.0, 0.0, 0.0))
+    monkeypatch.setattr(spent, "_embed_once", always_refused)
+    for _ in range(2):
+        with pytest.raises(ServerError, match="retry budget is spent"):
+            spent.embed(b"x")
+    assert len(sent) == 2 and sent[1] - sent[0] >= 0.4  # the next request waited the hint too
+    sent.clear()
+    paced = EmbedClient("127.0.0.1:1", "grpc", timeout=5.0, retry=False)
+    monkeypatch.setattr(paced, "_embed_once", always_refused)
+    for _ in range(2):
+        with pytest.raises(ServerError, match="retry after"):
+            paced.embed(b"x")
+    assert sent[1] - sent[0] < 0.3  # retry=False: sent when the caller sends
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -219,6 +269,39 @@ def embedder_module(monkeypatch):
     monkeypatch.delitem(sys.modules, name, raising=False)
     yield importlib.import_module(name)
     sys.modules.pop(name, None)  # no module bound to the stand-in outlives the test
+
+
+def test_embedder_sends_no_tower_call_for_a_cancelled_request_and_bounds_each_call(embedder_module):
+    """Issue 22 item 19: a request cancelled while its views were prepared gets no tower call at
+    all; a live one's tower calls carry what its client's ``timeout`` leaves (so a tower's queue
+    drops views whose client stopped waiting)."""
+    import asyncio
+    import types
+
+    fake = sys.modules["triton_python_backend_utils"]
+    sent: list[dict] = []
+
+    class Call:
+        def __init__(self, **kwargs) -> None:
+            sent.append(kwargs)
+
+        async def async_exec(self):
+            return types.SimpleNamespace(has_error=lambda: False)
+
+    fake.InferenceRequest, fake.Tensor = Call, lambda name, array: array
+    rows = types.SimpleNamespace(as_numpy=lambda: np.zeros((1, 4, 8), np.float32))
+    fake.get_output_tensor_by_name = lambda response, name: rows
+    model = object.__new__(embedder_module.TritonPythonModel)
+    model.towers = {728: ("step37_vision_728", np.dtype(np.float32), 8)}
+    views = np.zeros((1, 3, 4, 4), np.float32)
+    with pytest.raises(embedder_module._Cancelled):
+        asyncio.run(model._tower(728, views, None, types.SimpleNamespace(is_cancelled=lambda: True), 0))
+    assert sent == []  # cancelled: the tower never sees it
+    asyncio.run(model._tower(728, views, None, types.SimpleNamespace(is_cancelled=lambda: False), 1234))
+    assert len(sent) == 1 and sent[0]["timeout"] == 1234
+    left = embedder_module._time_left_us(types.SimpleNamespace(timeout=lambda: 2_000_000), time.monotonic_ns())
+    assert 1_000_000 < left <= 2_000_000
+    assert embedder_module._time_left_us(types.SimpleNamespace(timeout=lambda: 0), 0) == 0  # none: the default
 
 
 def test_embedder_answers_user_errors_invalid_arg_and_its_own_faults_internal(embedder_module):
@@ -557,44 +640,101 @@ def test_open_loop_overload_is_refused_fast_and_every_answer_is_right(survivor):
         time.sleep(0.5)
 
 
-def test_a_request_whose_grpc_deadline_passed_is_never_computed(survivor):
-    """Both embedder instances busy with two large images; ten small requests with a 50 ms gRPC
-    deadline queue behind them and time out.  None of them reaches a tower: the 728 tower sees
-    exactly the two large images' global views."""
+def _views(url: str, model: str) -> int:
+    """A tower's ``inference_count``: the views it computed since it loaded."""
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model, as_json=True)
+    return int(stats["model_stats"][0].get("inference_count", 0))
+
+
+def _jpeg(seed: int, side: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _hasty_waves(url: str, payloads: list[bytes], wave: int, deadline_s: float, queued: int) -> list[str]:
+    """Send ``payloads`` (cycling) through raw gRPC in waves of ``wave``, each call with a
+    ``deadline_s`` gRPC deadline and no ``timeout`` parameter (only the cancellation can spare the
+    server the work), until ``queued`` calls ended past their deadline (those waited in a queue: a
+    full queue refuses at once) or 40 waves went out; the status of every call."""
     import threading
 
     import tritonclient.grpc as grpcclient
 
+    client = grpcclient.InferenceServerClient(url)
+    statuses: list[str] = []
+    done = threading.Semaphore(0)
+
+    def ended(result, error) -> None:
+        statuses.append("ok" if error is None else str(error.status()))
+        done.release()
+
+    try:
+        for k in range(40):
+            for raw in payloads[(k * wave) % len(payloads) :][:wave]:
+                inp = grpcclient.InferInput("image", [1], "BYTES")
+                inp.set_data_from_numpy(np.array([raw], dtype=np.object_))
+                client.async_infer("step37_embedder", [inp], ended, client_timeout=deadline_s)
+            for _ in range(wave):
+                assert done.acquire(timeout=60), "a call never ended"
+            if statuses.count("StatusCode.DEADLINE_EXCEEDED") >= queued:
+                break
+            time.sleep(0.3)  # an instance frees now and then: the queue's cancelled requests go
+    finally:
+        client.close()
+    return statuses
+
+
+def test_a_request_whose_grpc_deadline_passed_is_never_computed(survivor):
+    """Issue 22 item 19, at its scale: both embedder instances busy with large images (sent again
+    and again, so they stay busy), 100 small requests with a 50 ms gRPC deadline queue behind them
+    through the gateway, in waves of 10, and time out (those a full queue refuses at once are not
+    among the 100).  At most 5 of them reach a tower (the 728
+    tower sees one view per answered large image, one per computed small one), and the server
+    answers correctly after."""
+    import threading
+
+    from step37_deploy.runtime import VisionEmbedder
+
     url = f"127.0.0.1:{survivor['ports']['grpc']}"
+    small = [_png(400 + i, 300, 300) for i in range(100)]
+    before = _views(url, "step37_vision_728")
+    answered: list = []
+    stop = threading.Event()
 
-    def tower_views() -> int:
-        stats = grpcclient.InferenceServerClient(url).get_inference_statistics("step37_vision_728", as_json=True)
-        return int(stats["model_stats"][0].get("inference_count", 0))
+    failed: list[str] = []
 
-    from PIL import Image
+    def keep_busy(seed: int) -> None:  # 2000x2000: 16 crops, a second or more of work each on a CPU
+        with EmbedClient(url, "grpc", timeout=300) as slow:
+            while not stop.is_set():
+                try:
+                    answered.append(slow.embed(_jpeg(seed, 2000)))
+                except ServerError as exc:  # a loaded machine's tower timeout: reported below
+                    failed.append(str(exc)[-120:])
 
-    def jpeg(seed: int) -> bytes:  # 3000x3000: 36 crops, seconds of tower work on a CPU
-        buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)).save(buf, "JPEG")
-        return buf.getvalue()
-
-    big = [jpeg(300 + i) for i in range(2)]
-    small = [_png(400 + i, 300, 300) for i in range(10)]
-    before = tower_views()
-    answers: list = []
-    with EmbedClient(url, "grpc", timeout=300) as slow:
-        threads = [threading.Thread(target=lambda b=b: answers.append(slow.embed(b))) for b in big]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)  # both instances are decoding / preprocessing / in the towers
-        statuses = []
-        with EmbedClient(url, "grpc", timeout=0.05, retry=False) as hasty:
-            for raw in small:
-                with pytest.raises(ServerError) as err:
-                    hasty.embed(raw)
-                statuses.append(err.value.status)
+    threads = [threading.Thread(target=keep_busy, args=(300 + i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)  # both instances are decoding / preprocessing / in the towers
+        statuses = _hasty_waves(url, small, 10, 0.05, 100)
+    finally:
+        stop.set()
         for t in threads:
             t.join(300)
-    assert len(answers) == 2 and set(statuses) == {"StatusCode.DEADLINE_EXCEEDED"}, statuses
+    queued = statuses.count("StatusCode.DEADLINE_EXCEEDED")
+    refused = statuses.count("StatusCode.UNAVAILABLE")  # a full queue (cancelled requests still hold slots)
+    assert queued >= 100 and queued + refused == len(statuses), (queued, refused, sorted(set(statuses)))
     time.sleep(2.0)
-    assert tower_views() - before == 2
+    computed = _views(url, "step37_vision_728") - before - len(answered)
+    assert not failed and len(answered) >= 2 and computed <= 5, (computed, len(answered), failed)
+    twin = VisionEmbedder.from_artifacts(survivor["checkpoint"], "onnx", list(survivor["artifacts"]), cache_mb=0)
+    raw = _png(999, 610, 470)
+    with EmbedClient(url, "grpc", timeout=60) as client:
+        got = client.embed(raw)
+    (want,) = twin.embed_images([raw])
+    assert got.token_ids == want.token_ids and rel_l2(got.features, np.asarray(want.features)) < 1e-4

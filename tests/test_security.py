@@ -99,6 +99,12 @@ def raw_status(sock: socket.socket, timeout: float = 10.0) -> int:
 
 def raw_answer(sock: socket.socket, timeout: float = 10.0) -> tuple[int, object]:
     """(status, JSON body) of the response waiting on ``sock`` (its Content-Length)."""
+    status, _head, body = raw_reply(sock, timeout)
+    return status, body
+
+
+def raw_reply(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes, object]:
+    """(status, header block, JSON body) of the response waiting on ``sock``."""
     sock.settimeout(timeout)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -109,7 +115,7 @@ def raw_answer(sock: socket.socket, timeout: float = 10.0) -> tuple[int, object]
     length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
     while len(body) < length:
         body += sock.recv(4096)
-    return int(head[9:12]), json.loads(body[:length])
+    return int(head[9:12]), head, json.loads(body[:length])
 
 
 def same(got, ref) -> None:
@@ -600,7 +606,9 @@ def test_more_than_max_connections_in_flight_are_refused(keyed, reference):
         for address in ("127.0.0.2", "127.0.0.4"):  # the first one's own bound; then every slot taken
             with connect_from(address, keyed.http_port) as s:
                 s.sendall(head)
-                assert raw_status(s) == 503, address
+                status, headers, body = raw_reply(s)  # says when to come back (issue 22 item 20)
+                assert status == 503 and re.search(rb"(?i)\r\nretry-after: 1(\r\n|$)", headers), (address, headers)
+                assert body == {"error": "too many requests in flight; retry after 1 s"}, body
         assert http(keyed.http_port, "/v2/health/ready")[0] == 200  # probes are not counted
     finally:
         for s in held:

@@ -13,7 +13,10 @@ import argparse
 
 from ..config import CALIBRATION_VIEWS
 from ..serving import contract as C
-from .args import POSITIVE, POSITIVE_FLOAT, RenamedStore, add_old_name
+from .args import POSITIVE, POSITIVE_FLOAT, RenamedStore, add_old_name, int_at_least
+
+#: ``--gateway-workers``: 0 (one per usable CPU) up to the contract's bound.
+GATEWAY_WORKERS = int_at_least(0, C.MAX_GATEWAY_WORKERS)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -235,6 +238,48 @@ def repository_options(args: argparse.Namespace):
 
 
 # -- serve's gateway, limits, key and TLS (docs/serving.md, "Security") ---------------------------
+def add_gateway_limits(p: argparse.ArgumentParser) -> None:
+    """The gateway's per-client, time and worker limits (``GatewayOptions``' fields of the same
+    names; their defaults live in ``serving.contract``)."""
+    p.add_argument(
+        "--max-client-requests",
+        type=POSITIVE,
+        default=None,
+        metavar="N",
+        help="gateway: requests in flight from one client address, both API ports together, at most "
+        "--max-connections; more are refused at once like a full port (default: an eighth of --max-connections, "
+        "at least 4)",
+    )
+    p.add_argument(
+        "--header-timeout-s",
+        type=POSITIVE_FLOAT,
+        default=C.DEFAULT_HEADER_TIMEOUT_S,
+        help="gateway: a request's whole header must arrive within this of the connection's accept; at most "
+        f"--idle-timeout-s (default {C.DEFAULT_HEADER_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--body-timeout-s",
+        type=POSITIVE_FLOAT,
+        default=C.DEFAULT_BODY_TIMEOUT_S,
+        help="gateway: longest pause between two reads of a request body; at most --idle-timeout-s "
+        f"(default {C.DEFAULT_BODY_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--gateway-workers",
+        type=GATEWAY_WORKERS,
+        default=0,
+        metavar="N",
+        help=f"gateway: nginx worker processes (default 0: one per usable CPU, at most {C.MAX_AUTO_GATEWAY_WORKERS})",
+    )
+    p.add_argument(
+        "--gateway-user",
+        default=C.DEFAULT_GATEWAY_USER,
+        metavar="USER",
+        help="gateway: the unprivileged user nginx's workers run as when serve runs as root; it must exist and "
+        f"not be root (default {C.DEFAULT_GATEWAY_USER}; as another user the workers run as that user)",
+    )
+
+
 def add_security_options(p: argparse.ArgumentParser) -> None:
     """``serve``'s gateway in front of tritonserver: its limits, API key, TLS and restricted APIs."""
     p.add_argument(
@@ -265,6 +310,7 @@ def add_security_options(p: argparse.ArgumentParser) -> None:
         help="gateway: close a connection idle this long, or sending a request's header or body this slowly "
         f"(default {C.DEFAULT_IDLE_TIMEOUT_S:g})",
     )
+    add_gateway_limits(p)
     p.add_argument(
         "--api-key-file",
         default=None,

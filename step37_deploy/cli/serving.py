@@ -91,7 +91,14 @@ def run_serve(args: argparse.Namespace, progress: bool) -> int:
         log_verbose=args.log_verbose,
         gateway=not args.no_gateway,
         limits=GatewayOptions(
-            max_body_mb=args.max_body_mb, max_connections=args.max_connections, idle_timeout_s=args.idle_timeout_s
+            max_body_mb=args.max_body_mb,
+            max_connections=args.max_connections,
+            idle_timeout_s=args.idle_timeout_s,
+            max_client_requests=args.max_client_requests,
+            header_timeout_s=args.header_timeout_s,
+            body_timeout_s=args.body_timeout_s,
+            workers=args.gateway_workers,
+            worker_user=args.gateway_user,
         ),
         api_key_file=args.api_key_file,
         tls_cert=args.tls_cert,

@@ -16,7 +16,12 @@ in a queue, instead of computing an answer nobody waits for).  UNAVAILABLE (a fu
 stopping server, HTTP 502/503/504) and lost connections are tried again after an exponential
 backoff with full jitter (:func:`backoff_s`) while the deadline and the client's
 :class:`RetryBudget` allow; INVALID_ARG, a certificate the client does not trust, a host name that
-does not resolve, and every other answer are final (:func:`classify`).
+does not resolve, and every other answer are final (:func:`classify`).  A live server's refusal
+(UNAVAILABLE, HTTP 503) also says when to come back (:func:`retry_after_s`: the "retry after N s"
+that the gateway's and the embedder's refusals state, the contract's ``RETRY_AFTER_S`` for
+Triton's own, which cannot say it): a retrying client waits at least that long before the retry,
+and before the calling thread's next request when the refusal was final (a spent retry budget), so
+that a closed loop of callers does not answer a refusal storm with an immediate new request.
 
 Each thread gets its own ``tritonclient`` connection (the HTTP client is gevent-based and must not
 be shared across threads), so one :class:`EmbedClient` may be used from many threads;
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+import re
 import socket
 import ssl
 import threading
@@ -49,6 +55,7 @@ from .contract import (
     EMBEDDER_MODEL,
     EMBEDDER_OUTPUTS,
     PROTOCOLS,
+    RETRY_AFTER_S,
     ROW_DTYPES,
     ROW_KINDS,
     row_output,
@@ -83,6 +90,23 @@ def backoff_s(attempt: int, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKO
     """Wait before retry number ``attempt`` (0 = the first): uniform in [0, min(cap, base * 2^attempt)]
     ("full jitter"), so that clients refused together do not come back together."""
     return random.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+
+
+#: A refusal's own "retry after N s" (the gateway's 503 and the embedder's busy-tower answer).
+_RETRY_AFTER = re.compile(r"retry after (\d{1,4}(?:\.\d{1,3})?) ?s\b")
+#: The longest wait a refusal can ask for (a hint is advice; a typo on the server must not park a client).
+MAX_RETRY_AFTER_S = 30.0
+
+
+def retry_after_s(exc: ServerError) -> float:
+    """How long the server asked the client to wait before its next request, seconds: the "retry
+    after N s" its refusal states (at most :data:`MAX_RETRY_AFTER_S`), else the contract's
+    :data:`~.contract.RETRY_AFTER_S` for a live server's overload answer (Triton's own queue
+    refusals, which cannot carry a hint), else 0 (a lost connection: plain backoff)."""
+    found = _RETRY_AFTER.search(str(exc))
+    if found and exc.status in OVERLOAD_STATUSES:
+        return min(float(found.group(1)), MAX_RETRY_AFTER_S)
+    return RETRY_AFTER_S if exc.status in OVERLOAD_STATUSES else 0.0
 
 
 def classify(exc: BaseException) -> tuple[str | None, bool]:
@@ -395,13 +419,17 @@ class EmbedClient:
         if not budget > 0:
             raise InputError(f"deadline must be > 0 seconds, got {budget}")
         end = time.monotonic() + budget
+        self._wait_as_asked(end)
         attempt = 0
         self.budget.deposit()
         while True:
             try:
                 return self._embed_once(data, end - time.monotonic(), names=names, kinds=kinds, dtype=dtype)
             except ServerError as exc:
-                wait = backoff_s(attempt)
+                hint = retry_after_s(exc) if self.retry and exc.retryable else 0.0
+                if hint:  # this thread's next request waits too, if this one is not retried
+                    self._local.not_before = time.monotonic() + hint
+                wait = hint + backoff_s(attempt)  # the jitter keeps clients refused together apart
                 if not (self.retry and exc.retryable) or time.monotonic() + wait >= end - 0.001:
                     raise
                 if not self.budget.withdraw():
@@ -410,6 +438,15 @@ class EmbedClient:
             attempt += 1
             with self._lock:
                 self.retries += 1
+
+    def _wait_as_asked(self, end: float) -> None:
+        """Before a new request, wait out what the server asked of this thread's last refused one
+        (within this request's deadline): a refusal's retry-after holds for the caller's next
+        request too, as HTTP's ``Retry-After`` does.  Never with ``retry=False``: that caller paces
+        itself (an open-loop load test would otherwise send late)."""
+        pause = getattr(self._local, "not_before", 0.0) - time.monotonic()
+        if self.retry and pause > 0:
+            time.sleep(min(pause, max(0.0, end - time.monotonic() - 0.001)))
 
     def _embed_once(
         self, data: bytes, left_s: float, *, names: list[str], kinds: list[str], dtype: str

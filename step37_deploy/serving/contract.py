@@ -129,6 +129,13 @@ DEFAULT_MAX_QUEUE_SIZE = 32
 #: own ``timeout`` request parameter overrides it (``allow_timeout_override``).
 DEFAULT_QUEUE_TIMEOUT_MS = 5000
 
+#: Seconds a refused client should wait before it sends again (retried or new request): the
+#: gateway's 503 says it (``Retry-After`` and "retry after N s" in its message), the embedder's
+#: refusal for a busy tower says it, and ``EmbedClient`` assumes it for Triton's own queue refusals,
+#: which cannot carry a hint.  About what one queued request takes at the tiny preset on a CPU;
+#: a refused request's slot frees as fast as the service answers.
+RETRY_AFTER_S = 1
+
 #: Gateway: default body limit.  A 12 MP photo is 6 MiB as JPEG, 26 MiB as PNG, and 12 MP of noise
 #: (the worst case) 13 MiB as JPEG, 34 MiB as PNG, measured with Pillow; 64 MiB leaves room for those.
 #: An image at --max-image-pixels (89 MP) can weigh up to 256 MiB as PNG: raise it for those.
@@ -141,3 +148,14 @@ DEFAULT_IDLE_TIMEOUT_S = 60.0
 #: waits at most ``DEFAULT_QUEUE_TIMEOUT_MS`` in a queue, then computes; 10 s leaves the whole stop
 #: under Kubernetes' default 30 s grace period (``server.stop_bound_s``: 22.2 s with it).
 DEFAULT_EXIT_TIMEOUT_S = 10
+#: Gateway: a request's whole header must arrive within this many seconds of the connection's
+#: accept (nginx's client_header_timeout is a deadline), and a body may pause at most this long
+#: between two reads; each at most the idle timeout.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 10.0
+#: Gateway: who nginx's workers (what parses client bytes) run as when ``serve`` runs as root.
+DEFAULT_GATEWAY_USER = "nobody"
+#: Gateway: at most this many nginx workers when their count is not given (one per usable CPU), and
+#: at most ``MAX_GATEWAY_WORKERS`` when it is (each worker holds its own connection budget).
+MAX_AUTO_GATEWAY_WORKERS = 8
+MAX_GATEWAY_WORKERS = 64

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import grp
 import json
+import math
 import os
 import pwd
 import re
@@ -24,13 +25,20 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .auth import API_KEY_HEADER
-from .contract import DEFAULT_EXIT_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
+from .contract import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_EXIT_TIMEOUT_S,
+    DEFAULT_GATEWAY_USER,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_MAX_CONNECTIONS,
+    MAX_AUTO_GATEWAY_WORKERS,
+    MAX_GATEWAY_WORKERS,
+    RETRY_AFTER_S,
+)
 from .net import host_port
 
-#: A request's whole header must arrive within this (nginx's client_header_timeout is a deadline
-#: from the connection's accept), and a body may pause at most this long between two reads.
-DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_BODY_TIMEOUT_S = 10.0
 #: Open connections per nginx worker never below this, whatever --max-connections: connections that
 #: trickle a header are not requests yet, so no in-flight bound counts them (only this budget and
 #: the header deadline do).
@@ -39,8 +47,8 @@ MIN_WORKER_CONNECTIONS = 1024
 #: and the longest gRPC deadline Triton is given (a client's own deadline under 100 s is kept).
 UPSTREAM_TIMEOUT_S = 300
 #: Who nginx's workers run as when ``serve`` runs as root (they need no file: nothing is buffered
-#: to disk, the certificate and key are read by the master at start).
-DEFAULT_WORKER_USER = "nobody"
+#: to disk, the certificate and key are read by the master at start); ``--gateway-user``.
+DEFAULT_WORKER_USER = DEFAULT_GATEWAY_USER
 #: Mozilla's "intermediate" TLS profile (ssl-config.mozilla.org, version 6): in TLS 1.2, only
 #: ECDHE key exchange (forward secrecy) with AEAD ciphers; TLS 1.3 suites are OpenSSL's defaults.
 TLS_CIPHERS = (
@@ -70,7 +78,7 @@ GRPC_STATUS = {
     415: (3, "compressed requests are not accepted"),  # INVALID_ARGUMENT
     500: (13, "gateway error"),  # INTERNAL
     502: (14, "the server is not reachable"),  # UNAVAILABLE
-    503: (14, "too many requests in flight"),  # UNAVAILABLE
+    503: (14, f"too many requests in flight; retry after {RETRY_AFTER_S} s"),  # UNAVAILABLE (EmbedClient reads it)
     504: (4, "the server did not answer in time"),  # DEADLINE_EXCEEDED
 }
 #: What every 503 says in the draining config (``serve`` is stopping): readiness, inference.
@@ -98,6 +106,12 @@ class GatewayOptions:
     workers: int = 0  # nginx worker processes (0: one per usable CPU, at most 8)
     worker_user: str = DEFAULT_WORKER_USER  # the workers' user when serve runs as root
 
+    def __post_init__(self) -> None:
+        """Refuse, in one line naming the option, a value the generated config could not honour:
+        a bound above another bound, a worker count nginx would try to fork, a user name that is
+        not one (it is written into the config)."""
+        check_gateway_options(self)
+
     @property
     def client_requests(self) -> int:
         if self.max_client_requests is not None:
@@ -106,7 +120,7 @@ class GatewayOptions:
 
     @property
     def worker_processes(self) -> int:
-        return self.workers or max(1, min(8, len(os.sched_getaffinity(0))))
+        return self.workers or max(1, min(MAX_AUTO_GATEWAY_WORKERS, len(os.sched_getaffinity(0))))
 
     @property
     def worker_connections(self) -> int:
@@ -118,6 +132,38 @@ class GatewayOptions:
     @property
     def open_files(self) -> int:
         return 2 * self.worker_connections + 64
+
+
+#: A POSIX user name (``useradd``'s portable set): the name is written into nginx.conf as is.
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+
+
+def check_gateway_options(o: GatewayOptions) -> None:
+    """:class:`GatewayOptions`' checks (``ConfigError``, one line naming ``serve``'s option)."""
+    for name, value in (
+        ("--max-body-mb", o.max_body_mb),
+        ("--idle-timeout-s", o.idle_timeout_s),
+        ("--header-timeout-s", o.header_timeout_s),
+        ("--body-timeout-s", o.body_timeout_s),
+    ):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"gateway: {name} must be a finite number > 0, got {value!r}")
+    if not (isinstance(o.max_connections, int) and o.max_connections >= 1):
+        raise ConfigError(f"gateway: --max-connections must be an integer >= 1, got {o.max_connections!r}")
+    n = o.max_client_requests
+    if n is not None and not (isinstance(n, int) and 1 <= n <= o.max_connections):
+        raise ConfigError(
+            f"gateway: --max-client-requests must be an integer in 1..--max-connections ({o.max_connections}), "
+            f"got {n!r}: one client can never hold more than a port's requests in flight"
+        )
+    if not (isinstance(o.workers, int) and 0 <= o.workers <= MAX_GATEWAY_WORKERS):
+        raise ConfigError(
+            f"gateway: --gateway-workers must be an integer in 0..{MAX_GATEWAY_WORKERS}, got {o.workers!r}"
+        )
+    if not (isinstance(o.worker_user, str) and _USER_NAME.fullmatch(o.worker_user)):
+        raise ConfigError(
+            f"gateway: --gateway-user must be a user name (letters, digits, _ . -), got {o.worker_user!r}"
+        )
 
 
 def _quote(text: str) -> str:
@@ -132,7 +178,7 @@ def _exact(key: str) -> str:
     return "^" + re.sub(r"([.+])", r"[\1]", key) + "$"
 
 
-def _user_line(user: str) -> str:
+def user_line(user: str) -> str:
     """As root, nginx's workers run as ``user`` (they write no file: bodies stream to Triton,
     answers are never buffered to disk).  Otherwise nginx cannot switch users anyway."""
     if os.geteuid() != 0:
@@ -222,7 +268,8 @@ class NginxConfig:
         lines.append("error_page 400 = /.step37/400;")
         for code in GRPC_STATUS:
             where = "= /.step37/400 { internal;" if code == 400 else f"@http_{code} {{"
-            lines.append(f"location {where} return {code} '{_error_body(code, self._message(code))}'; }}")
+            retry = f" add_header Retry-After {RETRY_AFTER_S} always;" if code == 503 and not self.draining else ""
+            lines.append(f"location {where}{retry} return {code} '{_error_body(code, self._message(code))}'; }}")
         return lines
 
     def _listen_lines(self, name: str, http2: str = "") -> list[str]:
@@ -261,6 +308,8 @@ class NginxConfig:
             '    proxy_set_header Connection "";',
             f'    proxy_set_header {API_KEY_HEADER} "";',
             '    proxy_set_header Content-Encoding "";',
+            # Triton's own refusals (503: a full queue, a queue timeout) say when to come back too.
+            "    add_header Retry-After $step37_retry_after always;",
             *("    " + line for line in self._http_errors()),
             # Health and readiness stay outside the in-flight bounds: probes answer under overload.
             "    location = /v2/health/live { " + get_only + " " + proxy + " }",
@@ -386,7 +435,7 @@ class NginxConfig:
             f"worker_shutdown_timeout {o.shutdown_timeout_s}s;",
             "pid nginx.pid;",
             "error_log stderr warn;",
-            _user_line(o.worker_user),
+            user_line(o.worker_user),
             f"events {{ worker_connections {o.worker_connections}; }}",
             "http {",
             "    access_log off;",
@@ -403,6 +452,7 @@ class NginxConfig:
             f"    grpc_send_timeout {UPSTREAM_TIMEOUT_S}s;",
             f"    {_GET_MAP}",
             f"    {_GRPC_DEADLINE_MAP}",
+            f'    map $upstream_status $step37_retry_after {{ "503" {RETRY_AFTER_S}; default ""; }}',
             *("    " + line for line in self._key_maps()),
             *("    " + line for line in self._tls_lines()),
         ]

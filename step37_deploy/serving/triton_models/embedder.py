@@ -113,9 +113,12 @@ def _tower_busy(error) -> bool:
     """A tower's error is its queue's refusal: Triton answers both a full queue and a queue timeout
     with UNAVAILABLE (checked by code; by Triton's messages only where ``TritonError`` has no code)."""
     code = getattr(error, "code", None)
-    if code is not None:
-        return code() == _code("UNAVAILABLE")
-    return any(m in error.message() for m in _BUSY_MESSAGES)
+    if code is not None and code() == _code("UNAVAILABLE"):
+        return True
+    # A BLS call's queue timeout reaches the caller with another code (measured with 2.51: the
+    # embedder answered INTERNAL "RuntimeError: tower ...: Request timeout expired"): Triton's own
+    # message, whole, tells it; a model's message that merely contains those words does not.
+    return error.message().strip() in _BUSY_MESSAGES
 
 
 def _code(name: str):
@@ -127,6 +130,19 @@ def _cancelled(request) -> bool:
     """Triton (2.39+) marks a request cancelled when its gRPC client cancels or its deadline passes."""
     check = getattr(request, "is_cancelled", None)
     return bool(check()) if check is not None else False
+
+
+def _time_left_us(request, started_ns: int) -> int:
+    """What the client's ``timeout`` parameter (microseconds; ``EmbedClient`` sends what is left of
+    its deadline) leaves since preprocessing started, for the towers' queues: a tower never
+    computes views whose client stopped waiting.  0 when the request has none (the towers' own
+    queue timeout applies).  An upper bound: the time the request spent in this model's own queue
+    is not known here."""
+    timeout = getattr(request, "timeout", None)
+    total = int(timeout()) if timeout is not None else 0
+    if total <= 0:
+        return 0
+    return max(1, total - (clock_ns() - started_ns) // 1000)
 
 
 def _cancelled_response():
@@ -167,7 +183,12 @@ class TritonPythonModel:
         for res, (name, _, _) in self.towers.items():
             if res not in (self.pcfg.image_size, self.pcfg.patch_size) or name != C.TOWER_MODELS.get(res):
                 raise ValueError(f"repository record names tower {name!r} for {res}: not the served contract")
-        params = json.loads(args["model_config"]).get("parameters", {})
+        config = json.loads(args["model_config"])
+        params = config.get("parameters", {})
+        # The queue timeout every model of the repository shares (--queue-timeout-ms): a tower call
+        # never waits longer than that, nor longer than its client still waits (_time_left_us).
+        policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
+        self.queue_timeout_us = int(policy.get("default_timeout_microseconds", 0) or 0)
         threads = params.get(THREADS_PARAMETER, {}).get("string_value")
         if threads:  # serve's share of the cores per instance (serving/threads.py): torch's pool
             import torch
@@ -260,6 +281,7 @@ class TritonPythonModel:
         """The FP32 tensors of ``raw``: the layout always, and the rows of each kind in ``kinds``
         (``vision_features``: the towers' rows; ``features``: projected).  No kind, no tower call."""
         check_not_empty(raw)
+        started_ns = clock_ns()
         pre = preprocess(raw, self.pcfg, pixel_dtype=self.pixel_dtype)  # pcfg.max_pixels is --max-image-pixels
         _, ids = image_layout(pre.num_crops, pre.newline_mask, self.tokens, self.pcfg)
         out = {"token_ids": np.asarray(ids, dtype=np.int64), "num_crops": np.asarray([pre.num_crops], dtype=np.int32)}
@@ -269,9 +291,12 @@ class TritonPythonModel:
             return out
         if _cancelled(request):  # given up during preprocessing: the towers never see it
             raise _Cancelled
-        jobs = [self._tower(self.pcfg.image_size, pre.global_view[None], marks)]
+        left_us = _time_left_us(request, started_ns)
+        if self.queue_timeout_us and left_us:
+            left_us = min(left_us, self.queue_timeout_us)
+        jobs = [self._tower(self.pcfg.image_size, pre.global_view[None], marks, request, left_us)]
         if pre.num_crops:
-            jobs.append(self._tower(self.pcfg.patch_size, pre.crops, marks))
+            jobs.append(self._tower(self.pcfg.patch_size, pre.crops, marks, request, left_us))
         feats = await asyncio.gather(*jobs)
         if "vision_features" in kinds:
             out["vision_features"] = _token_rows(feats)
@@ -292,14 +317,21 @@ class TritonPythonModel:
         x = torch.from_numpy(np.ascontiguousarray(feats)).to(w.device, non_blocking=True)
         return project_torch(x, w, b, torch.float32).cpu().numpy()
 
-    async def _tower(self, resolution: int, views: np.ndarray, marks: dict | None = None) -> np.ndarray:
-        """Features of ``views`` from the tower model, in chunks of at most its ``max_batch_size``."""
+    async def _tower(
+        self, resolution: int, views: np.ndarray, marks: dict | None = None, request=None, left_us: int = 0
+    ) -> np.ndarray:
+        """Features of ``views`` from the tower model, in chunks of at most its ``max_batch_size``.
+        Nothing is sent for a ``request`` already cancelled, and each call may wait in the tower's
+        queue at most ``left_us`` (what the client's own ``timeout`` leaves; 0: the tower's
+        default), so a tower never computes views whose client is gone."""
         name, dtype, max_batch = self.towers[resolution]
         sent = clock_ns() if marks is not None else 0
         x = np.ascontiguousarray(as_pixel_dtype(views, dtype))
-        kwargs = {}
+        kwargs = {"timeout": left_us} if left_us > 0 else {}
         if hasattr(pb_utils, "PreferredMemory"):  # features back in host memory, also from GPU towers
             kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        if request is not None and _cancelled(request):  # cancelled while the views were cast
+            raise _Cancelled
         if marks is not None:  # the towers log these ids: the breakdown joins on them
             ids = [f"{marks['id']}/{resolution}/{i}" for i in range(0, len(x), max_batch)]
         calls = [
@@ -316,8 +348,8 @@ class TritonPythonModel:
         for resp in await asyncio.gather(*calls):
             if resp.has_error():
                 message = resp.error().message()
-                if _tower_busy(resp.error()):
-                    raise _TowerBusy(f"tower {name}: {message}")
+                if _tower_busy(resp.error()):  # retryable: say when, as the gateway's refusals do
+                    raise _TowerBusy(f"tower {name}: {message}; retry after {C.RETRY_AFTER_S} s")
                 raise RuntimeError(f"tower {name}: {message}")
             outs.append(pb_utils.get_output_tensor_by_name(resp, C.TOWER_OUTPUT).as_numpy())
         rows = np.concatenate(outs)
