@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import re
 import signal
 import socket
@@ -38,29 +37,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from servelib import start_serve  # noqa: E402
+
 from step37_deploy.serving import contract as C  # noqa: E402
 from step37_deploy.serving.client import EmbedClient  # noqa: E402
-from step37_deploy.serving.server import free_port, models_ready  # noqa: E402
 from tests.rawh2 import H2, grpc_message  # noqa: E402  (the tests' minimal HTTP/2 client)
 
 ATTACKER = "127.0.0.2"
-
-
-def start(checkpoint: Path, backend: str, log: Path, extra: list[str]) -> tuple[subprocess.Popen, dict[str, int]]:
-    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    cmd = [sys.executable, "-m", "step37_deploy.cli", "serve", "--checkpoint", str(checkpoint), "--backend", backend]
-    cmd += ["--host", "127.0.0.1", "--preprocess-instances", "2", "--exit-timeout", "10", *extra]
-    cmd += [f"--{k}-port={v}" for k, v in ports.items()]
-    proc = subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT))
-    )
-    deadline = time.monotonic() + 600
-    while not models_ready(f"127.0.0.1:{ports['http']}"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"serve did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    return proc, ports
 
 
 def connect(port: int) -> socket.socket:
@@ -169,7 +152,7 @@ def main() -> int:
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(buf, "PNG")
         image = buf.getvalue()
         log = Path(tmp) / "serve.log"
-        proc, ports = start(checkpoint, args.backend, log, args.serve_arg)
+        proc, ports = start_serve(checkpoint, args.backend, log, args.serve_arg)
         lat: dict[str, list[float]] = {"alone": [], "attack": []}
         answered = {"alone": 0, "attack": 0}
         stats = []

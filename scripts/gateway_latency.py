@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import statistics
@@ -36,24 +35,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from servelib import start_serve  # noqa: E402
+
 from step37_deploy.preprocess import encode_png  # noqa: E402
 from step37_deploy.serving.client import EmbedClient  # noqa: E402
-from step37_deploy.serving.server import free_port, models_ready  # noqa: E402
 
 
 def start(checkpoint: Path, backend: str, log: Path) -> tuple[subprocess.Popen, dict[str, int], dict[str, int]]:
-    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    cmd = [sys.executable, "-m", "step37_deploy.cli", "serve", "--checkpoint", str(checkpoint), "--backend", backend]
-    cmd += ["--host", "127.0.0.1", "--preprocess-instances", "2", "--exit-timeout", "10"]
-    cmd += [f"--{k}-port={v}" for k, v in ports.items()]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    deadline = time.monotonic() + 600
-    while not models_ready(f"127.0.0.1:{ports['http']}"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"serve did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    proc, ports = start_serve(checkpoint, backend, log)
     m = re.search(r"-> Triton on 127\.0\.0\.1 ports http (\d+), grpc (\d+), metrics (\d+)", log.read_text())
     direct = dict(zip(("http", "grpc", "metrics"), map(int, m.groups()), strict=True))
     return proc, ports, direct

@@ -38,27 +38,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from servelib import start_serve  # noqa: E402
+
 from step37_deploy.errors import ServerError  # noqa: E402
 from step37_deploy.serving import client as client_module  # noqa: E402
 from step37_deploy.serving.client import EmbedClient  # noqa: E402
-from step37_deploy.serving.server import free_port, models_ready  # noqa: E402
-
-
-def start(checkpoint: Path, log: Path) -> tuple[subprocess.Popen, dict[str, int]]:
-    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    cmd = [sys.executable, "-m", "step37_deploy.cli", "serve", "--checkpoint", str(checkpoint), "--backend", "torch"]
-    cmd += ["--host", "127.0.0.1", "--preprocess-instances", "2", "--cache-mb", "0", "--exit-timeout", "10"]
-    cmd += [f"--{k}-port={v}" for k, v in ports.items()]
-    proc = subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT))
-    )
-    deadline = time.monotonic() + 600
-    while not models_ready(f"127.0.0.1:{ports['http']}"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"serve did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    return proc, ports
 
 
 def images(n: int) -> list[bytes]:
@@ -129,7 +113,7 @@ def main() -> int:
         from step37_deploy.synthetic import make_checkpoint
 
         checkpoint = make_checkpoint(Path(tmp) / "tiny", "tiny", dtype="fp32", shards=1, seed=1)
-        proc, ports = start(checkpoint, Path(tmp) / "serve.log")
+        proc, ports = start_serve(checkpoint, "torch", Path(tmp) / "serve.log", ["--cache-mb", "0"])
         url = f"127.0.0.1:{ports['grpc']}"
         payloads = images(8)
         results: dict = {"load_before": os.getloadavg()}

@@ -176,3 +176,16 @@ def private_shm_allowed() -> bool:
     tries = [["unshare", "-m", *mount]] if os.geteuid() == 0 else []
     tries.append(["unshare", "-r", "-m", *mount])
     return any(subprocess.run(t, capture_output=True, timeout=30).returncode == 0 for t in tries)
+
+
+#: A model config a hostile client tries to load (with its own ``model.py``): the security tests'
+#: code-upload attempts, through the gateway and on Triton's own loopback ports.
+EVIL_CONFIG = json.dumps(
+    {
+        "name": "evil",
+        "backend": "python",
+        "max_batch_size": 0,
+        "input": [{"name": "IN", "data_type": "TYPE_FP32", "dims": [1]}],
+        "output": [{"name": "OUT", "data_type": "TYPE_FP32", "dims": [1]}],
+    }
+)

@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import rel_l2, start_serve, stop_serve
+from tests.conftest import EVIL_CONFIG, rel_l2, start_serve, stop_serve
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the [serve] extra (tritonclient) is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="the [serve] extra (tritonclient) is not installed")
@@ -134,17 +134,6 @@ def both_layers(server) -> list[tuple[str, int, int, str]]:
 
 
 # -- default serve: nothing a client sends changes the server (tiny_server) ---------------------------
-
-
-EVIL_CONFIG = json.dumps(
-    {
-        "name": "evil",
-        "backend": "python",
-        "max_batch_size": 0,
-        "input": [{"name": "IN", "data_type": "TYPE_FP32", "dims": [1]}],
-        "output": [{"name": "OUT", "data_type": "TYPE_FP32", "dims": [1]}],
-    }
-)
 
 
 def test_code_upload_is_refused_and_never_runs(tiny_server, tmp_path):

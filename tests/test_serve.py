@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import rel_l2, start_serve, stop_serve
+from tests.conftest import EVIL_CONFIG, rel_l2, start_serve, stop_serve
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="the [serve] extra (tritonclient) is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="the [serve] extra (tritonclient) is not installed")
@@ -162,15 +162,6 @@ def test_server_imports_this_checkout(tiny_server):
 # -- serve with --api-key-file and TLS: no secret anywhere a local user reads; the drain (issue 22) ----
 
 KEY = "s3cReT-" + "Zq81vLm0PxR4tY7w" * 2
-EVIL_CONFIG = json.dumps(
-    {
-        "name": "evil",
-        "backend": "python",
-        "max_batch_size": 0,
-        "input": [{"name": "IN", "data_type": "TYPE_FP32", "dims": [1]}],
-        "output": [{"name": "OUT", "data_type": "TYPE_FP32", "dims": [1]}],
-    }
-)
 
 
 @pytest.fixture(scope="module")
