@@ -21,10 +21,8 @@ import contextlib
 import io
 import json
 import re
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servelib import start_serve  # noqa: E402
+from servelib import start_serve, stop_serve  # noqa: E402
 
 from step37_deploy.serving import contract as C  # noqa: E402
 from step37_deploy.serving.client import EmbedClient  # noqa: E402
@@ -174,11 +172,7 @@ def main() -> int:
                     p50 = statistics.median(got) * 1000 if got else float("nan")
                     print(f"round {r} {phase:6}: {ok}/{args.requests} answered, p50 {p50:.1f} ms", flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_serve(proc)
         text = log.read_text(errors="replace")
         gateway_lines = len(re.findall(r"nginx: ", text))
         p50 = {k: statistics.median(v) * 1000 for k, v in lat.items() if v}

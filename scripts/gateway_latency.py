@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servelib import start_serve  # noqa: E402
+from servelib import start_serve, stop_serve  # noqa: E402
 
 from step37_deploy.preprocess import encode_png  # noqa: E402
 from step37_deploy.serving.client import EmbedClient  # noqa: E402
@@ -137,11 +136,7 @@ def main() -> int:
                         flush=True,
                     )
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_serve(proc)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -24,8 +24,6 @@ import argparse
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,7 +36,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servelib import start_serve  # noqa: E402
+from servelib import start_serve, stop_serve  # noqa: E402
 
 from step37_deploy.errors import ServerError  # noqa: E402
 from step37_deploy.serving import client as client_module  # noqa: E402
@@ -130,11 +128,7 @@ def main() -> int:
                     print(f"round {r} {name:6}: {json.dumps(got)}", flush=True)
                     time.sleep(3)  # the queue drains between phases
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_serve(proc)
         results["load_after"] = os.getloadavg()
         for name in ("before", "after"):
             runs = results[name]

@@ -34,3 +34,12 @@ def start_serve(
             sys.exit(f"serve did not become ready:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     return proc, ports
+
+
+def stop_serve(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM (``serve`` drains and stops), SIGKILL if it is not gone within ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
