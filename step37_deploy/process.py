@@ -196,3 +196,34 @@ def umask(mask: int) -> Iterator[int]:
         yield old
     finally:
         os.umask(old)
+
+
+#: Linux lists each thread's children in ``/proc/PID/task/TID/children`` (3.5+, CONFIG_PROC_CHILDREN).
+_HAVE_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def pids() -> list[int]:
+    """Every PID this process can see."""
+    try:
+        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+
+
+def children(parent: ProcessId) -> list[ProcStat]:
+    """The children of ``parent`` (provably: each one's parent is ``parent``, checked after it was
+    read), from every thread's ``/proc/PID/task/TID/children`` (a child is listed under the thread
+    that forked it); a scan of every process where that file is missing."""
+    found: list[int] = []
+    if _HAVE_CHILDREN:
+        try:
+            tids = os.listdir(f"/proc/{parent.pid}/task")
+        except OSError:
+            tids = []
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{parent.pid}/task/{tid}/children") as fh:
+                found += [int(x) for x in fh.read().split()]
+    else:
+        found = pids()
+    out = [st for st in map(proc_stat, found) if st is not None and st.ppid == parent.pid]
+    return out if parent.running() else []

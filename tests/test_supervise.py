@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from step37_deploy import process
 from step37_deploy.process import ProcessId, boot_id, pid_namespace, proc_stat
 from step37_deploy.serving import shm, supervise
 from step37_deploy.serving.shm import RunMark
@@ -85,8 +86,8 @@ def test_kill_all_runs_once_and_never_signals_a_group_whose_leader_is_not_ours(p
          "'import time; time.sleep(120)']); time.sleep(120)"], start_new_session=True,
     )  # fmt: skip
     procs.append(leader)
-    _wait(lambda: len(supervise._children(ProcessId.of(leader.pid))) == 1)
-    (member,) = supervise._children(ProcessId.of(leader.pid))
+    _wait(lambda: len(process.children(ProcessId.of(leader.pid))) == 1)
+    (member,) = process.children(ProcessId.of(leader.pid))
     sup = supervise.Supervisor()
     sup.watch("gateway", leader.pid)
     assert leader.pid in sup.groups
@@ -230,7 +231,7 @@ def test_a_worker_that_is_not_replaced_is_a_crash(procs):
     sup.watch("gateway", master, front=True, workers=2)
     assert sup.check() is None
     os.kill(_workers(sup)[0], signal.SIGKILL)
-    _wait(lambda: len(supervise._children(sup.watched[master.pid].ident)) == 1)
+    _wait(lambda: len(process.children(sup.watched[master.pid].ident)) == 1)
     t0 = time.monotonic()
     assert sup.check(t0) is None  # nginx may still replace it
     assert sup.check(t0 + supervise.WORKER_RESPAWN_S) == (

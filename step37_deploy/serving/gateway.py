@@ -55,7 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ConfigError
-from ..process import die_with_parent
+from ..process import ProcessId, children, die_with_parent
 from .auth import check_tls_files, read_api_key  # noqa: F401  (importable from here as before)
 from .gatewaylog import GatewayLog
 from .net import host_port, probe_host
@@ -248,14 +248,8 @@ class Gateway:
 
     def workers(self) -> set[int]:
         """The PIDs of the master's children (its workers), read from /proc; empty once it is gone."""
-        import psutil
-
-        if not self.alive():
-            return set()
-        try:
-            return {p.pid for p in psutil.Process(self.proc.pid).children()}
-        except psutil.Error:
-            return set()
+        master = ProcessId.of(self.proc.pid) if self.alive() else None
+        return set() if master is None else {st.pid for st in children(master)}
 
     def drain(self, timeout_s: float, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Stop taking work, finish what is in flight, keep answering probes: reload nginx (SIGHUP)

@@ -53,7 +53,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..process import ProcessId, ProcStat, proc_stat
+from ..process import ProcessId, children, pids, proc_stat
 from .shm import SHM_DIR, RunMark, remove_shm, shm_regions, sweep_regions  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,6 @@ WORKER_RESPAWN_S = 2.0
 STUB_NAME = "triton_python_backend_stub"
 _STOPPED = ("T", "t")
 _EXITED = ("Z", "X", "x")
-_HAVE_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
 def shm_prefix() -> str:
@@ -141,33 +140,6 @@ def _cmdline(pid: int) -> list[str]:
             return [a.decode(errors="replace") for a in fh.read().split(b"\0")[:-1]]
     except OSError:
         return []
-
-
-def _pids() -> list[int]:
-    """Every PID this process can see."""
-    try:
-        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
-    except OSError:
-        return []
-
-
-def _children(parent: ProcessId) -> list[ProcStat]:
-    """The children of ``parent`` (provably: each one's parent is ``parent``, checked after it was
-    read), from every thread's ``/proc/PID/task/TID/children`` (a child is listed under the thread
-    that forked it); a scan of every process where that file is missing."""
-    pids: list[int] = []
-    if _HAVE_CHILDREN:
-        try:
-            tids = os.listdir(f"/proc/{parent.pid}/task")
-        except OSError:
-            tids = []
-        for tid in tids:
-            with contextlib.suppress(OSError, ValueError), open(f"/proc/{parent.pid}/task/{tid}/children") as fh:
-                pids += [int(x) for x in fh.read().split()]
-    else:
-        pids = _pids()
-    out = [st for st in map(proc_stat, pids) if st is not None and st.ppid == parent.pid]
-    return out if parent.running() else []
 
 
 @dataclass
@@ -237,7 +209,7 @@ class Supervisor:
         last call (cheap enough to run on every poll while the models load)."""
         self.discovered_at = time.monotonic()
         for parent in self.stub_parents:
-            for st in _children(parent):
+            for st in children(parent):
                 known = self.watched.get(st.pid)
                 if known is not None and known.ident == ProcessId(st.pid, st.start):
                     continue
@@ -305,7 +277,7 @@ class Supervisor:
         if master is None or master.ident is None:
             return None
         seen = set()
-        for st in _children(master.ident):  # nginx's master has one thread: one small read
+        for st in children(master.ident):  # nginx's master has one thread: one small read
             if st.state in _EXITED:  # not reaped yet: gone all the same
                 continue
             seen.add(st.pid)
@@ -372,9 +344,9 @@ class Supervisor:
             if p.pid in found:
                 continue
             found[p.pid] = p
-            todo += [ProcessId(st.pid, st.start) for st in _children(p) if st.state not in _EXITED]
+            todo += [ProcessId(st.pid, st.start) for st in children(p) if st.state not in _EXITED]
         leaders = {pid for pid, leader in self.groups.items() if leader.running()}
-        for pid in _pids() if leaders or self.shm_prefix else []:
+        for pid in pids() if leaders or self.shm_prefix else []:
             st = proc_stat(pid)
             if st is None or pid in found or st.state in _EXITED:
                 continue
@@ -450,7 +422,7 @@ def sweep_dead_runs() -> list[str]:
     thing removed (also logged)."""
     done: list[str] = []
     in_use: set[str] = set()
-    for pid in _pids():
+    for pid in pids():
         cmd = _cmdline(pid)
         if stub_identity(cmd) is None or len(cmd) < 6:
             continue
