@@ -99,6 +99,26 @@ def test_mismatch_checks_layout_shape_and_features():
     assert "newline" in lt.mismatch(ImageEmbedding(ref.features, [1, 2, 3], "t", 0, [True]), ref, 1e-2)
 
 
+def test_the_answer_check_never_calls_blas(monkeypatch):
+    """Issue 21: ``np.linalg.norm`` of a whole answer is a BLAS dot whose OpenBLAS workers then spin
+    in the load generator's process, on the cores of the server it measures; the check sums in
+    numpy instead, to the same value."""
+    from step37_deploy.serving import drivers
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((169, 96)), rng.standard_normal((169, 96))
+    want = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    def no_blas(*args, **kwargs):
+        raise AssertionError("the answer check called BLAS")
+
+    monkeypatch.setattr(np.linalg, "norm", no_blas)
+    monkeypatch.setattr(np, "dot", no_blas)
+    monkeypatch.setattr(np, "vdot", no_blas)
+    assert drivers.rel_l2(a, b) == pytest.approx(want, rel=1e-12)
+    assert drivers.rel_l2(b, b) == 0.0 and drivers.rel_l2(a, np.zeros_like(a)) > 1e20
+
+
 def test_drive_counts_errors_swaps_and_bounds():
     refs = [_emb(4, i) for i in range(3)]
     payloads = [bytes([i]) for i in range(3)]

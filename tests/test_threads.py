@@ -28,6 +28,7 @@ def test_plan_from_cores_and_instances(cores, instances, tower, embedder):
     assert plan.embedder_instances == (instances or cores) and not plan.spinning
     line = plan.describe()
     assert f"{cores} usable cores" in line and f"x {embedder} BLAS" in line and f"x {tower} intra-op" in line
+    assert plan.tower_instances == min(2, cores) and f"towers {min(2, cores)} instance(s) each" in line
     assert "spinning off" in line and "kept" not in line
 
 
@@ -50,12 +51,15 @@ def test_serve_writes_the_plan_into_the_configs(monkeypatch):
     onnx = TowerArtifact(728, "onnx", Path("t.onnx"), "float32", "fp32", 169, 64, None)
     cfg = tower_config(onnx, opts)
     assert cfg.parameters["threads"].string_value == "4"
+    assert cfg.instance_group[0].count == 2  # serve's default: a second batch fills the first one's idle cores
+    assert tower_config(onnx, RepositoryOptions()).instance_group[0].count == 1  # triton-repo: one
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 0  # CPU towers do not wait to batch
     emb = embedder_config(opts)
     assert emb.parameters["threads"].string_value == "2" and emb.instance_group[0].count == 2
     # What the user chose is kept; engines still wait to batch by default.
-    opts, _ = thread_options(RepositoryOptions(tower_threads=1, max_queue_delay_us=500))
+    opts, _ = thread_options(RepositoryOptions(tower_threads=1, max_queue_delay_us=500, tower_instances=1))
     assert opts.tower_threads == 1 and tower_config(onnx, opts).dynamic_batching.max_queue_delay_microseconds == 500
+    assert tower_config(onnx, opts).instance_group[0].count == 1
     trt = TowerArtifact(728, "trt", Path("t.plan"), "float16", "fp16", 169, 64, None, profile=(1, 4, 8))
     assert tower_config(trt, RepositoryOptions()).dynamic_batching.max_queue_delay_microseconds == 2000
 
@@ -120,8 +124,12 @@ def test_the_server_states_its_threads(tiny_server):
     runs 4 embedder instances)."""
     cores = usable_cores()
     text = tiny_server.log.read_text()
-    m = re.search(r"threads: (\d+) usable cores: embedder (\d+) instances x (\d+) BLAS.* x (\d+) intra-op", text)
-    assert m and m.groups() == (str(cores), "4", str(max(1, cores // 4)), str(cores)), text[-2000:]
+    m = re.search(
+        r"threads: (\d+) usable cores: embedder (\d+) instances x (\d+) BLAS.* towers (\d+) instance\(s\) each x (\d+) intra-op",
+        text,
+    )
+    want = (str(cores), "4", str(max(1, cores // 4)), str(min(2, cores)), str(cores))
+    assert m and m.groups() == want, text[-2000:]
 
     def config(model: str) -> dict:
         with urllib.request.urlopen(f"http://{tiny_server.http_url}/v2/models/{model}/config", timeout=10) as r:
@@ -129,4 +137,5 @@ def test_the_server_states_its_threads(tiny_server):
 
     for model in C.TOWER_MODELS.values():
         assert config(model)["parameters"]["threads"]["string_value"] == str(cores)
+        assert config(model)["instance_group"][0]["count"] == min(2, cores)
     assert config(C.EMBEDDER_MODEL)["parameters"]["threads"]["string_value"] == str(max(1, cores // 4))

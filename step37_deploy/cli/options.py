@@ -191,6 +191,14 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="onnx/torch towers: intra-op threads each (default: the usable cores; serve states its choice)",
     )
+    p.add_argument(
+        "--tower-instances",
+        type=int,
+        default=None,
+        help="onnx/torch towers: instances of each, each a process with its own copy of the weights (default: "
+        "serve 2 on a machine of 2 or more usable cores, so one batch runs while another one's serial steps "
+        "leave cores idle; triton-repo 1)",
+    )
     _add_queue_options(p)
 
 
@@ -231,6 +239,7 @@ def repository_options(args: argparse.Namespace):
         cuda_graphs=args.cuda_graphs,
         warmup=not args.no_warmup,
         tower_threads=args.tower_threads,
+        tower_instances=args.tower_instances,
         cache_mb=args.cache_mb,
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,

@@ -50,6 +50,7 @@ class RepositoryOptions:
     cuda_graphs: bool = False
     warmup: bool = True
     tower_threads: int | None = None  # ONNX Runtime intra-op threads per Python-backend tower
+    tower_instances: int | None = None  # instances of each Python-backend tower (default 1; serve: threads.py)
     embedder_threads: int | None = None  # BLAS/torch threads per embedder instance (serve: threads.py)
     cache_mb: float = DEFAULT_CACHE_MB  # embedding cache of each embedder instance (0 = off)
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # requests waiting per model (towers: at least what BLS needs)
@@ -62,6 +63,8 @@ class RepositoryOptions:
             raise ConfigError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
         if self.preprocess_instances is not None and self.preprocess_instances < 1:
             raise ConfigError(f"--preprocess-instances must be >= 1, got {self.preprocess_instances}")
+        if self.tower_instances is not None and self.tower_instances < 1:
+            raise ConfigError(f"--tower-instances must be >= 1, got {self.tower_instances}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
         if not self.cache_mb >= 0:
@@ -159,7 +162,7 @@ def tower_config(t: TowerArtifact, opts: RepositoryOptions) -> Any:
             wi.zero_data = True
     else:
         cfg.backend = "python"
-        cfg.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
+        cfg.instance_group.add(count=opts.tower_instances or 1, kind=pb.ModelInstanceGroup.KIND_CPU)
         params = {"step37_backend": t.kind, "artifact": t.served_name}
         if opts.tower_threads:
             params["threads"] = str(opts.tower_threads)

@@ -38,6 +38,12 @@ WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
 #: BLAS/torch threads of an embedder instance.
 THREADS_PARAMETER = "threads"
 SPINNING_PARAMETER = "spinning"
+#: Instances of each CPU tower ``serve`` runs (at most one per core).  With one, a tower runs one
+#: batch at a time, and ONNX Runtime's serial steps (and its workers' waits for each other) leave
+#: cores idle while every embedder instance waits on it: 12 % of the CPU at concurrency 8 on 2
+#: cores (issue 21).  A second instance runs another batch meanwhile (idle 2 %), for a second copy
+#: of the tower's weights in memory; ``--tower-instances 1`` saves it.
+DEFAULT_TOWER_INSTANCES = 2
 
 
 def usable_cores() -> int:
@@ -56,6 +62,7 @@ class ThreadPlan:
     embedder_instances: int
     tower_threads: int  # intra-op threads of each CPU tower session
     embedder_threads: int  # BLAS / OpenMP / torch threads of each embedder instance
+    tower_instances: int = 1  # instances (stub processes) of each CPU tower
     spinning: bool = False  # ONNX Runtime workers spin-wait between runs
     kept: tuple[str, ...] = ()  # pool variables the operator set, left as they were
 
@@ -72,7 +79,8 @@ class ThreadPlan:
         kept = f"; kept from the environment: {', '.join(self.kept)}" if self.kept else ""
         return (
             f"{self.cores} usable cores: embedder {self.embedder_instances} instances x {self.embedder_threads} "
-            f"BLAS/OpenMP/torch thread(s); towers 1 instance each x {self.tower_threads} intra-op threads "
+            f"BLAS/OpenMP/torch thread(s); towers {self.tower_instances} instance(s) each x {self.tower_threads} "
+            f"intra-op threads "
             f"(ONNX Runtime spinning {'on' if self.spinning else 'off'}), OMP_WAIT_POLICY=PASSIVE{kept}"
         )
 
@@ -82,6 +90,7 @@ def plan_threads(
     embedder_instances: int | None = None,
     tower_threads: int | None = None,
     environ: Mapping[str, str] | None = None,
+    tower_instances: int | None = None,
 ) -> ThreadPlan:
     """The settings for ``cores`` (default: :func:`usable_cores`) and ``embedder_instances``
     (default: one per core); ``tower_threads`` overrides the towers' intra-op threads
@@ -94,6 +103,7 @@ def plan_threads(
         cores=cores,
         embedder_instances=instances,
         tower_threads=tower_threads or cores,
+        tower_instances=tower_instances or min(DEFAULT_TOWER_INSTANCES, cores),
         embedder_threads=max(1, cores // instances),
         kept=kept,
     )
@@ -105,11 +115,16 @@ def thread_options(options: Any = None) -> tuple[Any, ThreadPlan]:
     from .repository import RepositoryOptions
 
     opts = options or RepositoryOptions()
-    plan = plan_threads(embedder_instances=opts.preprocess_instances, tower_threads=opts.tower_threads)
+    plan = plan_threads(
+        embedder_instances=opts.preprocess_instances,
+        tower_threads=opts.tower_threads,
+        tower_instances=opts.tower_instances,
+    )
     opts = replace(
         opts,
         preprocess_instances=plan.embedder_instances,
         tower_threads=plan.tower_threads,
+        tower_instances=plan.tower_instances,
         embedder_threads=opts.embedder_threads or plan.embedder_threads,
     )
     return opts, plan
