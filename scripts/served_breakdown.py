@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from step37_deploy.serving import contract as C  # noqa: E402
+from step37_deploy.serving.drivers import rel_l2  # noqa: E402  (never BLAS: see its docstring)
 from step37_deploy.serving.stages import (  # noqa: E402
     SERVED_STAGES,
     STAGE_LOG_ENV,
@@ -186,11 +187,6 @@ class Served:
                 self.proc.wait()
 
 
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def drive_served(port: int, tag: str, payloads: list[bytes], refs: list, n: int, tol: float) -> dict[str, dict]:
     """``n`` requests at concurrency 1 on gRPC ``port``; request id -> client send/recv stamps."""
     import tritonclient.grpc as grpcclient
@@ -208,7 +204,7 @@ def drive_served(port: int, tag: str, payloads: list[bytes], refs: list, n: int,
             res = client.infer(C.EMBEDDER_MODEL, [inp], outputs=outs, request_id=rid, client_timeout=300)
             feats, ids = res.as_numpy("features"), res.as_numpy("token_ids")
             stamps[rid] = {"send": send, "recv": clock_ns()}
-            if list(ids) != list(refs[k].token_ids) or _rel_l2(feats, refs[k].features) > tol:
+            if list(ids) != list(refs[k].token_ids) or rel_l2(feats, refs[k].features) > tol:
                 sys.exit(f"request {rid} (photo {k}): the served answer is not the in-process one")
     finally:
         client.close()

@@ -125,7 +125,8 @@ def test_the_server_states_its_threads(tiny_server):
     cores = usable_cores()
     text = tiny_server.log.read_text()
     m = re.search(
-        r"threads: (\d+) usable cores: embedder (\d+) instances x (\d+) BLAS.* towers (\d+) instance\(s\) each x (\d+) intra-op",
+        r"threads: (\d+) usable cores: embedder (\d+) instances x (\d+) BLAS"
+        r".* towers (\d+) instance\(s\) each x (\d+) intra-op",
         text,
     )
     want = (str(cores), "4", str(max(1, cores // 4)), str(min(2, cores)), str(cores))
