@@ -130,6 +130,16 @@ def test_an_overlong_line_split_across_reads_is_one_unparsed_line(tmp_path):
     }
 
 
+def test_a_line_without_an_end_is_never_held_whole(tmp_path):
+    """What the thread keeps of an unfinished line is bounded, however long the line runs on."""
+    count = gc.GatewayCount(tmp_path / "gateway.prom", {"http": 8000})
+    pending, skipping = b"", False
+    for _ in range(64):  # 4 MiB without a newline
+        pending, skipping = count._lines(pending + b"y" * 65536, skipping)
+        assert len(pending) <= gc.MAX_LINE
+    count.close()
+
+
 def test_counts_are_written_while_nginx_runs_and_readable_by_the_workers_group_only(tmp_path):
     """The file follows the counts within about a second, without waiting for nginx to exit, and
     is 0640 with the workers' group (0600 without one)."""
