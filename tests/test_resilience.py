@@ -574,8 +574,12 @@ def test_shared_memory_and_repository_are_the_server_users_only(survivor):
         regions = supervise.shm_regions(prefix)
         assert all(r.stat().st_mode & 0o777 == 0o600 for r in regions), [oct(r.stat().st_mode) for r in regions]
     assert len(regions) >= 4  # one per stub: two towers, two embedder instances
-    assert workdir.stat().st_mode & 0o777 == 0o700
-    files = [p for p in workdir.rglob("*") if p.is_file() and not p.is_symlink()]
+    # As root the gateway's workers run as nobody: its group may pass through to the counts (0640).
+    counts = workdir / "gateway" / "counts" / "gateway.prom"
+    shared = os.geteuid() == 0
+    assert workdir.stat().st_mode & 0o777 == (0o710 if shared else 0o700)
+    assert counts.stat().st_mode & 0o777 == (0o640 if shared else 0o600)
+    files = [p for p in workdir.rglob("*") if p.is_file() and not p.is_symlink() and p != counts]
     assert files
     for f in files:
         st = f.stat()
@@ -600,6 +604,16 @@ def _pending(metrics_port: int) -> float:
     return sum(v for (name, _), v in m.items() if name == "nv_inference_pending_request_count")
 
 
+def _gateway_refused(metrics_port: int) -> float:
+    """Every refusal the gateway has answered (its own and Triton's), from ``/metrics/gateway``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics/gateway", timeout=5) as r:
+        families = text_string_to_metric_families(r.read().decode())
+    samples = [s for f in families for s in f.samples if s.name == "step37_gateway_responses_total"]
+    return sum(s.value for s in samples if s.labels["outcome"] == "refused")
+
+
 def test_open_loop_overload_is_refused_fast_and_every_answer_is_right(survivor):
     """~4x capacity for 15 s, 5 s client deadline: requests are refused fast (bounded queue), each
     ends in exactly one answer or one error, every answer is correct, and the server's pending count
@@ -615,6 +629,7 @@ def test_open_loop_overload_is_refused_fast_and_every_answer_is_right(survivor):
         (r,) = twin.embed_images([p])
         refs.append(ImageEmbedding(lt._numpy(r.features), r.token_ids, r.text, r.num_crops, r.newline_mask))
     client = EmbedClient(f"127.0.0.1:{ports['grpc']}", "grpc", timeout=5.0, retry=False)
+    refused_before = _gateway_refused(ports["metrics"])
     try:
         out, sent, wall = lt.drive(client.embed, payloads, refs, 8, 4, 120, 60, 1e-4, "", False)
         assert sent == 8 and all(o.error is None and not o.wrong for o in out), [o.error or o.wrong for o in out]
@@ -637,6 +652,13 @@ def test_open_loop_overload_is_refused_fast_and_every_answer_is_right(survivor):
     full = [o.latency_s for o in out if o.error and "Exceeds maximum queue size" in o.error]
     assert full, "nothing was refused at 4x capacity"
     assert np.percentile(full, 90) < 1.0, np.percentile(full, 90)  # refused fast, not after a wait
+    # Issue 22 item 20: every refusal the client saw is in the gateway's series, none more (the
+    # counts are written at most a second after the answers).
+    counted, end = _gateway_refused(ports["metrics"]) - refused_before, time.monotonic() + 5
+    while counted < m.refused and time.monotonic() < end:
+        time.sleep(0.2)
+        counted = _gateway_refused(ports["metrics"]) - refused_before
+    assert counted == m.refused, (counted, m.refused)
     while _pending(ports["metrics"]) > 0:
         assert time.monotonic() - load_stopped < 25, "requests still pending 25 s after the load stopped"
         time.sleep(0.5)

@@ -396,7 +396,9 @@ def test_keys_are_in_no_log_no_command_line_and_the_config_is_private(keyed):
     assert not found
     repo = Path(re.search(r"repository (\S+/model_repository)", text).group(1))
     conf = repo.parent / "gateway" / "nginx.conf"
-    assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and stat.S_IMODE(repo.parent.stat().st_mode) == 0o700
+    # 0710 as root: the workers' group (nobody's) may pass through to the gateway's counts, no more.
+    workdir_mode = 0o710 if os.geteuid() == 0 else 0o700
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and stat.S_IMODE(repo.parent.stat().st_mode) == workdir_mode
     assert not any(KEY.encode() in f.read_bytes() for f in repo.rglob("*") if f.is_file())
 
 
@@ -606,6 +608,67 @@ def test_more_than_max_connections_in_flight_are_refused(keyed, reference):
     raw = png(320, 240, 32)
     with EmbedClient(keyed.http_url, "http", api_key=KEY) as client:
         same(client.embed(raw), reference.embed_images([raw])[0])
+
+
+def gateway_counts(port: int) -> dict[tuple[str, str, str], float]:
+    """``step37_gateway_responses_total`` by (listener, code, outcome), as the metrics port serves it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http(port, "/metrics/gateway", headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 200, body[:200]
+    families = text_string_to_metric_families(body.decode())
+    samples = [s for f in families for s in f.samples if s.name == "step37_gateway_responses_total"]
+    return {(s.labels["listener"], s.labels["code"], s.labels["outcome"]): s.value for s in samples}
+
+
+def counted_since(port: int, before: dict, expected: dict, within_s: float = 5.0) -> dict:
+    """What the gateway counted since ``before``, once it reaches ``expected`` (written at most a
+    second after the answers) or ``within_s`` passes."""
+    deadline = time.monotonic() + within_s
+    while True:
+        now = gateway_counts(port)
+        delta = {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
+        if all(delta.get(k, 0) >= v for k, v in expected.items()) or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.2)
+
+
+def test_the_gateways_refusals_are_counted_exactly_behind_the_metrics_key(keyed):
+    """Issue 22 item 20: the 401s (HTTP, gRPC, the metrics port) and the per-client 503s this
+    test provokes are each counted once in ``step37_gateway_responses_total`` on
+    ``/metrics/gateway``, which needs the key as ``/metrics`` does."""
+    before = gateway_counts(keyed.metrics_port)
+    assert http(keyed.metrics_port, "/metrics/gateway")[0] == 401
+    assert http(keyed.metrics_port, "/metrics/gateway", headers={"x-api-key": KEY.swapcase()})[0] == 401
+    for _ in range(3):
+        assert http(keyed.http_port, INFER, body=b"{}")[0] == 401
+    g = grpcclient.InferenceServerClient(keyed.grpc_url)
+    for _ in range(2):
+        with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+            g.get_model_metadata(C.EMBEDDER_MODEL)
+    head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nContent-Length: 1000\r\n\r\n".encode()
+    held = []
+    try:
+        for _ in range(4):  # --max-connections 8: 4 in flight from one address
+            held.append(connect_from("127.0.0.5", keyed.http_port))
+            held[-1].sendall(head)
+        time.sleep(0.5)
+        for _ in range(2):
+            with connect_from("127.0.0.5", keyed.http_port) as s:
+                s.sendall(head)
+                assert raw_reply(s)[0] == 503
+    finally:
+        for s in held:
+            s.close()
+    expected = {
+        ("metrics", "401", "client_error"): 2,
+        ("http", "401", "client_error"): 3,
+        ("grpc", "16", "client_error"): 2,  # UNAUTHENTICATED
+        ("http", "503", "refused"): 2,
+    }
+    delta = counted_since(keyed.metrics_port, before, expected)
+    assert {k: delta.get(k, 0) for k in expected} == expected, delta
+    assert sum(v for k, v in delta.items() if k[2] == "refused") == 2, delta
 
 
 def test_idle_connections_are_closed_after_the_idle_timeout(keyed):

@@ -32,8 +32,9 @@ user's host and ports and lets Triton listen on 127.0.0.1 only, on free ports.  
 nginx runs in the foreground (``daemon off``) as a child of ``serve`` with its pid file, temporary
 folders and config in the work folder, its workers as an unprivileged user when ``serve`` is root;
 its errors and warnings reach ``serve``'s log through :class:`~.gatewaylog.GatewayLog` (escaped,
-cut, rate-limited; no access log).  :attr:`Gateway.proc` is its master process, for a supervisor
-to watch.
+cut, rate-limited), and one access-log line per answer reaches :class:`~.gatewaycount.GatewayCount`
+through its stdout (every answer counted by outcome, served at ``/metrics/gateway``).
+:attr:`Gateway.proc` is its master process, for a supervisor to watch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import re
 import resource
 import shutil
@@ -57,6 +59,7 @@ from pathlib import Path
 from ..errors import BackendUnavailable, ConfigError
 from ..process import ProcessId, children, die_with_parent
 from .auth import check_tls_files, read_api_key  # noqa: F401  (importable from here as before)
+from .gatewaycount import COUNTS_FILE, GatewayCount
 from .gatewaylog import GatewayLog
 from .net import host_port, probe_host
 from .nginxconf import (  # noqa: F401  (re-exported: serve's options and the served API live there)
@@ -86,6 +89,12 @@ STOP_S = 1.0
 RELAY_JOIN_S = 1.0
 #: The one documented install line (Debian/Ubuntu); ``serve`` names it when nginx is missing.
 NGINX_INSTALL = "apt-get install -y nginx"
+
+
+def _traversable(folder: Path, group: int) -> bool:
+    """Whether a user of ``group`` (not the folder's owner) may pass through ``folder``."""
+    st = folder.stat()
+    return bool(st.st_mode & 0o001 or (st.st_gid == group and st.st_mode & 0o010))
 
 
 def find_nginx() -> Path | None:
@@ -151,6 +160,7 @@ class Gateway:
         self.probe_host = probe_host(host)
         self.proc: subprocess.Popen | None = None
         self.log_relay: GatewayLog | None = None
+        self.counts: GatewayCount | None = None
 
     @property
     def config_path(self) -> Path:
@@ -162,7 +172,7 @@ class Gateway:
         return NginxConfig(self.options, self.host, self.listen, self.upstream, draining).text()
 
     def write_config(self, draining: bool = False) -> Path:
-        for sub in ("", *TEMP_FOLDERS):
+        for sub in ("", *TEMP_FOLDERS, Path(COUNTS_FILE).parent):
             (self.folder / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.options.tls:  # links, so that the config never holds the user's paths
             for link, target in zip(TLS_LINKS, self.options.tls, strict=True):
@@ -174,7 +184,35 @@ class Gateway:
         with os.fdopen(fd, "w") as fh:
             fh.write(self.config_text(draining))
         os.chmod(self.config_path, 0o600)
+        self._share_counts()
         return self.config_path
+
+    def worker_group(self) -> int | None:
+        """The workers' group when they run as another user (``serve`` is root), else None."""
+        if os.geteuid() != 0:
+            return None
+        pw = pwd.getpwnam(self.options.worker_user)  # checked by the config's user line
+        return None if pw.pw_uid == 0 else pw.pw_gid
+
+    def _share_counts(self) -> None:
+        """Workers running as another user read the counts file: its folder and the two above it
+        (the work folder, this gateway folder) become traversable by their group, not listable
+        (0710), and nothing in them but the counts is readable by that group (every other file
+        is 0600, every other folder 0700)."""
+        group = self.worker_group()
+        if group is None:
+            return
+        counts = self.folder / COUNTS_FILE
+        for folder in (self.folder.parent, self.folder, counts.parent):
+            os.chown(folder, -1, group)
+            os.chmod(folder, 0o710)
+        blocked = [p for p in self.folder.parent.parents if not _traversable(p, group)]
+        if blocked:
+            log.warning(
+                "the gateway's workers (user %s) cannot reach %s (%s is closed to them): %s will answer 403; "
+                "set TMPDIR to a folder they may traverse, such as /tmp",
+                self.options.worker_user, counts, blocked[0], "/metrics/gateway",
+            )  # fmt: skip
 
     def command(self) -> list[str]:
         return [str(self.nginx), "-p", str(self.folder), "-c", str(self.config_path), "-e", "stderr"]
@@ -191,19 +229,24 @@ class Gateway:
             ", ".join(f"{k} {v}" for k, v in self.upstream.items()),
         )
         relay = self.log_relay = GatewayLog()  # nginx's stderr: escaped, cut, rate-limited into serve's log
+        counts = self.counts = GatewayCount(self.folder / COUNTS_FILE, self.listen, self.worker_group())
+        counts.write()  # zeros until the first answer: the file is there before nginx serves it
         try:
             self.proc = subprocess.Popen(
-                self.command(), cwd=self.folder, stderr=relay.write_fd, start_new_session=True,
-                preexec_fn=die_with_parent,
+                self.command(), cwd=self.folder, stdout=counts.write_fd, stderr=relay.write_fd,
+                start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
         except OSError:
             relay.close()
+            counts.close()
             raise
         relay.start()
+        counts.start()
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.proc.poll() is not None:
                 relay.join()
+                counts.join()
                 raise BackendUnavailable(
                     f"the gateway (nginx) exited with status {self.proc.returncode} at start "
                     "(its message above says why)"
@@ -297,6 +340,8 @@ class Gateway:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        if self.log_relay is not None:
-            self.log_relay.join(RELAY_JOIN_S)
+        end = time.monotonic() + RELAY_JOIN_S  # both relays see nginx's exit at once: one wait
+        for relay in (self.log_relay, self.counts):
+            if relay is not None:
+                relay.join(max(0.0, end - time.monotonic()))
         return self.proc.returncode

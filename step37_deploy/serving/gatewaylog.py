@@ -44,21 +44,17 @@ def escape(line: bytes, limit: int = MAX_LINE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class GatewayLog:
-    """A pipe for nginx's stderr (:attr:`write_fd`, given to the child) and the thread that relays
-    it; :meth:`start` once the child has it, :meth:`join` after the child exits."""
+class PipeReader:
+    """A pipe for one of nginx's outputs (:attr:`write_fd`, given to the child) and the thread
+    that reads it (:meth:`_run`); :meth:`start` once the child has it, :meth:`join` after the
+    child exits (the thread ends when every holder of the write end is gone)."""
 
-    def __init__(self, rate: float = RATE, burst: int = BURST, report_s: float = REPORT_S) -> None:
+    def __init__(self, name: str) -> None:
         self.read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self.write_fd, False)
-        self.rate, self.burst, self.report_s = rate, burst, report_s
-        self.tokens = float(burst)
-        self.dropped = 0
-        self.last = self.reported = time.monotonic()
-        self.thread = threading.Thread(target=self._run, name="gateway-log", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
-        """Close this process's copy of the write end (nginx holds its own) and start relaying."""
+        """Close this process's copy of the write end (nginx holds its own) and start reading."""
         os.close(self.write_fd)
         self.thread.start()
 
@@ -69,9 +65,24 @@ class GatewayLog:
                 os.close(fd)
 
     def join(self, timeout_s: float = 2.0) -> None:
-        """Wait until every line nginx wrote before it exited is relayed."""
+        """Wait until every line nginx wrote before it exited is handled."""
         if self.thread.is_alive():
             self.thread.join(timeout_s)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class GatewayLog(PipeReader):
+    """nginx's stderr, relayed into ``serve``'s log: escaped, cut, rate-limited."""
+
+    def __init__(self, rate: float = RATE, burst: int = BURST, report_s: float = REPORT_S) -> None:
+        super().__init__("gateway-log")
+        os.set_blocking(self.write_fd, False)
+        self.rate, self.burst, self.report_s = rate, burst, report_s
+        self.tokens = float(burst)
+        self.dropped = 0
+        self.last = self.reported = time.monotonic()
 
     def _run(self) -> None:
         pending = b""

@@ -8,7 +8,8 @@ header, and none of those headers passed on; at most ``max_connections`` request
 port and ``client_requests`` per client address; one worker per CPU with a budget of connections
 that trickling headers cannot exhaust cheaply, a whole-header deadline and a bound on pauses inside
 a body; the API key compared exactly (case-sensitive, whole value) on the API and metrics ports;
-Mozilla's intermediate TLS profile on all three ports; workers without root.  Every file the config
+Mozilla's intermediate TLS profile on all three ports; workers without root; one access-log line
+per answer to ``serve``'s counter (``gatewaycount.py``), whose counts the metrics port serves.  Every file the config
 names is relative to its own folder, so no ``$`` or quote of a path is ever parsed by nginx.
 """
 
@@ -37,6 +38,7 @@ from .contract import (
     MAX_GATEWAY_WORKERS,
     RETRY_AFTER_S,
 )
+from .gatewaycount import COUNTS_FILE, COUNTS_PATH, LOG_FORMAT
 from .net import host_port
 
 #: Open connections per nginx worker never below this, whatever --max-connections: connections that
@@ -355,8 +357,9 @@ class NginxConfig:
         return out
 
     def _metrics_server(self) -> list[str]:
-        """``/metrics`` only, with the same TLS, and with an API key the same key (as ``x-api-key``
-        or ``Authorization: Bearer``, which Prometheus sends from ``credentials_file``)."""
+        """``/metrics`` (Triton's) and ``/metrics/gateway`` (the gateway's answers, counted) only,
+        with the same TLS, and with an API key the same key (as ``x-api-key`` or ``Authorization:
+        Bearer``, which Prometheus sends from ``credentials_file``)."""
         get_only = _GET_ONLY
         return [
             "server {",
@@ -367,6 +370,10 @@ class NginxConfig:
             *("    " + line for line in self._http_errors()),
             f"    location = /metrics {{ {get_only} {self._limits('$step37_metrics_ok')} "
             "proxy_pass http://step37_triton_metrics; }",
+            # Every answer of the gateway, by outcome (gatewaycount.py writes the file; the workers
+            # read it: as another user, through folders only their group may traverse).
+            f"    location = {COUNTS_PATH} {{ {get_only} {self._limits('$step37_metrics_ok')} "
+            f'alias {COUNTS_FILE}; default_type "text/plain; version=0.0.4; charset=utf-8"; }}',
             "    location / { return 403; }",
             "}",
         ]
@@ -438,7 +445,10 @@ class NginxConfig:
             user_line(o.worker_user),
             f"events {{ worker_connections {o.worker_connections}; }}",
             "http {",
-            "    access_log off;",
+            # One line per answer into serve's counter (gatewaycount.py): a pipe on nginx's
+            # stdout, blocking, so that no answer goes uncounted.
+            f"    log_format step37_count '{LOG_FORMAT}';",
+            "    access_log /dev/stdout step37_count;",
             "    server_tokens off;",
             "    default_type application/octet-stream;",
             *(f"    {what}_temp_path {what};" for what in TEMP_FOLDERS),
