@@ -73,6 +73,44 @@ def exported_uint8(tiny_fp32, tmp_path_factory) -> dict[tuple[str, int], Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def massive(tmp_path_factory):
+    """Tiny stress checkpoint (bf16 like the release, massive activations), exported FP16 at 504
+    without and with calibration, and its FP32 model: (checkpoint, plain, calibrated, model).
+    test_fp16_calibration checks the calibration; test_engine_fusion builds the calibrated graph."""
+    from step37_deploy import load_vision_model
+    from step37_deploy.export import export_onnx
+
+    root = tmp_path_factory.mktemp("massive")
+    ck = make_checkpoint(root / "ck", "tiny", dtype="bf16", seed=3, massive_activations=True)
+    plain = export_onnx(ck, root / "plain", "fp16", 504, calibrate=False).onnx_path
+    calibrated = export_onnx(ck, root / "calibrated", "fp16", 504).onnx_path
+    return ck, plain, calibrated, load_vision_model(ck, "fp32")
+
+
+@pytest.fixture(scope="session")
+def rtx_engines(exported, tmp_path_factory) -> dict[int, tuple[Path, dict, Path]]:
+    """TensorRT-RTX engines of the tiny FP16 exports, built ahead of time on this CPU once per
+    session (profile 1:2:4, SM86 and SM89, one timing cache): resolution -> (plan, manifest, ONNX).
+    test_engine checks the build; test_serving_repo puts the same engines in repositories."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install '.[rtx]') is needed to build engines")
+    from step37_deploy.engine import BuildOptions, build_engine, engine_filename
+
+    out = tmp_path_factory.mktemp("plans")
+    result = {}
+    for res in (728, 504):
+        onnx_path = exported[("fp16", res)]
+        plan = out / engine_filename(onnx_path.name)
+        options = BuildOptions(
+            batch=(1, 2, 4),
+            compute_capabilities=["8.6", "8.9"],
+            flavour="tensorrt_rtx",
+            timing_cache=str(out / "tc.cache"),
+        )
+        result[res] = (plan, build_engine(onnx_path, plan, options), onnx_path)
+    return result
+
+
 # -- serving (issue 8): one real `step37-deploy serve` per test session --------------------------------
 
 
@@ -127,7 +165,7 @@ def start_serve(
             stop_serve(proc)
             tail = log.read_text(errors="replace")[-3000:]
             pytest.fail(f"serve did not become ready (exit status {proc.returncode}):\n{tail}")
-        time.sleep(0.5)
+        time.sleep(0.1)  # a refused connection costs nothing: every test server starts a little sooner
     return proc, ports
 
 

@@ -15,7 +15,6 @@ from step37_deploy.engine import (
     build_engine,
     check_runtime_compat,
     detect_flavour,
-    engine_filename,
     manifest_path,
     read_manifest,
 )
@@ -38,24 +37,9 @@ def _gpu_with_trt() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def engines(exported, tmp_path_factory):
-    out = tmp_path_factory.mktemp("plans")
-    result = {}
-    for res in (728, 504):
-        onnx_path = exported[("fp16", res)]
-        plan = out / engine_filename(onnx_path.name)
-        manifest = build_engine(
-            onnx_path,
-            plan,
-            BuildOptions(
-                batch=(1, 2, 4),
-                compute_capabilities=["8.6", "8.9"],
-                flavour="tensorrt_rtx",
-                timing_cache=str(out / "tc.cache"),
-            ),
-        )
-        result[res] = (plan, manifest, onnx_path)
-    return result
+def engines(rtx_engines):
+    """The session's engines (conftest: SM86 + SM89, profile 1:2:4, a timing cache)."""
+    return rtx_engines
 
 
 @pytest.mark.parametrize("res", [728, 504])

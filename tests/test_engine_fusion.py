@@ -57,11 +57,8 @@ def test_fp16_softmax_engine_accumulates_qk_in_fp16(fp16_softmax_onnx, tmp_path)
     assert {(k["qk_accumulator"], k["pv_accumulator"]) for k in kernels} == {("fp16", "fp16")}
 
 
-def test_manifest_records_fp16_protection(tmp_path):
-    from step37_deploy.synthetic import make_checkpoint
-
-    ck = make_checkpoint(tmp_path / "ck", "tiny", dtype="bf16", massive_activations=True)
-    onnx_path = export_onnx(ck, tmp_path, "fp16", RES).onnx_path
+def test_manifest_records_fp16_protection(massive, tmp_path):
+    onnx_path = massive[2]  # the stress checkpoint's calibrated FP16 graph (conftest), at RES
     manifest = build_engine(onnx_path, tmp_path / "m.plan", SM89)
     assert manifest["fp16_protection"]["residual_fp32_blocks"] == [1, 2]
     on_disk = json.loads((tmp_path / "m.plan.json").read_text())

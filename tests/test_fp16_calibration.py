@@ -26,19 +26,9 @@ from step37_deploy.config import Step37Config
 from step37_deploy.errors import InputError
 from step37_deploy.export import export_onnx, read_metadata
 from step37_deploy.model import PrecisionPolicy, Step37VisionModel
-from step37_deploy.synthetic import make_checkpoint, massive_channels
+from step37_deploy.synthetic import massive_channels
 
 RES = 504
-
-
-@pytest.fixture(scope="module")
-def massive(tmp_path_factory):
-    """Tiny stress checkpoint (bf16 like the release), exported FP16 with and without calibration."""
-    root = tmp_path_factory.mktemp("massive")
-    ck = make_checkpoint(root / "ck", "tiny", dtype="bf16", seed=3, massive_activations=True)
-    plain = export_onnx(ck, root / "plain", "fp16", RES, calibrate=False).onnx_path
-    calibrated = export_onnx(ck, root / "calibrated", "fp16", RES).onnx_path
-    return ck, plain, calibrated, load_vision_model(ck, "fp32")
 
 
 def _features(onnx_path, x):

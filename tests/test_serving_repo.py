@@ -43,19 +43,10 @@ def _png(width: int, height: int, seed: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def engines(exported, tmp_path_factory):
-    """TensorRT-RTX engines (SM89, profile 1:2:4) of the tiny FP16 exports."""
-    from step37_deploy.engine import BuildOptions, _importable, build_engine
-
-    if _importable("tensorrt_rtx") is None:
-        pytest.skip("tensorrt_rtx is not installed: no ahead-of-time engines to put in a repository")
-    out = tmp_path_factory.mktemp("engines")
-    paths = {}
-    for res in (728, 504):
-        paths[res] = out / f"tiny_fp16_{res}.plan"
-        opts = BuildOptions(batch=(1, 2, 4), compute_capabilities=["8.9"], flavour="tensorrt_rtx")
-        build_engine(exported[("fp16", res)], paths[res], opts)
-    return paths
+def engines(rtx_engines):
+    """TensorRT-RTX engines (profile 1:2:4) of the tiny FP16 exports: the session's (conftest; it
+    skips without tensorrt_rtx), which test_engine checks."""
+    return {res: plan for res, (plan, _, _) in rtx_engines.items()}
 
 
 def test_trt_repository_configs_agree_with_engine_manifests(tiny_fp32, engines, tmp_path):
