@@ -58,3 +58,24 @@ def test_help_does_not_import_torch(argv):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PKG_DIR.parent, check=True
     ).stdout
     assert "usage:" in out and "HEAVY []" in out, out
+
+
+def test_the_onnx_towers_and_the_embedder_stubs_do_not_import_torch(tmp_path):
+    """Every stub of ``serve`` imported torch through ``step37_deploy.backends`` (about 2 s of CPU
+    each at every start, 6 stubs a server): an ONNX tower and the embedder of CPU towers never use
+    it.  Imported with a stand-in for Triton's ``triton_python_backend_utils``."""
+    (tmp_path / "triton_python_backend_utils.py").write_text("")
+    code = (
+        "import sys\n"
+        "import step37_deploy.serving.triton_models.tower as t, step37_deploy.serving.triton_models.embedder as e\n"
+        "assert e._gpu_projector(None, None, {'towers': {'728': {'kind': 'onnx'}}}) is None\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+        "from step37_deploy.backends import TorchRunner\n"
+        "print('LAZY', TorchRunner.__name__, 'torch' in sys.modules)\n"
+    )
+    env = {"PYTHONPATH": f"{PKG_DIR.parent}:{tmp_path}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PKG_DIR.parent, env=env
+    )
+    assert out.returncode == 0 and "TORCH False" in out.stdout, out.stdout + out.stderr
+    assert "LAZY TorchRunner True" in out.stdout, out.stdout

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from step37_deploy.backends import OnnxrtRunner, TorchRunner, load_torch_model, session_from_onnx
+from step37_deploy.backends import OnnxrtRunner, session_from_onnx
 from step37_deploy.serving import contract as C
 from step37_deploy.serving.repository import _inside
 from step37_deploy.serving.stages import StageLog, clock_ns
@@ -45,8 +45,10 @@ class TritonPythonModel:
             provider = "cuda" if gpu else "cpu"
             loader = session_from_onnx(artifact, provider, threads, device_id, spinning=spinning)
             runner = OnnxrtRunner(loader, provider=provider)
-        elif kind == "torch":
+        elif kind == "torch":  # torch only here: an ONNX tower's process never imports it
             import torch
+
+            from step37_deploy.backends.torch_runner import TorchRunner, load_torch_model
 
             torch.set_num_threads(threads)
             runner = TorchRunner(load_torch_model(str(artifact), "fp32", f"cuda:{device_id}" if gpu else "cpu"))
