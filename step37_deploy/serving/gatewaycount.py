@@ -174,6 +174,8 @@ class GatewayCount(PipeReader):
                 fh.write(data)
             os.replace(tmp, self.path)
         except OSError as exc:
+            if not self.path.parent.is_dir():  # serve's take-down removed the work folder: nobody serves it
+                return
             if not self.failing:
                 log.warning("the gateway's counts could not be written to %s: %s", self.path, exc)
             self.failing = True

@@ -83,14 +83,12 @@ _FAMILIES: list = []
 def _gpu_projector(weight: np.ndarray, bias: np.ndarray | None, record: dict) -> tuple | None:
     """Projector weights on the GPU for TensorRT towers (FP16, as ``VisionEmbedder`` does with
     TensorRT), else None: the numpy projector, as in process for the CPU backends."""
-    towers = record["towers"].values()
-    if not any(t["kind"] == "trt" for t in towers):
-        return None  # CPU towers: this process never imports torch (about 2 s of CPU at start)
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency of step37_deploy
         return None
-    if not torch.cuda.is_available():
+    towers = record["towers"].values()
+    if not torch.cuda.is_available() or not any(t["kind"] == "trt" for t in towers):
         return None
     half = any(t["precision"] == "fp16" for t in towers)
     dtype = torch.float16 if half else torch.float32
@@ -192,8 +190,10 @@ class TritonPythonModel:
         policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
         self.queue_timeout_us = int(policy.get("default_timeout_microseconds", 0) or 0)
         threads = params.get(THREADS_PARAMETER, {}).get("string_value")
-        if threads and "torch" in sys.modules:  # serve's share of the cores per instance (threads.py)
-            sys.modules["torch"].set_num_threads(int(threads))  # else torch reads OMP_NUM_THREADS if imported
+        if threads:  # serve's share of the cores per instance (serving/threads.py): torch's pool
+            import torch
+
+            torch.set_num_threads(int(threads))
         cache_mb = float(params.get(C.CACHE_MB_PARAMETER, {}).get("string_value", "0"))
         self.cache = EmbeddingCache(cache_mb)
         self.cache_counters = _cache_counters(args["model_name"], args["model_version"])
