@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pwd
 import re
 import resource
 import shutil
@@ -73,6 +72,7 @@ from .nginxconf import (  # noqa: F401  (re-exported: serve's options and the se
     TLS_LINKS,
     GatewayOptions,
     NginxConfig,
+    worker_account,
 )
 
 log = logging.getLogger(__name__)
@@ -189,10 +189,8 @@ class Gateway:
 
     def worker_group(self) -> int | None:
         """The workers' group when they run as another user (``serve`` is root), else None."""
-        if os.geteuid() != 0:
-            return None
-        pw = pwd.getpwnam(self.options.worker_user)  # checked by the config's user line
-        return None if pw.pw_uid == 0 else pw.pw_gid
+        pw = worker_account(self.options.worker_user)
+        return None if pw is None else pw.pw_gid
 
     def _share_counts(self) -> None:
         """Workers running as another user read the counts file: its folder and the two above it

@@ -180,11 +180,11 @@ def _exact(key: str) -> str:
     return "^" + re.sub(r"([.+])", r"[\1]", key) + "$"
 
 
-def user_line(user: str) -> str:
-    """As root, nginx's workers run as ``user`` (they write no file: bodies stream to Triton,
-    answers are never buffered to disk).  Otherwise nginx cannot switch users anyway."""
+def worker_account(user: str) -> pwd.struct_passwd | None:
+    """As root, the account nginx's workers run as: ``user``, checked to exist and not to be root
+    (``ConfigError`` otherwise); None when ``serve`` is not root (nginx cannot switch users)."""
     if os.geteuid() != 0:
-        return ""
+        return None
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
@@ -194,7 +194,14 @@ def user_line(user: str) -> str:
         ) from None
     if pw.pw_uid == 0:
         raise ConfigError(f"the gateway's worker user {user!r} is root: name an unprivileged user")
-    return f"user {pw.pw_name} {grp.getgrgid(pw.pw_gid).gr_name};"
+    return pw
+
+
+def user_line(user: str) -> str:
+    """As root, nginx's workers run as ``user`` (they write no file: bodies stream to Triton,
+    answers are never buffered to disk).  Otherwise nginx cannot switch users anyway."""
+    pw = worker_account(user)
+    return "" if pw is None else f"user {pw.pw_name} {grp.getgrgid(pw.pw_gid).gr_name};"
 
 
 #: The gRPC deadline Triton gets: the client's own when under 100 s, else UPSTREAM_TIMEOUT_S, so
