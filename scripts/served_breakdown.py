@@ -250,10 +250,10 @@ def triton_stats(port: int) -> dict[str, dict[str, tuple[int, int]]]:
 
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     try:
-        out = {}
-        for m in (C.EMBEDDER_MODEL, *C.TOWER_MODELS.values()):
-            st = client.get_inference_statistics(m, as_json=True)["model_stats"][0]["inference_stats"]
-            out[m] = {k: (int(v.get("count", 0)), int(v.get("ns", 0))) for k, v in st.items()}
+        out = {}  # every model the server has: the towers only under --tower-calls bls
+        for entry in client.get_inference_statistics("", as_json=True)["model_stats"]:
+            st = entry["inference_stats"]
+            out[entry["name"]] = {k: (int(v.get("count", 0)), int(v.get("ns", 0))) for k, v in st.items()}
         return out
     finally:
         client.close()
@@ -271,11 +271,14 @@ def stats_delta(a: dict, b: dict) -> dict[str, dict[str, float]]:
 
 
 def tower_compute(records: list[dict]) -> dict[str, list[float]]:
-    """Each tower's own compute per execution (ms), from its stage records."""
+    """Each tower's own compute per execution (ms), from its stage records (a tower model's, or the
+    embedder's runs of the towers it holds itself under ``--tower-calls local``)."""
     out: dict[str, list[float]] = {}
     for r in records:
         if r.get("m") == "tower":
             out.setdefault(r["model"], []).append((r["infer"] - r["read"]) / 1e6)
+        for run in r.get("local", []):
+            out.setdefault(C.TOWER_MODELS[run["res"]], []).append((run["end"] - run["start"]) / 1e6)
     return out
 
 

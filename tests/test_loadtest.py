@@ -83,6 +83,30 @@ def test_batch_stats_deltas():
     assert lt.batch_counts({}) == {}
 
 
+def test_a_server_whose_embedder_runs_the_towers_reports_no_tower_models():
+    """``--tower-calls local``: the server has no tower models, so neither their timings nor their
+    batch sizes are reported (no zeros for models that do not exist); with them, both are."""
+
+    class Client:
+        tls = False
+
+        def __init__(self, models):
+            self.models = models
+
+        def inference_statistics(self, model: str = ""):
+            assert model == ""  # one call for every loaded model
+            return {m: {"batch_stats": [{"batch_size": 1, "compute_infer": {"count": 2}}]} for m in self.models}
+
+    only_embedder = {k: v for k, v in lt.parse_metrics(METRICS).items() if k[1] == EMBEDDER_MODEL}
+    probe = lt._ServerProbe(Client([EMBEDDER_MODEL]), "unused:1")
+    batches, timings = lt._server_side((only_embedder, probe.batches()), (only_embedder, probe.batches()))
+    assert batches == {} and list(timings) == [EMBEDDER_MODEL]
+    probe = lt._ServerProbe(Client([EMBEDDER_MODEL, V728, V504]), "unused:1")
+    full = lt.parse_metrics(METRICS)
+    batches, timings = lt._server_side((full, probe.batches()), (full, probe.batches()))
+    assert batches == {V728: {}, V504: {}} and list(timings) == [EMBEDDER_MODEL, V728]  # 504 has no series
+
+
 def _emb(rows: int, seed: int, crops: int = 0) -> ImageEmbedding:
     feats = np.random.default_rng(seed).normal(size=(rows, 8)).astype(np.float32)
     return ImageEmbedding(feats, [1, 2, 3], "t", crops, [False] * crops)

@@ -296,6 +296,7 @@ def test_embedder_sends_no_tower_call_for_a_cancelled_request_and_bounds_each_ca
     fake.get_output_tensor_by_name = lambda response, name: rows
     model = object.__new__(embedder_module.TritonPythonModel)
     model.towers = {728: ("step37_vision_728", np.dtype(np.float32), 8)}
+    model.local = {}  # the towers are Triton models (--tower-calls bls)
     views = np.zeros((1, 3, 4, 4), np.float32)
     with pytest.raises(embedder_module._Cancelled):
         asyncio.run(model._tower(728, views, None, types.SimpleNamespace(is_cancelled=lambda: True), 0))
@@ -305,6 +306,35 @@ def test_embedder_sends_no_tower_call_for_a_cancelled_request_and_bounds_each_ca
     left = embedder_module._time_left_us(types.SimpleNamespace(timeout=lambda: 2_000_000), time.monotonic_ns())
     assert 1_000_000 < left <= 2_000_000
     assert embedder_module._time_left_us(types.SimpleNamespace(timeout=lambda: 0), 0) == 0  # none: the default
+
+
+def test_embedder_runs_no_local_tower_chunk_for_a_cancelled_request(embedder_module):
+    """``--tower-calls local``: the towers run in the embedder's own process, in chunks of at most
+    ``max_batch_size`` views; a request cancelled before a chunk starts runs no more of them, and
+    nothing crosses BLS."""
+    import asyncio
+    import types
+
+    fake = sys.modules["triton_python_backend_utils"]
+    fake.InferenceRequest = lambda **kwargs: pytest.fail(f"a BLS call for a local tower: {kwargs}")
+    ran: list[int] = []
+
+    class Runner:
+        def infer(self, x):
+            ran.append(len(x))
+            return np.ones((len(x), 4, 8), np.float64)
+
+    model = object.__new__(embedder_module.TritonPythonModel)
+    model.towers = {504: ("step37_vision_504", np.dtype(np.float32), 3)}
+    model.local = {504: Runner()}
+    views = np.zeros((7, 3, 4, 4), np.float32)
+    rows = asyncio.run(model._tower(504, views, None, types.SimpleNamespace(is_cancelled=lambda: False)))
+    assert ran == [3, 3, 1] and rows.shape == (7, 4, 8) and rows.dtype == np.float32
+    checks = iter([False, True])  # cancelled while the first chunk ran
+    ran.clear()
+    with pytest.raises(embedder_module._Cancelled):
+        asyncio.run(model._tower(504, views, None, types.SimpleNamespace(is_cancelled=lambda: next(checks))))
+    assert ran == [3]
 
 
 def test_embedder_answers_user_errors_invalid_arg_and_its_own_faults_internal(embedder_module):
@@ -359,9 +389,11 @@ EXIT_CRASH = 4
 
 
 def _args(checkpoint: Path, artifacts: tuple[Path, Path], *extra: str) -> list[str]:
+    """The towers as models of their own (``--tower-calls bls``, the layout of TensorRT towers):
+    these tests kill and freeze tower stubs and count the views each tower computed."""
     return [
         "--checkpoint", str(checkpoint), "--backend", "onnx", "--artifacts", *map(str, artifacts),
-        "--preprocess-instances", "2", "--cache-mb", "0", "--exit-timeout", "10", *extra,
+        "--preprocess-instances", "2", "--cache-mb", "0", "--exit-timeout", "10", "--tower-calls", "bls", *extra,
     ]  # fmt: skip
 
 

@@ -170,8 +170,38 @@ def test_verify_detects_changed_files_and_paths_leaving_the_repository(tiny_fp32
     assert exported[("fp32", 504)].read_bytes() != bytes(data)  # the input was never touched
 
 
+def test_local_towers_are_files_of_the_embedder_checked_like_models(tiny_fp32, exported, tmp_path):
+    """``--tower-calls local``: no tower models (nothing for Triton to load or a client to call);
+    each tower's files in the embedder's version folder, named in the record with their digests,
+    and a changed one refused like a tower model's."""
+    from step37_deploy.serving.supervise import expected_stubs
+
+    pair = [exported[("fp32", 728)], exported[("fp32", 504)]]
+    opts = RepositoryOptions(tower_calls="local", preprocess_instances=2, tower_threads=3)
+    out = write_repository(tiny_fp32, "onnx", pair, tmp_path / "r", opts)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [C.EMBEDDER_MODEL]
+    assert expected_stubs(out) == {C.EMBEDDER_MODEL: 2}
+    emb = parse_config(out / C.EMBEDDER_MODEL / "config.pbtxt")
+    assert emb.parameters[C.TOWER_THREADS_PARAMETER].string_value == "3"
+    record = verify_repository(out)
+    assert record["tower_calls"] == "local"
+    for res, tower in record["towers"].items():
+        artifact = out / tower["artifact"]
+        assert artifact.parent == out / C.EMBEDDER_MODEL / "1" / C.TOWER_MODELS[int(res)]
+        assert artifact.read_bytes() == pair[0 if res == "728" else 1].read_bytes()
+        assert list(tower["files"]) == [tower["artifact"]]
+    artifact = out / record["towers"]["504"]["artifact"]
+    data = bytearray(artifact.read_bytes())
+    data[-1] ^= 1
+    artifact.unlink()  # a hard link to the export: replace, never write through it
+    artifact.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="changed after the repository was written"):
+        verify_repository(out)
+
+
 def test_onnx_repository_served_by_bundled_tritonserver(tiny_fp32, exported, tmp_path, capfd):
-    """The repository ``triton-repo`` writes, loaded by the tritonserver nvidia-pytriton ships."""
+    """The repository ``triton-repo`` writes (the towers as models of their own), loaded by the
+    tritonserver nvidia-pytriton ships."""
     pytest.importorskip("pytriton", reason="the [serve] extra (nvidia-pytriton) is not installed")
     import tritonclient.http as httpclient
 
@@ -181,8 +211,8 @@ def test_onnx_repository_served_by_bundled_tritonserver(tiny_fp32, exported, tmp
 
     pair = [exported[("fp32", 728)], exported[("fp32", 504)]]
     out = tmp_path / "repo"
-    args = ["triton-repo", "--checkpoint", str(tiny_fp32), "--backend", "onnx", "--out", str(out)]
-    assert main([*args, "--artifacts", *map(str, pair), "--preprocess-instances", "1", "-q"]) == 0
+    args = ["triton-repo", "--checkpoint", str(tiny_fp32), "--backend", "onnx", "--out", str(out), "-q"]
+    assert main([*args, "--artifacts", *map(str, pair), "--preprocess-instances", "1", "--tower-calls", "bls"]) == 0
     _configs(out)
     server = TritonServer(out, tmp_path / "work", host="127.0.0.1", exit_timeout_s=10).start(240)
     try:

@@ -64,6 +64,40 @@ def test_serve_writes_the_plan_into_the_configs(monkeypatch):
     assert tower_config(trt, RepositoryOptions()).dynamic_batching.max_queue_delay_microseconds == 2000
 
 
+@pytest.mark.parametrize(
+    ("backend", "instances", "towers", "asked", "want"),
+    [
+        ("onnx", 2, None, None, "local"),  # 2 cores: an embedder instance per tower instance, so no hop
+        ("onnx", 3, None, None, "bls"),  # more embedder instances than tower copies: the towers batch them
+        ("torch", 2, 1, None, "bls"),
+        ("onnx", 2, None, "bls", "bls"),
+        ("onnx", 8, None, "local", "local"),
+        ("trt", 1, None, None, "bls"),  # Triton's TensorRT backend runs engines: always their own models
+    ],
+)
+def test_where_the_towers_run(monkeypatch, backend, instances, towers, asked, want):
+    from step37_deploy.serving.repository import RepositoryOptions, embedder_config
+
+    monkeypatch.setattr("step37_deploy.serving.threads.usable_cores", lambda: 2)
+    opts = RepositoryOptions(preprocess_instances=instances, tower_instances=towers, tower_calls=asked)
+    opts, plan = thread_options(opts, backend)
+    assert opts.tower_calls == plan.tower_calls == want
+    line = plan.describe()
+    assert ("towers run in each embedder instance x 2 intra-op" in line) == (want == "local"), line
+    assert embedder_config(opts).parameters[C.TOWER_THREADS_PARAMETER].string_value == "2"
+
+
+def test_tower_calls_are_checked():
+    from step37_deploy.errors import ConfigError
+    from step37_deploy.serving.configs import resolve_tower_calls
+    from step37_deploy.serving.repository import RepositoryOptions
+
+    with pytest.raises(ConfigError, match="--tower-calls must be one of local, bls, got 'rpc'"):
+        RepositoryOptions(tower_calls="rpc").validate()
+    with pytest.raises(ConfigError, match="--tower-calls local: TensorRT towers"):
+        resolve_tower_calls(RepositoryOptions(tower_calls="local"), {"trt"})
+
+
 def test_server_env_carries_the_plan_to_the_stubs():
     from step37_deploy.serving.server import TritonInstall, server_env
 
@@ -117,6 +151,12 @@ def test_stage_log_round_trip_and_stages(tmp_path, monkeypatch):
     assert set(row) == {n for n, _ in stages.SERVED_STAGES}
     summary = stages.summarize([row, {**row, "front": 20.0}], ["front", "nothing"])
     assert summary == {"front": {"mean": 15.0, "p50": 15.0, "n": 2}}
+    # Towers run in the embedder (--tower-calls local): one after the other, no BLS stage.
+    local = {"m": "embedder", "id": "b", "exec": 10 * ms, "read": 11 * ms, "pre": 31 * ms, "proj": 140 * ms,
+             "built": 141 * ms, "bls": [], "local": [{"res": 728, "start": 32 * ms, "end": 100 * ms},
+                                                  {"res": 504, "start": 100 * ms, "end": 138 * ms}]}  # fmt: skip
+    (row,) = stages.served_stages({"b": {"send": 0, "recv": 150 * ms}}, [local])
+    assert row["tower_compute"] == 106.0 and row["projector"] == 2.0 and "bls_send" not in row
 
 
 def test_the_server_states_its_threads(tiny_server):

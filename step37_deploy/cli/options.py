@@ -199,6 +199,15 @@ def add_repository_options(p: argparse.ArgumentParser) -> None:
         "serve 2 on a machine of 2 or more usable cores, so one batch runs while another one's serial steps "
         "leave cores idle; triton-repo 1)",
     )
+    p.add_argument(
+        "--tower-calls",
+        choices=["local", "bls"],
+        default=None,
+        help="onnx/torch towers: local runs them inside each embedder instance (no hop, no copies of the "
+        "views), bls as Triton models of their own that batch the views of all instances (default: local "
+        "when the embedder instances are no more than the tower instances, so the weights are copied as "
+        "often either way, else bls; TensorRT towers are always bls)",
+    )
     _add_queue_options(p)
 
 
@@ -240,6 +249,7 @@ def repository_options(args: argparse.Namespace):
         warmup=not args.no_warmup,
         tower_threads=args.tower_threads,
         tower_instances=args.tower_instances,
+        tower_calls=args.tower_calls,
         cache_mb=args.cache_mb,
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,

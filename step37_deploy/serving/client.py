@@ -525,15 +525,17 @@ class EmbedClient:
                 raise r
         return results
 
-    def inference_statistics(self, model: str) -> dict[str, Any]:
+    def inference_statistics(self, model: str = "") -> dict[str, Any]:
         """Triton's statistics of one model (cumulative since it loaded), as a JSON-like dict with
-        integer counts on both protocols."""
+        integer counts on both protocols; ``model`` "": of every loaded model, by name."""
         c = self._client()
         if self.protocol == "grpc":
             stats = self._call("statistics", c.get_inference_statistics, model, headers=self._headers, as_json=True)
         else:
             stats = self._call("statistics", c.get_inference_statistics, model, headers=self._headers)
         entries = stats.get("model_stats", [])
+        if not model:
+            return {e["name"]: e for e in entries}
         if not entries:
             raise ServerError(f"{self.protocol}://{self.url} has no statistics for model {model!r}")
         return entries[-1]

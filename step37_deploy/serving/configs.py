@@ -39,6 +39,28 @@ def default_preprocess_instances() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: How the embedder reaches an ONNX Runtime / torch tower: ``local``, a runner inside each embedder
+#: instance's own process; ``bls``, a separate Triton model called through BLS.  TensorRT towers are
+#: always separate models (Triton's TensorRT backend).
+TOWER_CALLS = ("local", "bls")
+
+
+def resolve_tower_calls(opts: RepositoryOptions, kinds: set[str]) -> str:
+    """``local`` or ``bls`` for towers of ``kinds`` (``TowerArtifact.kind``): what ``opts`` asks, else
+    ``local`` where the hop buys nothing, i.e. where every embedder instance would have a tower
+    instance of its own anyway (embedder instances <= tower instances: the same copies of the weights,
+    without the two shared-memory copies of every view and the answer's way back, issue 21), else
+    ``bls`` (separate towers batch the views of many embedder instances with fewer weight copies)."""
+    if "trt" in kinds:
+        if opts.tower_calls == "local":
+            raise ConfigError("--tower-calls local: TensorRT towers run in Triton's TensorRT backend; use bls")
+        return "bls"
+    if opts.tower_calls is not None:
+        return opts.tower_calls
+    instances = opts.preprocess_instances or default_preprocess_instances()
+    return "local" if instances <= (opts.tower_instances or 1) else "bls"
+
+
 @dataclass
 class RepositoryOptions:
     """Serving knobs written into the configs (the CLI's ``triton-repo``/``serve`` options)."""
@@ -55,8 +77,11 @@ class RepositoryOptions:
     cache_mb: float = DEFAULT_CACHE_MB  # embedding cache of each embedder instance (0 = off)
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # requests waiting per model (towers: at least what BLS needs)
     queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS  # longest wait in a queue before UNAVAILABLE
+    tower_calls: str | None = None  # "local" | "bls"; None: resolve_tower_calls decides
 
     def validate(self) -> None:
+        if self.tower_calls is not None and self.tower_calls not in TOWER_CALLS:
+            raise ConfigError(f"--tower-calls must be one of {', '.join(TOWER_CALLS)}, got {self.tower_calls!r}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
@@ -183,6 +208,8 @@ def embedder_config(opts: RepositoryOptions) -> Any:
     cfg.parameters[C.CACHE_MB_PARAMETER].string_value = repr(float(opts.cache_mb))
     if opts.embedder_threads:
         cfg.parameters["threads"].string_value = str(opts.embedder_threads)
+    if opts.tower_threads:  # the intra-op threads of towers run inside the embedder (tower_calls local)
+        cfg.parameters[C.TOWER_THREADS_PARAMETER].string_value = str(opts.tower_threads)
     # Triton 2.51 accepts a dynamic batcher on a max_batch_size 0 model: it batches nothing but
     # gives the model a bounded, timed queue (the wire contract stays one image per request).
     set_queue_policy(cfg.dynamic_batching, opts.max_queue_size, opts.queue_timeout_ms)

@@ -101,6 +101,9 @@ CACHE_HITS_METRIC = "step37_embedder_cache_hits"
 CACHE_MISSES_METRIC = "step37_embedder_cache_misses"
 #: ``config.pbtxt`` parameter of the embedder model: its embedding cache budget in MiB (0 = off).
 CACHE_MB_PARAMETER = "cache_mb"
+#: ``config.pbtxt`` parameter of the embedder model: intra-op threads of the ONNX Runtime / torch
+#: towers it runs itself (``--tower-calls local``; the repository record says which towers).
+TOWER_THREADS_PARAMETER = "tower_threads"
 
 
 # -- defaults of the service: the repository writer, the gateway, the client and the command line

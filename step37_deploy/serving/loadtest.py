@@ -270,18 +270,17 @@ class _ServerProbe:
             return None
 
     def batches(self) -> dict[str, dict[str, int]]:
-        """Batch sizes run so far per tower model; empty where the statistics API is refused (a
-        server restricting it), which the report then shows as no batches."""
-        out = {}
-        for m in TOWER_MODELS.values():
-            try:
-                out[m] = batch_counts(self.client.inference_statistics(m))
-            except ServerError as exc:
-                if not self._warned_stats:
-                    log.warning("no Triton statistics (%s): tower batch sizes not reported", exc)
-                    self._warned_stats = True
-                out[m] = {}
-        return out
+        """Batch sizes run so far per tower model the server has (none where the embedder runs its
+        towers itself, ``--tower-calls local``); empty where the statistics API is refused (a server
+        restricting it), which the report then shows as no batches."""
+        try:
+            stats = self.client.inference_statistics()
+        except ServerError as exc:
+            if not self._warned_stats:
+                log.warning("no Triton statistics (%s): tower batch sizes not reported", exc)
+                self._warned_stats = True
+            return {}
+        return {m: batch_counts(stats[m]) for m in TOWER_MODELS.values() if m in stats}
 
 
 def _default_metrics_url(url: str) -> str:
@@ -349,8 +348,9 @@ def _server_side(
 ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]] | None]:
     """What the server did between two readings: tower batch sizes, and per-model timings."""
     (m0, b0), (m1, b1) = before, after
-    models = [EMBEDDER_MODEL, *TOWER_MODELS.values()]
-    return {m: batch_delta(b0[m], b1[m]) for m in b1}, model_timings(m0, m1, models) if m0 and m1 else None
+    served = {m for (_, m) in m1} if m1 else set()  # the towers are models only under --tower-calls bls
+    models = [EMBEDDER_MODEL, *(m for m in TOWER_MODELS.values() if m in served)]
+    return {m: batch_delta(b0.get(m, {}), b1[m]) for m in b1}, model_timings(m0, m1, models) if m0 and m1 else None
 
 
 def open_loop_run(

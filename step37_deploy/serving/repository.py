@@ -13,7 +13,9 @@ above the profile MAX, so this refuses it first).  Given ONNX files or ``backend
 are Python-backend models (``triton_models/tower.py``) that run the ONNX Runtime or torch runner.
 The embedder is always a Python-backend model (``triton_models/embedder.py``) that preprocesses,
 sends its views to the towers through Triton (BLS, so Triton's dynamic batcher merges the views of
-concurrent requests) and applies the projector.
+concurrent requests) and applies the projector.  ONNX Runtime / torch towers may instead run inside
+each embedder instance (``tower_calls`` "local", :func:`configs.resolve_tower_calls`): their files
+then sit in the embedder's version folder, with no config of their own, and the record says so.
 
 The repository records what it was built from (``step37_repository.json`` in the embedder's
 version folder): the checkpoint's vision-weights digest, the digest of every served file and the
@@ -53,6 +55,7 @@ from .configs import (
     default_preprocess_instances,
     embedder_config,
     parse_config,
+    resolve_tower_calls,
     set_queue_policy,
     tower_config,
     tower_max_batch,
@@ -137,11 +140,13 @@ def _write_torch_checkpoint(checkpoint: Path, dst: Path) -> None:
 
 
 def _write_tower(
-    root: Path, t: TowerArtifact, checkpoint: Path, opts: RepositoryOptions, torch_weights: Path | None
-) -> dict[str, str]:
-    """The tower's folder; returns {path relative to the repository: sha256} of its served files."""
-    model_dir = root / t.model_name
-    version = model_dir / "1"
+    root: Path, t: TowerArtifact, checkpoint: Path, opts: RepositoryOptions, torch_weights: Path | None, local: bool
+) -> tuple[dict[str, str], Path]:
+    """The tower's files: a model folder of its own, or (``local``: the embedder runs it) a folder in
+    the embedder's version folder, with no config (not a Triton model).  Returns {path relative to
+    the repository: sha256} of its served files, and the served artifact's path."""
+    model_dir = root / C.EMBEDDER_MODEL / "1" / t.model_name if local else root / t.model_name
+    version = model_dir if local else model_dir / "1"
     version.mkdir(parents=True)
     files: list[Path] = []
     if t.kind == "trt":
@@ -152,23 +157,24 @@ def _write_tower(
         want = read_manifest(t.path)["engine_sha256"]
         if _sha256(version / "model.plan") != want:
             raise EngineError(f"engine {t.path} does not match its manifest's digest: corrupt or replaced")
+    elif t.kind == "onnx":
+        for name in (t.path.name, *t.data_files):
+            _place(t.path.parent / name, version / name)
+            files.append(version / name)
     else:
-        shutil.copyfile(_MODELS_DIR / "tower.py", version / "model.py")
-        if t.kind == "onnx":
-            for name in (t.path.name, *t.data_files):
-                _place(t.path.parent / name, version / name)
-                files.append(version / name)
-        else:
-            ck = version / TORCH_CHECKPOINT
-            if torch_weights is None:
-                _write_torch_checkpoint(checkpoint, ck)
-            else:  # the other tower's copy: link, not a second copy of the weights
-                ck.mkdir()
-                for f in torch_weights.iterdir():
-                    _place(f, ck / f.name)
-            files += sorted(ck.iterdir())
-    (model_dir / "config.pbtxt").write_text(config_text(tower_config(t, opts)))
-    return {str(f.relative_to(root)): _sha256(f) for f in files}
+        ck = version / TORCH_CHECKPOINT
+        if torch_weights is None:
+            _write_torch_checkpoint(checkpoint, ck)
+        else:  # the other tower's copy: link, not a second copy of the weights
+            ck.mkdir()
+            for f in torch_weights.iterdir():
+                _place(f, ck / f.name)
+        files += sorted(ck.iterdir())
+    if not local:
+        if t.kind != "trt":
+            shutil.copyfile(_MODELS_DIR / "tower.py", version / "model.py")
+        (model_dir / "config.pbtxt").write_text(config_text(tower_config(t, opts)))
+    return {str(f.relative_to(root)): _sha256(f) for f in files}, version / t.served_name
 
 
 def _write_projector(checkpoint: Path, dst: Path) -> None:
@@ -231,13 +237,16 @@ def _write_models(
     """The towers' and the embedder's folders in ``tmp``, and what they serve in ``record``."""
     digest = record["vision_weights_sha256"]
     torch_weights = None
+    calls = record["tower_calls"] = resolve_tower_calls(opts, {t.kind for t in towers.values()})
     for res, t in towers.items():
-        files = _write_tower(tmp, t, checkpoint, opts, torch_weights)
+        files, artifact = _write_tower(tmp, t, checkpoint, opts, torch_weights, local=calls == "local")
         if t.kind == "torch":
-            torch_weights = tmp / t.model_name / "1" / TORCH_CHECKPOINT
+            torch_weights = artifact
         record["towers"][str(res)] = {
             "model": t.model_name,
             "kind": t.kind,
+            # where the embedder runs it itself: its artifact, relative to the repository
+            "artifact": str(artifact.relative_to(tmp)) if calls == "local" else None,
             "source": str(t.path.resolve()) if t.path else None,  # informational
             "input_dtype": t.input_dtype,
             "precision": t.precision,
@@ -246,7 +255,7 @@ def _write_models(
             "files": files,
         }
     emb = tmp / C.EMBEDDER_MODEL
-    (emb / "1").mkdir(parents=True)
+    (emb / "1").mkdir(parents=True, exist_ok=True)  # the files of local towers may be in it already
     shutil.copyfile(_MODELS_DIR / "embedder.py", emb / "1" / "model.py")
     _write_projector(checkpoint, emb / "1" / C.PROJECTOR_FILE)
     record["projector"] = {"file": C.PROJECTOR_FILE, "sha256": _sha256(emb / "1" / C.PROJECTOR_FILE)}

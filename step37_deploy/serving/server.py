@@ -137,8 +137,15 @@ STOP_GRACE_S = 1.0
 #: SIGTERM, and again after SIGKILL (``Supervisor.kill_all``'s grace).
 CLEAN_KILL_GRACE_S = 1.0
 
-#: What "ready" means for ``serve``: every model of the served API is loaded.
-SERVED_MODELS = (*C.TOWER_MODELS.values(), C.EMBEDDER_MODEL)
+#: What "ready" means to a client: the served API's model is loaded (Triton runs with
+#: ``--strict-readiness``, so the server is ready only once every model of its repository is; the
+#: towers are models of their own only under ``--tower-calls bls``).
+SERVED_MODELS = (C.EMBEDDER_MODEL,)
+
+
+def repository_models(repository: str | Path) -> tuple[str, ...]:
+    """The models of a repository: its folders with a ``config.pbtxt``."""
+    return tuple(sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt")))
 
 
 def models_ready(http_url: str, models: tuple[str, ...] = SERVED_MODELS) -> bool:
@@ -168,7 +175,7 @@ class TritonServer:
         metrics_port: int | None = None,
         exit_timeout_s: int = C.DEFAULT_EXIT_TIMEOUT_S,
         log_verbose: int = 0,
-        models: tuple[str, ...] = SERVED_MODELS,
+        models: tuple[str, ...] | None = None,  # default: every model of the repository
         allow_shared_memory: bool = False,
         grpc_tls: tuple[Path, Path] | None = None,
         threads: ThreadPlan | None = None,
@@ -184,7 +191,7 @@ class TritonServer:
         self.metrics_port = metrics_port or free_port(probe)
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
-        self.models = models
+        self.models = models or repository_models(repository)
         self.probe_host = probe
         self.allow_shared_memory = allow_shared_memory
         self.grpc_tls = grpc_tls
@@ -520,7 +527,7 @@ def serve(
     run = ServeRun(plan)
     with run.handling_signals(), private_work_folder() as workdir:
         try:
-            options, threads = thread_options(options)  # issue 21: the stubs share the cores
+            options, threads = thread_options(options, backend)  # issue 21: the stubs share the cores
             log.info("threads: %s", threads.describe())
             repo = write_repository(checkpoint, backend, artifacts, workdir / "model_repository", options)
             if not run.stopping:

@@ -72,7 +72,7 @@ SERVED_STAGES = (
     ("preprocess", "decode, resize, crops, normalise (embedder)"),
     ("bls_send", "embedder builds the tower request (copy into shared memory) -> tower execute: BLS, tower queue"),
     ("tower_input", "tower reads its views (as_numpy, concatenate)"),
-    ("tower_compute", "the tower's runner (ONNX Runtime / torch) in the stub"),
+    ("tower_compute", "the tower's runner (ONNX Runtime / torch) in its stub, or in the embedder's (local)"),
     ("tower_output", "tower builds its answer (copy into shared memory)"),
     ("bls_return", "tower answer -> embedder holds the rows as numpy: BLS return and its copies"),
     ("projector", "the projector and the rows in token order (embedder)"),
@@ -91,7 +91,9 @@ def served_stages(
 ) -> list[dict[str, float | None]]:
     """Stage durations in ms (:data:`SERVED_STAGES`) of every request in ``client`` (request id ->
     ``{"send": ns, "recv": ns}``) that has an embedder record.  The towers run side by side, so the
-    tower stages are those of the tower that answered last (the request waits for it)."""
+    tower stages are those of the tower that answered last (the request waits for it).  Towers the
+    embedder runs itself (``--tower-calls local``, its ``local`` stamps) run one after the other:
+    their compute is the sum of their runs, and no BLS stage exists."""
     embedder: dict[str, Mapping[str, Any]] = {}
     towers: dict[str, Mapping[str, Any]] = {}
     for r in records:
@@ -124,6 +126,12 @@ def served_stages(
                 tower_output=_ms(t["infer"], t["built"]),
                 bls_return=_ms(t["built"], last["numpy"]),
                 projector=_ms(max(b["numpy"] for b in e["bls"]), e["proj"]),
+            )
+        elif e.get("local"):
+            runs = e["local"]
+            row.update(
+                tower_compute=sum(_ms(x["start"], x["end"]) for x in runs),
+                projector=_ms(max(x["end"] for x in runs), e["proj"]),
             )
         else:
             row.update(projector=_ms(e["pre"], e["proj"]))

@@ -17,7 +17,10 @@ So ``serve`` decides (:func:`plan_threads`): each CPU tower session runs ``cores
 (a request's views get the whole machine while that tower computes; on a GPU this only sizes the
 CPU-side pool) with spinning off, one inter-op thread; each embedder instance ``cores //
 instances`` BLAS/OpenMP/torch threads (at least 1); OpenMP threads sleep when idle (``PASSIVE``).
-The settings go into the tower and embedder configs (visible through Triton's model-config API)
+Where each embedder instance runs the towers itself (``tower_calls`` "local", chosen here when
+there are no more embedder instances than tower instances: the same weight copies without the BLS
+hop), those sessions get the towers' threads and spinning.  The settings go into the tower and
+embedder configs (visible through Triton's model-config API)
 and the stubs' environment, and ``serve`` states them in one start-up line.  Variables the
 operator already set (``OMP_NUM_THREADS`` ...) are kept, and the line says so.
 """
@@ -65,6 +68,7 @@ class ThreadPlan:
     tower_instances: int = 1  # instances (stub processes) of each CPU tower
     spinning: bool = False  # ONNX Runtime workers spin-wait between runs
     kept: tuple[str, ...] = ()  # pool variables the operator set, left as they were
+    tower_calls: str = "bls"  # "local": each embedder instance runs the towers itself (configs.TOWER_CALLS)
 
     def env(self, base: Mapping[str, str]) -> dict[str, str]:
         """``base`` plus the pool sizes and wait policy, without overriding what it already sets."""
@@ -77,10 +81,14 @@ class ThreadPlan:
     def describe(self) -> str:
         """One line for the start-up log."""
         kept = f"; kept from the environment: {', '.join(self.kept)}" if self.kept else ""
+        towers = (
+            "towers run in each embedder instance"
+            if self.tower_calls == "local"
+            else f"towers {self.tower_instances} instance(s) each"
+        )
         return (
             f"{self.cores} usable cores: embedder {self.embedder_instances} instances x {self.embedder_threads} "
-            f"BLAS/OpenMP/torch thread(s); towers {self.tower_instances} instance(s) each x {self.tower_threads} "
-            f"intra-op threads "
+            f"BLAS/OpenMP/torch thread(s); {towers} x {self.tower_threads} intra-op threads "
             f"(ONNX Runtime spinning {'on' if self.spinning else 'off'}), OMP_WAIT_POLICY=PASSIVE{kept}"
         )
 
@@ -109,9 +117,12 @@ def plan_threads(
     )
 
 
-def thread_options(options: Any = None) -> tuple[Any, ThreadPlan]:
+def thread_options(options: Any = None, backend: str = "onnx") -> tuple[Any, ThreadPlan]:
     """``serve``'s repository options with the plan's instances and threads written in (so Triton's
-    model-config API shows them), and the plan; what the options already set is kept."""
+    model-config API shows them), and the plan; what the options already set is kept.  Where the
+    towers run (``tower_calls``) is decided here too, from the instance counts chosen
+    (:func:`configs.resolve_tower_calls`), for the towers of ``backend``."""
+    from .configs import resolve_tower_calls
     from .repository import RepositoryOptions
 
     opts = options or RepositoryOptions()
@@ -127,4 +138,5 @@ def thread_options(options: Any = None) -> tuple[Any, ThreadPlan]:
         tower_instances=plan.tower_instances,
         embedder_threads=opts.embedder_threads or plan.embedder_threads,
     )
-    return opts, plan
+    opts = replace(opts, tower_calls=resolve_tower_calls(opts, {backend}))
+    return opts, replace(plan, tower_calls=opts.tower_calls)

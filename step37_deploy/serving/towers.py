@@ -177,3 +177,24 @@ def inside_folder(root: Path, rel: str, what: str) -> Path:
     if Path(rel).is_absolute() or not p.is_relative_to(base):
         raise ConfigError(f"{what}: path {rel!r} leaves its folder {base}")
     return p
+
+
+def open_tower_runner(kind: str, artifact: Path, threads: int, spinning: bool = False, device: str = "cpu"):
+    """The activated runner of an ONNX Runtime or torch tower, for the process that runs it: a tower
+    stub, or an embedder instance that runs its towers itself (``--tower-calls local``).  torch is
+    imported only for a torch tower: an ONNX tower's process never pays for it.  ``device``: "cpu"
+    or "cuda:N"."""
+    if kind == "onnx":
+        from ..backends import OnnxrtRunner, session_from_onnx
+
+        provider, device_id = ("cuda", int(device.split(":")[1])) if device.startswith("cuda") else ("cpu", 0)
+        loader = session_from_onnx(artifact, provider, threads, device_id, spinning=spinning)
+        return OnnxrtRunner(loader, provider=provider).activate()
+    if kind == "torch":
+        import torch
+
+        from ..backends.torch_runner import TorchRunner, load_torch_model
+
+        torch.set_num_threads(threads)
+        return TorchRunner(load_torch_model(str(artifact), "fp32", device)).activate()
+    raise ConfigError(f"{artifact}: unknown tower kind {kind!r}")

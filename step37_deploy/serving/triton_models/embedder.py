@@ -6,6 +6,8 @@ global view and the crops to the two tower models through Triton (BLS ``async_ex
 at once, and Triton's dynamic batcher merges them with the views of the other embedder instances'
 requests), project, and answer ``features`` (crops then global view, token order), ``token_ids``
 and ``num_crops``.  Every failure is that request's error response; the model keeps serving.
+Where the repository says so (``tower_calls`` "local": ONNX Runtime / torch towers on a CPU), the
+instance runs the towers itself, one after the other, with no BLS hop and no shared-memory copies.
 
 Only what the request names (``request.requested_output_names()``) is computed and sent: the
 tower's rows before the projector (``vision_features*``) skip the projector when no ``features*``
@@ -49,9 +51,10 @@ from step37_deploy.fusion import project, project_torch
 from step37_deploy.preprocess import PreprocessConfig, as_pixel_dtype, host_pixel_dtype, image_layout, preprocess
 from step37_deploy.runtime import EmbeddingCache
 from step37_deploy.serving import contract as C
-from step37_deploy.serving.repository import read_record, verify_repository
+from step37_deploy.serving.repository import _inside, read_record, verify_repository
 from step37_deploy.serving.stages import StageLog, clock_ns
-from step37_deploy.serving.threads import THREADS_PARAMETER
+from step37_deploy.serving.threads import THREADS_PARAMETER, usable_cores
+from step37_deploy.serving.towers import open_tower_runner
 
 
 def check_not_empty(raw: bytes) -> None:
@@ -194,6 +197,7 @@ class TritonPythonModel:
             import torch
 
             torch.set_num_threads(int(threads))
+        self.local = _local_towers(record, model_dir.parent, params)
         cache_mb = float(params.get(C.CACHE_MB_PARAMETER, {}).get("string_value", "0"))
         self.cache = EmbeddingCache(cache_mb)
         self.cache_counters = _cache_counters(args["model_name"], args["model_version"])
@@ -327,6 +331,8 @@ class TritonPythonModel:
         name, dtype, max_batch = self.towers[resolution]
         sent = clock_ns() if marks is not None else 0
         x = np.ascontiguousarray(as_pixel_dtype(views, dtype))
+        if resolution in self.local:
+            return self._run_local(resolution, x, marks, request)
         kwargs = {"timeout": left_us} if left_us > 0 else {}
         if hasattr(pb_utils, "PreferredMemory"):  # features back in host memory, also from GPU towers
             kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
@@ -356,6 +362,37 @@ class TritonPythonModel:
         if marks is not None:
             marks["bls"] += [{"id": i, "sent": sent, "numpy": clock_ns()} for i in ids]
         return rows
+
+    def _run_local(self, resolution: int, x: np.ndarray, marks: dict | None, request) -> np.ndarray:
+        """Features of ``x`` from the tower this instance runs itself (``--tower-calls local``), in
+        chunks of at most its ``max_batch_size``; no chunk starts for a cancelled request."""
+        _, _, max_batch = self.towers[resolution]
+        outs = []
+        for i in range(0, len(x), max_batch):
+            if request is not None and _cancelled(request):
+                raise _Cancelled
+            start = clock_ns() if marks is not None else 0
+            outs.append(np.asarray(self.local[resolution].infer(x[i : i + max_batch]), dtype=np.float32))
+            if marks is not None:
+                marks["local"] = [*marks.get("local", []), {"res": resolution, "start": start, "end": clock_ns()}]
+        return np.concatenate(outs)
+
+
+def _local_towers(record: dict, root: Path, params: dict) -> dict:
+    """{resolution: activated runner} of the towers the repository says this model runs itself
+    (``tower_calls`` local: no BLS hop, no shared-memory copies of the views), each with the
+    intra-op threads ``serve`` chose; empty when the towers are Triton models of their own."""
+    if record.get("tower_calls") != "local":
+        return {}
+    threads = int(params.get(C.TOWER_THREADS_PARAMETER, {}).get("string_value") or usable_cores())
+    runners = {}
+    for res, t in record["towers"].items():
+        artifact = _inside(root, t["artifact"], "repository record")
+        runner = open_tower_runner(t["kind"], artifact, threads)
+        if runner.input_spec().dtype != np.dtype(t["input_dtype"]):
+            raise ValueError(f"{artifact.name} takes {runner.input_spec().dtype}, the record says {t['input_dtype']}")
+        runners[int(res)] = runner
+    return runners
 
 
 def _token_rows(parts: list[np.ndarray]) -> np.ndarray:

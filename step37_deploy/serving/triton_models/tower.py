@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from step37_deploy.backends import OnnxrtRunner, session_from_onnx
 from step37_deploy.serving import contract as C
 from step37_deploy.serving.repository import _inside
 from step37_deploy.serving.stages import StageLog, clock_ns
 from step37_deploy.serving.threads import SPINNING_PARAMETER, THREADS_PARAMETER, usable_cores
+from step37_deploy.serving.towers import open_tower_runner
 
 
 class TritonPythonModel:
@@ -41,20 +41,7 @@ class TritonPythonModel:
         # (triton-repo) gets this machine's cores.  Idle workers sleep: the cores are shared.
         threads = int(params.get(THREADS_PARAMETER) or usable_cores())
         spinning = params.get(SPINNING_PARAMETER, "0") == "1"
-        if kind == "onnx":
-            provider = "cuda" if gpu else "cpu"
-            loader = session_from_onnx(artifact, provider, threads, device_id, spinning=spinning)
-            runner = OnnxrtRunner(loader, provider=provider)
-        elif kind == "torch":  # torch only here: an ONNX tower's process never imports it
-            import torch
-
-            from step37_deploy.backends.torch_runner import TorchRunner, load_torch_model
-
-            torch.set_num_threads(threads)
-            runner = TorchRunner(load_torch_model(str(artifact), "fp32", f"cuda:{device_id}" if gpu else "cpu"))
-        else:
-            raise ValueError(f"{args['model_name']}: unknown step37_backend {kind!r}")
-        self.runner = runner.activate()
+        self.runner = open_tower_runner(kind, artifact, threads, spinning, f"cuda:{device_id}" if gpu else "cpu")
         self.out_dtype = pb_utils.triton_string_to_numpy(
             pb_utils.get_output_config_by_name(config, C.TOWER_OUTPUT)["data_type"]
         )
