@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,21 +154,27 @@ def test_destination_rules_and_overwrite(tiny_fp32, exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "repo"]  # no temporary leftovers
 
 
+def _flip_last_byte(served: Path) -> bytes:
+    """A served file changed after the repository was written; its new bytes.  It is a hard link to
+    the export: replaced, never written through."""
+    data = bytearray(served.read_bytes())
+    data[-1] ^= 1
+    served.unlink()
+    served.write_bytes(bytes(data))
+    return bytes(data)
+
+
 def test_verify_detects_changed_files_and_paths_leaving_the_repository(tiny_fp32, exported, tmp_path):
     out = write_repository(tiny_fp32, "onnx", [exported[("fp32", 728)], exported[("fp32", 504)]], tmp_path / "r")
     record = verify_repository(out)
-    onnx = out / C.TOWER_MODELS[504] / "1" / exported[("fp32", 504)].name
-    data = bytearray(onnx.read_bytes())
-    data[-1] ^= 1
-    onnx.unlink()  # a hard link to the export: replace, never write through it
-    onnx.write_bytes(bytes(data))
+    data = _flip_last_byte(out / C.TOWER_MODELS[504] / "1" / exported[("fp32", 504)].name)
     with pytest.raises(ConfigError, match="changed after the repository was written"):
         verify_repository(out)
     bad = json.loads(json.dumps(record))
     bad["towers"]["504"]["files"] = {"../../outside.onnx": "0" * 64}
     with pytest.raises(ConfigError, match="leaves its folder"):
         verify_repository(out, bad)
-    assert exported[("fp32", 504)].read_bytes() != bytes(data)  # the input was never touched
+    assert exported[("fp32", 504)].read_bytes() != data  # the input was never touched
 
 
 def test_local_towers_are_files_of_the_embedder_checked_like_models(tiny_fp32, exported, tmp_path):
@@ -190,11 +197,11 @@ def test_local_towers_are_files_of_the_embedder_checked_like_models(tiny_fp32, e
         assert artifact.parent == out / C.EMBEDDER_MODEL / "1" / C.TOWER_MODELS[int(res)]
         assert artifact.read_bytes() == pair[0 if res == "728" else 1].read_bytes()
         assert list(tower["files"]) == [tower["artifact"]]
-    artifact = out / record["towers"]["504"]["artifact"]
-    data = bytearray(artifact.read_bytes())
-    data[-1] ^= 1
-    artifact.unlink()  # a hard link to the export: replace, never write through it
-    artifact.write_bytes(bytes(data))
+    bad = json.loads(json.dumps(record))
+    bad["towers"]["728"]["artifact"] = f"{C.EMBEDDER_MODEL}/1/{C.PROJECTOR_FILE}"  # inside, but not the tower's
+    with pytest.raises(ConfigError, match="is not one of its checked files"):
+        verify_repository(out, bad)
+    _flip_last_byte(out / record["towers"]["504"]["artifact"])
     with pytest.raises(ConfigError, match="changed after the repository was written"):
         verify_repository(out)
 

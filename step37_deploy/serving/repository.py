@@ -326,6 +326,11 @@ def read_record(root: str | Path) -> dict[str, Any]:
     return record
 
 
+def _among_files(artifact: str | None, files: dict[str, str]) -> bool:
+    """``artifact`` is one of ``files`` (an ONNX file) or the folder holding them (a torch checkpoint)."""
+    return artifact is not None and any(r == artifact or str(Path(r).parent) == artifact for r in files)
+
+
 def verify_repository(root: str | Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check every served file against the digests the repository was built with; the record.
 
@@ -342,6 +347,9 @@ def verify_repository(root: str | Path, record: dict[str, Any] | None = None) ->
             )
         if not tower["files"] and tower["kind"] != "torch":
             raise ConfigError(f"tower {res} of {root} lists no files: nothing to check")
+        art = tower.get("artifact")  # local towers: what the embedder loads must be what is checked here
+        if record.get("tower_calls") == "local" and not _among_files(art, tower["files"]):
+            raise ConfigError(f"tower {res} of {root}: its artifact {art!r} is not one of its checked files")
         for rel, sha in tower["files"].items():
             p = _inside(root, rel, "repository record")
             if not p.is_file():
