@@ -52,6 +52,14 @@ def test_stub_identity_from_the_command_line():
     assert supervise.stub_identity([]) is None
 
 
+def _wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Until ``pid`` is in the stopped state (SIGSTOP is delivered when it next runs)."""
+    deadline = time.monotonic() + timeout_s
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+        assert time.monotonic() < deadline, f"process {pid} did not stop within {timeout_s} s"
+        time.sleep(0.01)
+
+
 def test_supervisor_sees_a_death_and_a_stall_and_kills_what_ignores_sigterm():
     stubborn = _child("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)")
     other = _child("import time; time.sleep(120)")
@@ -68,7 +76,7 @@ def test_supervisor_sees_a_death_and_a_stall_and_kills_what_ignores_sigterm():
         sup = supervise.Supervisor(stall_s=0.5)
         sup.watch("gateway", stubborn)
         os.kill(stubborn.pid, signal.SIGSTOP)
-        time.sleep(0.1)
+        _wait_stopped(stubborn.pid)
         t0 = time.monotonic()
         assert sup.check(t0) is None
         assert sup.check(t0 + 0.3) is None
@@ -84,6 +92,7 @@ def test_supervisor_sees_a_death_and_a_stall_and_kills_what_ignores_sigterm():
         frozen = _child("import time; time.sleep(120)")
         time.sleep(0.3)
         os.kill(frozen.pid, signal.SIGSTOP)
+        _wait_stopped(frozen.pid)  # a signal takes effect once the process is scheduled: a loaded machine
         sup = supervise.Supervisor()
         sup.watch("stub", frozen)
         t0 = time.monotonic()
