@@ -723,37 +723,54 @@ def _jpeg(seed: int, side: int) -> bytes:
     return buf.getvalue()
 
 
+class _AsyncCalls:
+    """Raw gRPC ``async_infer`` calls to the embedder, each with its own gRPC deadline; the status
+    each ended with ("ok" or the gRPC code), in the order they ended."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        import tritonclient.grpc as grpcclient
+
+        self.grpc, self.client = grpcclient, grpcclient.InferenceServerClient(url)
+        self.statuses: list[str] = []
+        self.done = threading.Semaphore(0)
+
+    def _ended(self, result, error) -> None:
+        self.statuses.append("ok" if error is None else str(error.status()))
+        self.done.release()
+
+    def send(self, raw: bytes, deadline_s: float) -> None:
+        inp = self.grpc.InferInput("image", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([raw], dtype=np.object_))
+        self.client.async_infer("step37_embedder", [inp], self._ended, client_timeout=deadline_s)
+
+    def wait(self, n: int) -> None:
+        """Until ``n`` more calls ended (60 s each at most)."""
+        for _ in range(n):
+            assert self.done.acquire(timeout=60), "a call never ended"
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def _hasty_waves(url: str, payloads: list[bytes], wave: int, deadline_s: float, queued: int) -> list[str]:
     """Send ``payloads`` (cycling) through raw gRPC in waves of ``wave``, each call with a
     ``deadline_s`` gRPC deadline and no ``timeout`` parameter (only the cancellation can spare the
     server the work), until ``queued`` calls ended past their deadline (those waited in a queue: a
     full queue refuses at once) or 40 waves went out; the status of every call."""
-    import threading
-
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    statuses: list[str] = []
-    done = threading.Semaphore(0)
-
-    def ended(result, error) -> None:
-        statuses.append("ok" if error is None else str(error.status()))
-        done.release()
-
+    calls = _AsyncCalls(url)
     try:
         for k in range(40):
             for raw in payloads[(k * wave) % len(payloads) :][:wave]:
-                inp = grpcclient.InferInput("image", [1], "BYTES")
-                inp.set_data_from_numpy(np.array([raw], dtype=np.object_))
-                client.async_infer("step37_embedder", [inp], ended, client_timeout=deadline_s)
-            for _ in range(wave):
-                assert done.acquire(timeout=60), "a call never ended"
-            if statuses.count("StatusCode.DEADLINE_EXCEEDED") >= queued:
+                calls.send(raw, deadline_s)
+            calls.wait(wave)
+            if calls.statuses.count("StatusCode.DEADLINE_EXCEEDED") >= queued:
                 break
             time.sleep(0.3)  # an instance frees now and then: the queue's cancelled requests go
     finally:
-        client.close()
-    return statuses
+        calls.close()
+    return calls.statuses
 
 
 def test_a_request_whose_grpc_deadline_passed_is_never_computed(survivor):
@@ -1006,9 +1023,6 @@ def test_a_request_cancelled_while_it_is_preprocessed_never_reaches_a_tower(surv
     alternate a gRPC deadline of a fifth of its preprocessing time (tritonclient) and an HTTP/2
     stream reset by its client that long after it was sent (the rapid reset's slower cousin):
     every one is cancelled while an instance preprocesses it, and neither tower sees any view."""
-    import threading
-
-    import tritonclient.grpc as grpcclient
 
     from step37_deploy.preprocess import preprocess
 
@@ -1020,25 +1034,16 @@ def test_a_request_cancelled_while_it_is_preprocessed_never_reaches_a_tower(surv
     cancel_s = (time.monotonic() - t0) / 5
     towers = ("step37_vision_728", "step37_vision_504")
     before = _settled_views(url, ports["metrics"], towers)
-    client = grpcclient.InferenceServerClient(url)
+    calls = _AsyncCalls(url)
     message, sent = _infer_message(raw), 0
-    statuses: list[str] = []
     started = {"deadline": 0, "reset": 0}
-    done = threading.Semaphore(0)
-
-    def ended(result, error) -> None:
-        statuses.append("ok" if error is None else str(error.status()))
-        done.release()
-
     try:
         for wave in range(4):
             kind, first = ("deadline", "reset")[wave % 2], _started(url)
             if kind == "deadline":
                 for _ in range(2):
-                    inp = grpcclient.InferInput("image", [1], "BYTES")
-                    inp.set_data_from_numpy(np.array([raw], dtype=np.object_))
-                    client.async_infer("step37_embedder", [inp], ended, client_timeout=cancel_s)
-                assert all(done.acquire(timeout=60) for _ in range(2)), "a call never ended"
+                    calls.send(raw, cancel_s)
+                calls.wait(2)
             else:  # a new connection each time (nginx closes one that opened no stream for 10 s)
                 resets = _RapidReset(ports["grpc"], message, connections=1)
                 resets.burst(0, 2, reset_after_s=cancel_s)
@@ -1050,8 +1055,8 @@ def test_a_request_cancelled_while_it_is_preprocessed_never_reaches_a_tower(surv
             started[kind] += _started(url) - first
             time.sleep(20 * cancel_s)  # and are done with them (4x the preprocessing)
     finally:
-        client.close()
-    assert statuses == ["StatusCode.DEADLINE_EXCEEDED"] * 4 and sent == 4, (statuses, sent)
+        calls.close()
+    assert calls.statuses == ["StatusCode.DEADLINE_EXCEEDED"] * 4 and sent == 4, (calls.statuses, sent)
     # A request cancelled before an instance took it checks nothing here: both kinds must have run.
     assert started["deadline"] >= 1 and started["reset"] >= 1, started
     after = _settled_views(url, ports["metrics"], towers)

@@ -206,6 +206,22 @@ def test_local_towers_are_files_of_the_embedder_checked_like_models(tiny_fp32, e
         verify_repository(out)
 
 
+def test_a_tower_runner_must_take_the_dtype_it_is_served(exported):
+    """A tower stub and an embedder running its towers itself both open the runner through
+    ``open_tower_runner``: an artifact that takes another ``pixel_values`` dtype than the
+    repository serves it is refused at load, never fed bytes it would misread."""
+    from step37_deploy.serving.towers import open_tower_runner
+
+    onnx = exported[("fp32", 504)]
+    runner = open_tower_runner("onnx", onnx, 1, "float32")
+    assert runner.input_spec().dtype == np.float32
+    runner.deactivate()
+    with pytest.raises(ConfigError, match=f"{onnx.name} takes pixel_values as float32, but it is served uint8"):
+        open_tower_runner("onnx", onnx, 1, "uint8")
+    with pytest.raises(ConfigError, match="unknown tower kind 'trt'"):
+        open_tower_runner("trt", onnx, 1, "float32")
+
+
 def test_onnx_repository_served_by_bundled_tritonserver(tiny_fp32, exported, tmp_path, capfd):
     """The repository ``triton-repo`` writes (the towers as models of their own), loaded by the
     tritonserver nvidia-pytriton ships."""

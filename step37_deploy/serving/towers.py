@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError, EngineError, InputError
 from ..preprocess import DEFAULT_PREPROCESS, PreprocessConfig
 from . import contract as C
@@ -179,22 +181,30 @@ def inside_folder(root: Path, rel: str, what: str) -> Path:
     return p
 
 
-def open_tower_runner(kind: str, artifact: Path, threads: int, spinning: bool = False, device: str = "cpu"):
+def open_tower_runner(
+    kind: str, artifact: Path, threads: int, input_dtype: str, spinning: bool = False, device: str = "cpu"
+):
     """The activated runner of an ONNX Runtime or torch tower, for the process that runs it: a tower
-    stub, or an embedder instance that runs its towers itself (``--tower-calls local``).  torch is
-    imported only for a torch tower: an ONNX tower's process never pays for it.  ``device``: "cpu"
-    or "cuda:N"."""
+    stub, or an embedder instance that runs its towers itself (``--tower-calls local``).  It must take
+    the ``input_dtype`` the repository serves it (``ConfigError`` if not).  torch is imported only for a
+    torch tower: an ONNX tower's process never pays for it.  ``device``: "cpu" or "cuda:N"."""
     if kind == "onnx":
         from ..backends import OnnxrtRunner, session_from_onnx
 
         provider, device_id = ("cuda", int(device.split(":")[1])) if device.startswith("cuda") else ("cpu", 0)
         loader = session_from_onnx(artifact, provider, threads, device_id, spinning=spinning)
-        return OnnxrtRunner(loader, provider=provider).activate()
-    if kind == "torch":
+        runner = OnnxrtRunner(loader, provider=provider).activate()
+    elif kind == "torch":
         import torch
 
         from ..backends.torch_runner import TorchRunner, load_torch_model
 
         torch.set_num_threads(threads)
-        return TorchRunner(load_torch_model(str(artifact), "fp32", device)).activate()
-    raise ConfigError(f"{artifact}: unknown tower kind {kind!r}")
+        runner = TorchRunner(load_torch_model(str(artifact), "fp32", device)).activate()
+    else:
+        raise ConfigError(f"{artifact}: unknown tower kind {kind!r}")
+    takes = runner.input_spec().dtype
+    if takes != np.dtype(input_dtype):
+        runner.deactivate()
+        raise ConfigError(f"{artifact.name} takes {C.TOWER_INPUT} as {takes}, but it is served {np.dtype(input_dtype)}")
+    return runner

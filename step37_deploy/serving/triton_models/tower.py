@@ -41,18 +41,14 @@ class TritonPythonModel:
         # (triton-repo) gets this machine's cores.  Idle workers sleep: the cores are shared.
         threads = int(params.get(THREADS_PARAMETER) or usable_cores())
         spinning = params.get(SPINNING_PARAMETER, "0") == "1"
-        self.runner = open_tower_runner(kind, artifact, threads, spinning, f"cuda:{device_id}" if gpu else "cpu")
-        self.out_dtype = pb_utils.triton_string_to_numpy(
-            pb_utils.get_output_config_by_name(config, C.TOWER_OUTPUT)["data_type"]
-        )
         in_dtype = pb_utils.triton_string_to_numpy(
             pb_utils.get_input_config_by_name(config, C.TOWER_INPUT)["data_type"]
         )
-        if np.dtype(in_dtype) != self.runner.input_spec().dtype:
-            raise ValueError(
-                f"{args['model_name']}: config says {C.TOWER_INPUT} is {np.dtype(in_dtype)} but "
-                f"{artifact.name} takes {self.runner.input_spec().dtype}"
-            )
+        device = f"cuda:{device_id}" if gpu else "cpu"
+        self.runner = open_tower_runner(kind, artifact, threads, np.dtype(in_dtype).name, spinning, device)
+        self.out_dtype = pb_utils.triton_string_to_numpy(
+            pb_utils.get_output_config_by_name(config, C.TOWER_OUTPUT)["data_type"]
+        )
         self.model_name = args["model_name"]
         # Per-batch stage stamps (serving/stages.py), only when the server's environment asks.
         self.stages = StageLog.from_env()
